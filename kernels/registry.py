@@ -1,0 +1,208 @@
+"""The one op registry: which code implements each (op, backend), and which of those can run here.
+
+Every backend implements the same four functions with the same signatures as ``kernels.ref``:
+
+- ``layer_norm(x, weight, bias, eps=1e-5)``
+- ``attention(q, k, v, causal=True, dropout_p=0.0)``
+- ``mlp(x, w_fc, b_fc, w_proj, b_proj)``
+- ``linear_cross_entropy(h, weight, targets, ignore_index=-1)``
+
+A backend *spec* is a string: a default backend optionally followed by per-op overrides, e.g.
+``"triton"``, ``"triton,attention=torch"``, ``"auto"`` or ``"auto,mlp=cuda"``. ``auto`` picks the
+best backend available for the device, per op, and says once what it picked.
+
+Imports are lazy: nothing here imports Triton or the C++ extension until a backend that needs
+it is asked for, so ``build_ops("torch")`` works on a machine without either.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+OPS = ("layer_norm", "attention", "mlp", "linear_cross_entropy")
+BACKENDS = ("torch", "triton", "cuda")
+
+# (op, backend) -> "module:function". The single source of truth for where code lives.
+_TABLE: dict[tuple[str, str], str] = {
+    ("layer_norm", "torch"): "kernels.ref:layer_norm",
+    ("attention", "torch"): "kernels.ref:attention",
+    ("mlp", "torch"): "kernels.ref:mlp",
+    ("linear_cross_entropy", "torch"): "kernels.ref:linear_cross_entropy",
+    ("layer_norm", "triton"): "kernels.layer_norm:layer_norm",
+    ("attention", "triton"): "kernels.attention:attention",
+    ("mlp", "triton"): "kernels.mlp:mlp",
+    ("linear_cross_entropy", "triton"): "kernels.linear_cross_entropy:linear_cross_entropy",
+    ("layer_norm", "cuda"): "kernels.cuda:layer_norm",
+    ("attention", "cuda"): "kernels.cuda:attention",
+    ("mlp", "cuda"): "kernels.cuda:mlp",
+    ("linear_cross_entropy", "cuda"): "kernels.cuda:linear_cross_entropy",
+}
+
+# Preference order of ``auto`` per device type. On the CPU, Triton only runs under its (slow)
+# interpreter, so ``auto`` never picks it there.
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cuda", "torch")}
+
+
+class BackendError(RuntimeError):
+    """A backend was asked for explicitly and cannot run here."""
+
+
+class SpecError(ValueError):
+    """A backend spec names an unknown op or backend, or is malformed."""
+
+
+def _device_type(device) -> str:
+    if device is None:
+        return "cpu"
+    return getattr(device, "type", None) or str(device).split(":")[0]
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason(backend: str, device="cpu") -> str | None:
+    """Why ``backend`` cannot run on ``device`` here, or None if it can.
+
+    Imports the backend's dependencies (Triton, the extension) to find out, so call it only when
+    that is wanted.
+    """
+    if backend not in BACKENDS:
+        raise SpecError(f"unknown backend {backend!r}; backends are {', '.join(BACKENDS)}")
+    dev = _device_type(device)
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "the 'triton' package is not installed"
+        if dev == "cpu" and not interpreter_enabled():
+            return "Triton needs a GPU; on the CPU it runs only under its interpreter (set TRITON_INTERPRET=1)"
+        if dev == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                return "no CUDA device is available"
+        if dev not in ("cpu", "cuda"):
+            return f"Triton kernels do not run on device type {dev!r}"
+        return None
+    # backend == "cuda": the C++/CUDA extension.
+    try:
+        from kernels import cuda as ext
+    except ImportError as e:  # pragma: no cover - depends on the build
+        return f"the C++/CUDA extension module is missing ({e})"
+    why = ext.unavailable_reason()
+    if why is not None:
+        return why
+    if dev == "cuda" and not ext.has_cuda_kernels():
+        return "the extension was built without CUDA kernels (a CPU-only torch or no CUDA toolkit at build time)"
+    if dev not in ("cpu", "cuda"):
+        return f"the extension has no kernels for device type {dev!r}"
+    return None
+
+
+def available(device="cpu") -> dict[str, list[str]]:
+    """``{op: [backends usable on device here]}``."""
+    usable = [b for b in BACKENDS if unavailable_reason(b, device) is None]
+    return {op: list(usable) for op in OPS}
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """Parse ``"default,op=backend,..."`` into (default, {op: backend}).
+
+    The default may be omitted (``"attention=torch"``), in which case it is ``auto``.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise SpecError(f"empty backend spec {spec!r}; use e.g. 'torch', 'triton', 'auto' or 'triton,attention=torch'")
+    default = None
+    overrides: dict[str, str] = {}
+    names = BACKENDS + ("auto",)
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            raise SpecError(f"backend spec {spec!r} has an empty entry")
+        if "=" in part:
+            op, _, backend = (s.strip() for s in part.partition("="))
+            if op not in OPS:
+                raise SpecError(f"unknown op {op!r} in backend spec {spec!r}; ops are {', '.join(OPS)}")
+            if backend not in names:
+                raise SpecError(f"unknown backend {backend!r} for op {op!r}; backends are {', '.join(names)}")
+            if op in overrides:
+                raise SpecError(f"op {op!r} is given twice in backend spec {spec!r}")
+            overrides[op] = backend
+        else:
+            if part not in names:
+                raise SpecError(f"unknown backend {part!r} in spec {spec!r}; backends are {', '.join(names)}")
+            if default is not None:
+                raise SpecError(f"backend spec {spec!r} names two defaults ({default!r} and {part!r})")
+            default = part
+    return default or "auto", overrides
+
+
+@functools.lru_cache(maxsize=None)
+def _announce(message: str) -> None:
+    # Said once per distinct choice, however many models are built.
+    print(message, file=sys.stderr)
+
+
+def _load(op: str, backend: str) -> Callable:
+    module, _, fn = _TABLE[(op, backend)].partition(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def resolve(spec: str = "auto", device="cpu") -> dict[str, str]:
+    """Map each op to the concrete backend ``spec`` chooses on ``device``, checking availability.
+
+    Raises:
+        SpecError: the spec is malformed or names something unknown.
+        BackendError: an explicitly requested backend cannot run here; the message says why and
+            what can.
+    """
+    default, overrides = parse_spec(spec)
+    dev = _device_type(device)
+    chosen: dict[str, str] = {}
+    auto_picks = []
+    for op in OPS:
+        want = overrides.get(op, default)
+        if want == "auto":
+            for cand in _AUTO_ORDER.get(dev, ("torch",)):
+                if unavailable_reason(cand, dev) is None:
+                    chosen[op] = cand
+                    break
+            auto_picks.append(f"{op}={chosen[op]}")
+        else:
+            why = unavailable_reason(want, dev)
+            if why is not None:
+                usable = [b for b in BACKENDS if unavailable_reason(b, dev) is None]
+                raise BackendError(
+                    f"backend {want!r} for op {op!r} cannot run on {dev}: {why}. Available here: {', '.join(usable)}"
+                )
+            chosen[op] = want
+    if auto_picks:
+        _announce(f"kernels: backend 'auto' on {dev} chose " + ", ".join(auto_picks))
+    return chosen
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The four op functions a model calls, and which backend each came from."""
+
+    layer_norm: Callable
+    attention: Callable
+    mlp: Callable
+    linear_cross_entropy: Callable
+    backends: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return ",".join(f"{op}={b}" for op, b in self.backends.items())
+
+
+def build_ops(spec: str = "auto", device="cpu") -> Ops:
+    """Return the op functions ``spec`` selects on ``device`` (see ``resolve``)."""
+    chosen = resolve(spec, device)
+    return Ops(**{op: _load(op, b) for op, b in chosen.items()}, backends=chosen)
