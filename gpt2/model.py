@@ -1,0 +1,538 @@
+"""GPT-2, written from scratch, whose hot ops run through the kernel registry.
+
+The module tree and parameter names follow OpenAI's / Hugging Face's GPT-2 (``wte``, ``wpe``,
+``h.N.ln_1``, ``attn.c_attn``, ``mlp.c_fc``, ``ln_f``, ``lm_head``) so checkpoints map one to one.
+Parameters live only here; the four fused ops (``layer_norm``, ``attention``, ``mlp``,
+``linear_cross_entropy``) are stateless functions taken from ``kernels.build_ops``, so
+``set_backend`` can swap them at any time and any checkpoint loads under any backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+PRESETS: dict[str, dict] = {
+    # The four OpenAI GPT-2 sizes (124M, 350M, 774M, 1558M parameters).
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    # For tests: small enough for the Triton interpreter, head size 32 (a size every backend takes).
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=512),
+    # The main job's default: GPT-2's vocabulary, sized to train on a 2-core CPU in minutes.
+    "shakespeare": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
+}
+
+
+class ConfigError(ValueError):
+    """A model configuration or checkpoint that cannot work."""
+
+
+@dataclass
+class GPTConfig:
+    """Shape of a GPT-2. ``vocab_size`` is the real vocabulary; the embedding table is padded to a
+    multiple of 64 rows for faster matmuls, and padded rows are never sampled nor in the loss."""
+
+    block_size: int = 1024
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {v!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd ({self.n_embd}) is not divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // 64) * 64
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+        """A preset by name (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``, ``tiny``,
+        ``shakespeare``), with keyword overrides."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; presets are {', '.join(PRESETS)}")
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown GPTConfig field(s) {', '.join(sorted(unknown))}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+# Peak dense bf16 tensor-core rates (FLOP/s) by device-name fragment, for MFU. Datasheet numbers.
+_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12,
+               "A10": 125e12, "L4": 121e12, "3090": 71e12, "T4": 65e12}
+
+
+def peak_flops(device) -> float | None:
+    """The datasheet peak bf16/fp16 dense rate of a CUDA device, or None if unknown (or CPU)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for frag, flops in _PEAK_FLOPS.items():
+        if frag in name:
+            return flops
+    return None
+
+
+class KVCache:
+    """Keys and values of every layer for cached decoding, preallocated to ``block_size``.
+
+    ``pos`` is how many positions are filled. Buffers are (n_layer, B, nh, block_size, hs); a
+    layer's keys so far are a strided view, so no copy is made per step.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k, v (B, nh, T, hs) at ``pos`` and return all keys/values so far."""
+        T = k.shape[2]
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        end = self.pos + T
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, pos+T, hs)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm parameters (bias optional); the math is the registry's ``layer_norm``."""
+
+    def __init__(self, n: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.bias = nn.Parameter(torch.zeros(n)) if bias else None
+
+    def forward(self, x, ops):
+        return ops.layer_norm(x, self.weight, self.bias, 1e-5)
+
+
+def _act_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmul-like ops should run in: autocast's when it is on, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_embd = config.n_head, config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+
+    def forward(self, x, ops, kv_cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
+        # (B, T, C) -> (B, nh, T, hs): strided views; backends take strides or copy as they need.
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, pos+T, hs)
+        # The queries are the last T of the keys' positions, so causal masking is right with a cache.
+        y = ops.attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, ops):
+        # One fused op: c_proj(gelu_tanh(c_fc(x))). Under autocast the op sees low-precision inputs,
+        # as nn.Linear would.
+        dt = _act_dtype(x)
+
+        def cast(t):
+            return None if t is None else t.to(dt)
+
+        y = ops.mlp(x.to(dt), cast(self.c_fc.weight), cast(self.c_fc.bias), cast(self.c_proj.weight),
+                    cast(self.c_proj.bias))
+        return self.dropout(y)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ops, kv_cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x, ops), ops, kv_cache, layer)  # pre-norm residual blocks
+        x = x + self.mlp(self.ln_2(x, ops), ops)
+        return x
+
+
+class GPT(nn.Module):
+    """GPT-2 language model.
+
+    Args:
+        config: the model's shape.
+        backend: kernel backend spec for ``kernels.build_ops`` (``"auto"``, ``"torch"``,
+            ``"triton"``, ``"cuda"``, or per op such as ``"triton,attention=torch"``).
+    """
+
+    def __init__(self, config: GPTConfig, backend: str = "auto"):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied input and output embeddings
+        self.apply(self._init_weights)
+        # Residual projections scaled by 1/sqrt(2 n_layer): each block adds two of them.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.check_inputs = True
+        kernels.parse_spec(backend)  # a malformed spec fails here; availability is checked per device
+        self.backend_spec = backend
+        self.ops = None
+        self._ops_device = None
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # ------------------------------------------------------------------ backends
+
+    def set_backend(self, spec: str) -> "GPT":
+        """Swap the kernel backend (parameters untouched). Returns self."""
+        device = self.transformer.wte.weight.device
+        self.ops = kernels.build_ops(spec, device)
+        self.backend_spec, self._ops_device = spec, device.type
+        return self
+
+    def _ops_for(self, device: torch.device):
+        # The spec is resolved per device type (``auto`` differs on CPU and GPU): re-resolve after .to().
+        if self.ops is None or device.type != self._ops_device:
+            self.ops = kernels.build_ops(self.backend_spec, device)
+            self._ops_device = device.type
+        return self.ops
+
+    # ------------------------------------------------------------------ forward
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; by default without the position embeddings (the token embeddings are
+        counted once, as the tied output layer's weights)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def _check_idx(self, idx: torch.Tensor, start: int) -> None:
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"idx must hold int64 or int32 token ids, got {idx.dtype}")
+        T = idx.shape[1]
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
+        if self.check_inputs and idx.numel():
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, "
+                                 f"{self.config.vocab_size})")
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                last_only: bool = False):
+        """Run the model.
+
+        Args:
+            idx: (B, T) token ids.
+            targets: (B, T) next-token ids (``-1`` = ignored), or None.
+            kv_cache: a ``KVCache`` for cached decoding: idx holds the T tokens after ``kv_cache.pos``.
+            last_only: without targets, return logits of the last position only (B, 1, V).
+        Returns:
+            ``(logits, loss)``: with targets, ``(None, loss)`` -- the loss is fused with the output
+            layer, so the (B, T, V) logits are never built; without, ``(logits, None)`` with logits
+            (B, T, vocab_size) in fp32.
+        """
+        start = kv_cache.pos if kv_cache is not None else 0
+        self._check_idx(idx, start)
+        ops = self._ops_for(idx.device)
+        B, T = idx.shape
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, ops, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        x = self.transformer.ln_f(x, ops)
+        head = self.lm_head.weight[: self.config.vocab_size]  # (V, C): padded rows never count
+        if targets is not None:
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets shape {tuple(targets.shape)} does not match idx shape {tuple(idx.shape)}")
+            dt = _act_dtype(x)
+            loss = ops.linear_cross_entropy(x.to(dt), head.to(dt), targets, -1)
+            return None, loss
+        if last_only:
+            x = x[:, -1:, :]
+        logits = F.linear(x, head).float()  # (B, T, V)
+        return logits, None
+
+    # ------------------------------------------------------------------ accounting
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6 N plus the attention scores' 12 L C T."""
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
+
+    def estimate_mfu(self, fwdbwd_per_iter: int, dt: float, peak: float | None = None,
+                     seq_len: int | None = None) -> float | None:
+        """Model FLOPs utilisation: achieved FLOP/s over ``peak`` (default: the device's datasheet
+        bf16 peak). ``fwdbwd_per_iter`` sequences of ``seq_len`` tokens took ``dt`` seconds.
+        Returns None when the peak is unknown (e.g. on a CPU)."""
+        peak = peak or peak_flops(self.transformer.wte.weight.device)
+        if not peak or dt <= 0:
+            return None
+        T = seq_len or self.config.block_size
+        return self.flops_per_token(T) * T * fwdbwd_per_iter / dt / peak
+
+    # ------------------------------------------------------------------ generation
+
+    def new_kv_cache(self, batch_size: int) -> KVCache:
+        w = self.transformer.wte.weight
+        dt = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
+        return KVCache(self.config, batch_size, w.device, dt)
+
+    @torch.no_grad()
+    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
+                        generator: torch.Generator | None = None, greedy: bool = False):
+        """Yield each new (B, 1) token as it is chosen. Arguments as ``generate``."""
+        if not greedy and not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature} (use greedy=True for argmax decoding)")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if idx.dim() != 2 or idx.shape[1] < 1:
+            raise ValueError(f"the prompt must be (batch, time) with at least one token, got {tuple(idx.shape)}")
+        bs = self.config.block_size
+        if idx.shape[1] > bs:
+            raise ValueError(f"the prompt has {idx.shape[1]} tokens, longer than the context of {bs}")
+        seq = idx
+        cache = self.new_kv_cache(idx.shape[0]) if use_cache else None
+        feed = idx
+        for _ in range(max_new_tokens):
+            if cache is not None:
+                if cache.pos + feed.shape[1] > bs:
+                    # Slide: restart the cache on the last half-context, so refills are amortised.
+                    cache.pos = 0
+                    feed = seq[:, -(bs // 2 + 1):] if bs > 1 else seq[:, -1:]
+                logits, _ = self(feed, kv_cache=cache, last_only=True)
+            else:
+                logits, _ = self(seq[:, -bs:], last_only=True)
+            logits = logits[:, -1, :]  # (B, V)
+            nxt = self._choose(logits, temperature, top_k, top_p, generator, greedy)  # (B, 1)
+            seq = torch.cat([seq, nxt], dim=1)
+            feed = nxt
+            yield nxt
+
+    @staticmethod
+    def _choose(logits, temperature, top_k, top_p, generator, greedy):
+        if greedy:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = logits / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if top_p is not None and top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            # Keep the smallest prefix whose mass reaches top_p (always the most likely token).
+            drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        return torch.multinomial(probs, 1, generator=generator)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, use_cache: bool = True, generator: torch.Generator | None = None,
+                 greedy: bool = False) -> torch.Tensor:
+        """Continue ``idx`` (B, T) by ``max_new_tokens`` tokens.
+
+        Args:
+            temperature: > 0; logits are divided by it before sampling.
+            top_k: sample among the k most likely tokens only.
+            top_p: nucleus sampling: among the smallest set of tokens holding this much probability.
+            use_cache: decode with a key/value cache (one token per step) instead of recomputing.
+            generator: a torch.Generator for reproducible sampling.
+            greedy: take the most likely token every step (temperature, top_k, top_p unused).
+        Returns:
+            (B, T + max_new_tokens) token ids. Beyond ``block_size`` the context slides.
+        """
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator,
+                                        greedy))
+        return torch.cat([idx] + new, dim=1)
+
+    # ------------------------------------------------------------------ Hugging Face interop
+
+    # Hugging Face GPT-2 stores these as Conv1D, i.e. transposed relative to nn.Linear.
+    _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str, backend: str = "auto", dropout: float = 0.0) -> "GPT":
+        """Load a Hugging Face GPT-2 checkpoint folder (config.json with model.safetensors or
+        pytorch_model.bin), or a hub name such as ``gpt2`` when the network and huggingface_hub allow.
+
+        Raises:
+            ConfigError: the folder is missing, incomplete, not a GPT-2, or its tensors do not fit.
+        """
+        path = Path(name_or_dir)
+        if not path.is_dir():
+            try:
+                from huggingface_hub import snapshot_download
+
+                path = Path(snapshot_download(name_or_dir, allow_patterns=["config.json", "*.safetensors"]))
+            except Exception as e:
+                raise ConfigError(f"{name_or_dir!r} is not a checkpoint folder, and fetching it from the hub failed "
+                                  f"({type(e).__name__}: {e})") from e
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise ConfigError(f"{path} has no config.json: not a Hugging Face checkpoint folder")
+        try:
+            hf = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{cfg_file} is not valid JSON ({e})") from e
+        if hf.get("model_type") != "gpt2":
+            raise ConfigError(f"{path} holds a {hf.get('model_type')!r} model, not a GPT-2")
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ConfigError(f"{path} uses activation {act!r}; only GPT-2's tanh GELU (gelu_new) is supported")
+        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+            raise ConfigError(f"{path} uses attention options this model does not implement")
+        if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+            raise ConfigError(f"{path} uses layer_norm_epsilon {hf['layer_norm_epsilon']}; only 1e-5 is supported")
+        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                           n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True)
+        sd = _read_hf_tensors(path)
+        model = cls(config, backend=backend)
+        ours = model.state_dict()
+        want = [k for k in ours if k != "lm_head.weight"]
+        loaded = {}
+        for k in want:
+            hf_key = "transformer." + k[len("transformer."):] if k.startswith("transformer.") else k
+            t = sd.get(hf_key, sd.get(hf_key[len("transformer."):]))
+            if t is None:
+                raise ConfigError(f"{path}: tensor {hf_key!r} is missing from the checkpoint")
+            if any(k.endswith(s) for s in cls._TRANSPOSED):
+                t = t.t()
+            if k == "transformer.wte.weight" and t.shape[0] < ours[k].shape[0]:
+                t = torch.cat([t, torch.zeros(ours[k].shape[0] - t.shape[0], t.shape[1], dtype=t.dtype)])
+            if t.shape != ours[k].shape:
+                raise ConfigError(f"{path}: tensor {hf_key!r} has shape {tuple(t.shape)}, expected "
+                                  f"{tuple(ours[k].shape)}")
+            loaded[k] = t
+        loaded["lm_head.weight"] = loaded["transformer.wte.weight"]
+        with torch.no_grad():
+            for k, p in model.state_dict().items():
+                p.copy_(loaded[k])
+        return model
+
+    def save_pretrained(self, directory) -> None:
+        """Write a folder ``transformers.GPT2LMHeadModel.from_pretrained`` loads (config.json +
+        model.safetensors). Files are written under temporary names and renamed into place."""
+        from safetensors.torch import save_file
+
+        cfg = self.config
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        sd = {}
+        for k, t in self.state_dict().items():
+            if k == "lm_head.weight":
+                continue  # tied to wte; transformers re-ties it
+            t = t.detach().cpu()
+            if k == "transformer.wte.weight":
+                t = t[: cfg.vocab_size]
+            if any(k.endswith(s) for s in self._TRANSPOSED):
+                t = t.t()
+            sd[k] = t.contiguous().float()
+        if not cfg.bias:  # GPT-2 checkpoints always carry biases: write the zeros this model implies
+            for k, t in list(sd.items()):
+                if k.endswith(".weight") and ("ln_" in k or ".c_" in k):
+                    bias_k = k[: -len("weight")] + "bias"
+                    n = t.shape[1] if any(k.endswith(s) for s in self._TRANSPOSED) else t.shape[0]
+                    sd.setdefault(bias_k, torch.zeros(n))
+        hf = {
+            "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
+            "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head, "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+            "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+            "initializer_range": 0.02, "tie_word_embeddings": True,
+            "bos_token_id": 50256 if cfg.vocab_size > 50256 else None,
+            "eos_token_id": 50256 if cfg.vocab_size > 50256 else None,
+            "scale_attn_weights": True, "use_cache": True,
+        }
+        tmp = d / "model.safetensors.tmp"
+        save_file(sd, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, d / "model.safetensors")
+        tmp = d / "config.json.tmp"
+        tmp.write_text(json.dumps(hf, indent=2))
+        os.replace(tmp, d / "config.json")
+
+
+def _read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
+    st, pt = path / "model.safetensors", path / "pytorch_model.bin"
+    try:
+        if st.is_file():
+            from safetensors.torch import load_file
+
+            return load_file(str(st))
+        if pt.is_file():
+            return torch.load(pt, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"{path}: the weights file is corrupt or truncated ({type(e).__name__}: {e})") from e
+    raise ConfigError(f"{path} has neither model.safetensors nor pytorch_model.bin")
+
+
+def config_dict(config: GPTConfig) -> dict:
+    return asdict(config)
