@@ -1,0 +1,472 @@
+"""The ``triton`` backend of layer normalisation, and a fused residual-add + layer norm.
+
+``layer_norm(x, weight, bias, eps)`` has exactly the signature and semantics of
+``kernels.ref.layer_norm``: normalise over the last dimension with fp32 mean and variance
+(biased, as ``F.layer_norm``), scale by ``weight`` and shift by ``bias`` when given, return
+``x.dtype``. ``add_layer_norm(x, residual, weight, bias, eps)`` returns ``(y, s)`` with
+``s = x + residual`` rounded to ``x.dtype`` and ``y = layer_norm(s)``, in one pass over memory.
+
+Inputs: ``x`` in fp32, fp16 or bf16 (bf16 only on a GPU: the Triton interpreter has no bf16),
+any leading shape, 1 <= C <= 8192 features. A non-contiguous ``x`` (or upstream gradient) is
+copied to a contiguous one first. ``weight`` and ``bias`` may have another float dtype than ``x``
+(fp32 parameters with fp16/bf16 activations); they are read as fp32 and their gradients come back
+in their own dtype. A missing weight or bias is passed to the kernels as ones / zeros, so one
+compiled kernel serves all four cases (the extra read is C * 4 bytes per program, from L2).
+
+Work per call, for N rows of C features in a dtype of ``e`` bytes (GPT-2 small under bf16:
+N = 16384, C = 768, e = 2):
+
+- forward: read x, write y, write mean and rstd: ``2 N C e + 8 N`` bytes (50.5 MB);
+  about 7 FLOPs per element (mean, centre, square-sum, scale, affine): 88 MFLOP.
+- backward: read x, dy, mean, rstd, write dx: ``3 N C e + 8 N`` bytes (75.6 MB), plus the
+  fp32 partial sums of dweight and dbias, ``2 P C 4`` bytes written and read back for P
+  programs (P = 264 on an H100: 1.6 MB each way); about 13 FLOPs per element: 164 MFLOP.
+- the add variant reads ``residual`` and writes ``s`` in the forward (``4 N C e``) and reads the
+  gradient of ``s`` in the backward (``4 N C e``): 8 N C e in all, against 11 N C e for a
+  separate add, layer norm and gradient sum.
+
+At 1.3-2 FLOP per byte every launch is memory bound (an H100's ridge is near 300 FLOP/byte), so
+the only goal is to move the fewest bytes at full bandwidth: one read of each input, one write
+of each output, statistics in registers. Nothing here was timed on a GPU yet (this was written on
+a CPU-only machine); the prediction is fwd + bwd at C = 768 within 80% of a copy of the same
+126 MB.
+
+Launch choices (``_tile``): a program holds a tile of BLOCK_R whole rows x BLOCK_C columns
+(BLOCK_C = next power of two >= C) in registers, about 4096 elements, spread over num_warps so
+that each thread holds 16 elements (two 128-bit loads in fp16/bf16): BLOCK_R = 4096 // BLOCK_C
+rows (1 from BLOCK_C = 4096), num_warps = 8 up to BLOCK_C = 4096 and 16 at 8192. Several rows
+per program keep small-C launches (C = 64, 128) from idling most of the threads. The forward
+launches one program per tile. The backward launches about two programs per SM (16 warps per
+SM), each looping over a contiguous group of rows and keeping its dweight and dbias sums in
+registers; each writes one fp32 partial row, and ``torch.sum`` over the P partial rows finishes
+the reduction: it is one small launch over at most a few MB, already bandwidth-optimal, and a
+fixed partition with no atomics makes the gradients bitwise reproducible run to run. Both
+kernels use num_stages = 1: there is nothing to software-pipeline (no tl.dot), and it keeps
+the shared memory to the few hundred bytes of the cross-warp reductions on every arch
+(``launch_configs`` lists every launch for the GPT-2 widths and the largest block, 8192).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.aot import LaunchConfig
+from kernels.registry import interpreter_enabled
+
+__all__ = [
+    "MAX_C",
+    "AddLayerNormFunction",
+    "LayerNormFunction",
+    "add_layer_norm",
+    "launch_configs",
+    "layer_norm",
+    "layer_norm_bwd",
+    "layer_norm_fwd",
+]
+
+# Largest row the kernels hold in registers (a C beyond this would spill; see launch_configs).
+MAX_C = 8192
+# Elements per program tile, and per thread (TILE / (32 * num_warps)).
+_TILE = 4096
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+_TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X,  # (N, C) input rows, contiguous
+    R,  # (N, C) residual, same dtype as X; read only when HAS_RESIDUAL
+    S,  # (N, C) output X + R in X's dtype; written only when HAS_RESIDUAL
+    Y,  # (N, C) output rows, X's dtype
+    W,  # (C,) fp32 scale
+    B,  # (C,) fp32 shift
+    Mean,  # (N,) fp32 output: row means, kept for the backward
+    Rstd,  # (N,) fp32 output: 1 / sqrt(var + eps) per row, kept for the backward
+    n_rows,  # N
+    C,  # features per row (the row stride of every (N, C) tensor)
+    eps,  # added to the variance
+    HAS_RESIDUAL: tl.constexpr,  # normalise s = X + R (and store it) instead of X
+    BLOCK_R: tl.constexpr,  # rows per program
+    BLOCK_C: tl.constexpr,  # power of two >= C
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+    cols = tl.arange(0, BLOCK_C)  # (BLOCK_C,)
+    row_mask = rows < n_rows
+    col_mask = cols < C
+    mask = row_mask[:, None] & col_mask[None, :]  # (BLOCK_R, BLOCK_C)
+    offs = rows[:, None].to(tl.int64) * C + cols[None, :]  # int64: N * C may pass 2**31
+
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+        s = (x + r).to(S.dtype.element_ty)  # round to x's dtype, as the unfused x + residual
+        tl.store(S + offs, s, mask=mask)
+        x = s.to(tl.float32)
+
+    # Two passes over registers (mean, then centred second moment): no E[x^2] - E[x]^2 cancellation.
+    mean = tl.sum(x, axis=1) / C  # (BLOCK_R,)
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / C
+    rstd = tl.rsqrt(var + eps)  # (BLOCK_R,)
+
+    w = tl.load(W + cols, mask=col_mask, other=0.0)
+    b = tl.load(B + cols, mask=col_mask, other=0.0)
+    y = xc * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + rows, mean, mask=row_mask)
+    tl.store(Rstd + rows, rstd, mask=row_mask)
+
+
+# Backward of y = xhat * w + b with xhat = (x - mean) * rstd, per row of C features.
+# With wdy = w * dy, and mean() over the C features of the row:
+#   dL/dxhat = wdy
+#   dxhat_j/dx_i = rstd * (delta_ij - 1/C - xhat_i xhat_j / C)
+# so
+#   dx = rstd * (wdy - mean(wdy) - xhat * mean(wdy * xhat))
+# and, summing over every row n,
+#   dw = sum_n dy * xhat,   db = sum_n dy.
+# For the add variant s = x + residual feeds both y and the output s, so the gradient reaching
+# x and residual is dx above plus ds.
+@triton.jit
+def _layer_norm_bwd_kernel(
+    X,  # (N, C) the forward's normalised input (s for the add variant)
+    W,  # (C,) fp32 scale
+    Mean,  # (N,) fp32 row means from the forward
+    Rstd,  # (N,) fp32 row 1 / sqrt(var + eps) from the forward
+    DY,  # (N, C) gradient of y, X's dtype
+    DS,  # (N, C) gradient of s, X's dtype; read only when HAS_DS
+    DX,  # (N, C) output: gradient of X (and of the residual), X's dtype
+    DW_partial,  # (P, C) fp32 output: row p = sum of dy * xhat over program p's rows
+    DB_partial,  # (P, C) fp32 output: row p = sum of dy over program p's rows
+    n_rows,  # N
+    C,  # features per row (the row stride of every (N, C) tensor)
+    rows_per_prog,  # rows of each program's contiguous group (the last group may be shorter)
+    HAS_DS: tl.constexpr,  # add DS into DX
+    BLOCK_R: tl.constexpr,  # rows per loop step
+    BLOCK_C: tl.constexpr,  # power of two >= C
+):
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_prog
+    row_end = tl.minimum(row_start + rows_per_prog, n_rows)
+    cols = tl.arange(0, BLOCK_C)  # (BLOCK_C,)
+    col_mask = cols < C
+    w = tl.load(W + cols, mask=col_mask, other=0.0)
+    dw_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for r0 in range(row_start, row_end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask[None, :]  # (BLOCK_R, BLOCK_C)
+        offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        wdy = w[None, :] * dy  # zero outside the row, as w and dy load 0 there
+        c1 = tl.sum(xhat * wdy, axis=1) / C  # mean(wdy * xhat), (BLOCK_R,)
+        c2 = tl.sum(wdy, axis=1) / C  # mean(wdy)
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if HAS_DS:
+            dx += tl.load(DS + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        dw_acc += dy * xhat
+        db_acc += dy
+    tl.store(DW_partial + pid * C + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+    tl.store(DB_partial + pid * C + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _tile(C: int) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_R, num_warps) for rows of C features: ~4096 elements, 16 per thread."""
+    block_c = triton.next_power_of_2(C)
+    block_r = max(1, _TILE // block_c)
+    num_warps = max(8, min(16, block_r * block_c // (32 * 16)))
+    return block_c, block_r, num_warps
+
+
+def _check_tensor(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != x.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; put every argument on one device")
+
+
+def _check_inputs(op: str, x: torch.Tensor, weight, bias, residual=None) -> None:
+    """Raise a clear error for anything the kernels do not support."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _SUPPORTED:
+        raise TypeError(f"{op}: x has dtype {x.dtype}; supported are float32, float16 and bfloat16")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least one dimension (..., C), got a 0-dim tensor")
+    C = x.shape[-1]
+    if not 1 <= C <= MAX_C:
+        raise ValueError(
+            f"{op}: x has C={C} features in its last dimension; supported are 1 <= C <= {MAX_C} "
+            "(a row is held in registers)"
+        )
+    if x.device.type == "cpu":
+        if not interpreter_enabled():
+            raise RuntimeError(
+                f"{op}: x is a CPU tensor but Triton kernels run on the CPU only under the interpreter "
+                "(set TRITON_INTERPRET=1 before importing kernels.layer_norm), or move x to a CUDA device"
+            )
+        if x.dtype == torch.bfloat16:
+            raise TypeError(f"{op}: x is bfloat16, which the Triton CPU interpreter does not support; "
+                            "use float32/float16 on the CPU or run on a CUDA device")
+    elif x.device.type != "cuda":
+        raise RuntimeError(f"{op}: x is on {x.device}; the Triton kernels run on CUDA devices (or the CPU interpreter)")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        _check_tensor(op, name, p, x)
+        if tuple(p.shape) != (C,):
+            raise ValueError(f"{op}: {name} has shape {tuple(p.shape)}; expected ({C},) to match x's last dimension")
+        if not p.is_floating_point():
+            raise TypeError(f"{op}: {name} has dtype {p.dtype}; expected a floating-point dtype")
+    if residual is not None:
+        _check_tensor(op, "residual", residual, x)
+        if residual.shape != x.shape:
+            raise ValueError(f"{op}: residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}; "
+                             "they must match")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"{op}: residual has dtype {residual.dtype} but x has {x.dtype}; s = x + residual is "
+                            "kept in x's dtype, so cast one of them")
+
+
+def _param(p: torch.Tensor | None, C: int, fill: float, like: torch.Tensor) -> torch.Tensor:
+    """The (C,) fp32 contiguous parameter the kernels read; ones / zeros stand in for None."""
+    if p is None:
+        return torch.full((C,), fill, dtype=torch.float32, device=like.device)
+    return p.detach().to(torch.float32).contiguous()
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter runs programs one after another: few programs, long loops
+
+
+def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5,
+                   residual: torch.Tensor | None = None):
+    """Launch the forward kernel (no autograd).
+
+    Args:
+        x: (..., C) fp32/fp16/bf16; copied to contiguous if it is not.
+        weight, bias: (C,) any float dtype, or None.
+        eps: added to the variance.
+        residual: (..., C) like x, or None. When given, the kernel normalises s = x + residual.
+    Returns:
+        (y, s, mean, rstd): y (..., C) in x.dtype; s (..., C) in x.dtype, or None without a
+        residual; mean and rstd (...) in fp32.
+    """
+    op = "add_layer_norm" if residual is not None else "layer_norm"
+    _check_inputs(op, x, weight, bias, residual)
+    shape, C = x.shape, x.shape[-1]
+    x2 = x.contiguous().view(-1, C)  # (N, C)
+    n_rows = x2.shape[0]
+    y = torch.empty_like(x2)
+    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    if residual is not None:
+        r2 = residual.contiguous().view(-1, C)  # (N, C)
+        s = torch.empty_like(x2)
+    else:
+        r2, s = x2, y  # not read / written: HAS_RESIDUAL is off
+    if n_rows > 0:
+        w = _param(weight, C, 1.0, x)
+        b = _param(bias, C, 0.0, x)
+        block_c, block_r, num_warps = _tile(C)
+        grid = (triton.cdiv(n_rows, block_r),)
+        _layer_norm_fwd_kernel[grid](
+            x2, r2, s, y, w, b, mean, rstd, n_rows, C, float(eps),
+            HAS_RESIDUAL=residual is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+            num_warps=num_warps, num_stages=1,
+        )
+    s_out = s.view(shape) if residual is not None else None
+    return y.view(shape), s_out, mean.view(shape[:-1]), rstd.view(shape[:-1])
+
+
+def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
+                   rstd: torch.Tensor, ds: torch.Tensor | None = None, rows_per_program: int | None = None):
+    """Launch the backward kernel and reduce the weight / bias partial sums (no autograd).
+
+    Args:
+        dy: (..., C) gradient of y, any strides; cast to x.dtype if it differs.
+        x: (..., C) the forward's normalised input (s for the add variant), contiguous.
+        weight: (C,) or None (then the kernels use ones).
+        mean, rstd: (...) fp32 statistics from ``layer_norm_fwd``.
+        ds: (..., C) gradient of s for the add variant (added into dx), or None.
+        rows_per_program: rows each backward program handles; default: spread over ~2 programs
+            per SM in multiples of the tile height.
+    Returns:
+        (dx, dweight, dbias): dx (..., C) in x.dtype; dweight = sum dy * xhat and dbias = sum dy,
+        each (C,) fp32 (computed as if weight were ones when it is None).
+    """
+    shape, C = x.shape, x.shape[-1]
+    x2 = x.contiguous().view(-1, C)  # (N, C)
+    dy2 = dy.to(x.dtype).contiguous().view(-1, C)  # (N, C)
+    ds2 = ds.to(x.dtype).contiguous().view(-1, C) if ds is not None else dy2  # (N, C); not read without ds
+    n_rows = x2.shape[0]
+    dx = torch.empty_like(x2)
+    if n_rows == 0:
+        zeros = torch.zeros(C, dtype=torch.float32, device=x.device)
+        return dx.view(shape), zeros, zeros.clone()
+    block_c, block_r, num_warps = _tile(C)
+    if rows_per_program is None:
+        programs = _num_sms(x.device) * max(1, 16 // num_warps)
+        rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), block_r) * block_r
+    if rows_per_program < 1:
+        raise ValueError(f"layer_norm: rows_per_program must be >= 1, got {rows_per_program}")
+    n_prog = triton.cdiv(n_rows, rows_per_program)
+    w = _param(weight, C, 1.0, x)
+    dw_partial = torch.empty((n_prog, C), dtype=torch.float32, device=x.device)
+    db_partial = torch.empty((n_prog, C), dtype=torch.float32, device=x.device)
+    _layer_norm_bwd_kernel[(n_prog,)](
+        x2, w, mean.contiguous(), rstd.contiguous(), dy2, ds2, dx, dw_partial, db_partial,
+        n_rows, C, rows_per_program,
+        HAS_DS=ds is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps, num_stages=1,
+    )
+    return dx.view(shape), dw_partial.sum(dim=0), db_partial.sum(dim=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------
+
+
+def _param_grads(ctx, dw: torch.Tensor, db: torch.Tensor, weight_idx: int, bias_idx: int):
+    dweight = dw.to(ctx.weight_dtype) if ctx.needs_input_grad[weight_idx] else None
+    dbias = db.to(ctx.bias_dtype) if ctx.needs_input_grad[bias_idx] else None
+    return dweight, dbias
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """y = layer_norm(x, weight, bias, eps) with the Triton forward and backward kernels."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, _, mean, rstd = layer_norm_fwd(x, weight, bias, eps)
+        ctx.save_for_backward(x.contiguous(), weight, mean, rstd)
+        ctx.weight_dtype = weight.dtype if weight is not None else None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = layer_norm_bwd(dy, x, weight, mean, rstd)
+        dweight, dbias = _param_grads(ctx, dw, db, 1, 2)
+        return dx if ctx.needs_input_grad[0] else None, dweight, dbias, None
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+               eps: float = 1e-5) -> torch.Tensor:
+    """Layer normalisation over the last dimension, statistics in fp32 (Triton kernels).
+
+    Same signature and semantics as ``kernels.ref.layer_norm``. A non-contiguous x is copied to
+    a contiguous one first.
+
+    Args:
+        x: (..., C) fp32, fp16 or bf16, 1 <= C <= 8192.
+        weight: (C,) or None (no scale), any float dtype; its gradient comes back in its dtype.
+        bias: (C,) or None (no shift), likewise.
+        eps: added to the variance.
+    Returns:
+        (..., C) in ``x.dtype``.
+    """
+    return LayerNormFunction.apply(x, weight, bias, eps)
+
+
+class AddLayerNormFunction(torch.autograd.Function):
+    """(y, s) = (layer_norm(x + residual), x + residual) in one pass, gradients through both."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps):
+        y, s, mean, rstd = layer_norm_fwd(x, weight, bias, eps, residual=residual)
+        ctx.save_for_backward(s, weight, mean, rstd)
+        ctx.weight_dtype = weight.dtype if weight is not None else None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.set_materialize_grads(False)  # an unused output gives None: skip reading zeros
+        return y, s
+
+    @staticmethod
+    def backward(ctx, dy, ds):
+        s, weight, mean, rstd = ctx.saved_tensors
+        if dy is None:  # only s was used: y's path contributes nothing
+            return ds, ds, None, None, None
+        dx, dw, db = layer_norm_bwd(dy, s, weight, mean, rstd, ds=ds)
+        dweight, dbias = _param_grads(ctx, dw, db, 2, 3)
+        # x and residual get the same gradient, as for a plain x + residual.
+        return dx, dx, dweight, dbias, None
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
+                   bias: torch.Tensor | None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused residual add and layer norm: s = x + residual, y = layer_norm(s, weight, bias, eps).
+
+    Reads x and residual once and writes s and y once; gradients flow through both outputs.
+
+    Args:
+        x: (..., C) fp32, fp16 or bf16, 1 <= C <= 8192; non-contiguous is copied.
+        residual: same shape and dtype as x.
+        weight, bias: (C,) or None, any float dtype.
+        eps: added to the variance.
+    Returns:
+        (y, s), both (..., C) in ``x.dtype``.
+    """
+    return AddLayerNormFunction.apply(x, residual, weight, bias, eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time launch list
+# ----------------------------------------------------------------------------------------------
+
+# C of the GPT-2 presets (test sizes 64, 128; small .. xl 768, 1024, 1280, 1600) and the largest.
+_AOT_C = (64, 128, 768, 1024, 1280, 1600, MAX_C)
+
+
+def launch_configs(cc: int) -> list[LaunchConfig]:
+    """Every launch the launchers may make on compute capability ``cc`` for the GPT-2 widths.
+
+    Widths that share a block (768 and 1024; 1280 and 1600) share a launch, so the list holds
+    5 blocks x 3 dtypes x {forward, forward + residual, backward, backward + ds}.
+    """
+    configs = []
+    blocks = sorted({_tile(c) for c in _AOT_C})
+    for dtype in _SUPPORTED:
+        t = _TL_NAME[dtype]
+        for block_c, block_r, num_warps in blocks:
+            for has_res in (False, True):
+                configs.append(LaunchConfig(
+                    label=f"layer_norm fwd {t} BLOCK_R={block_r} BLOCK_C={block_c}" + (" +residual" if has_res else ""),
+                    kernel=_layer_norm_fwd_kernel,
+                    signature={"X": f"*{t}", "R": f"*{t}", "S": f"*{t}", "Y": f"*{t}", "W": "*fp32", "B": "*fp32",
+                               "Mean": "*fp32", "Rstd": "*fp32", "n_rows": "i32", "C": "i32", "eps": "fp32"},
+                    constexprs={"HAS_RESIDUAL": has_res, "BLOCK_R": block_r, "BLOCK_C": block_c},
+                    num_warps=num_warps, num_stages=1,
+                ))
+            for has_ds in (False, True):
+                configs.append(LaunchConfig(
+                    label=f"layer_norm bwd {t} BLOCK_R={block_r} BLOCK_C={block_c}" + (" +ds" if has_ds else ""),
+                    kernel=_layer_norm_bwd_kernel,
+                    signature={"X": f"*{t}", "W": "*fp32", "Mean": "*fp32", "Rstd": "*fp32", "DY": f"*{t}",
+                               "DS": f"*{t}", "DX": f"*{t}", "DW_partial": "*fp32", "DB_partial": "*fp32",
+                               "n_rows": "i32", "C": "i32", "rows_per_prog": "i32"},
+                    constexprs={"HAS_DS": has_ds, "BLOCK_R": block_r, "BLOCK_C": block_c},
+                    num_warps=num_warps, num_stages=1,
+                ))
+    return configs
