@@ -70,12 +70,12 @@ from kernels.aot import LaunchConfig
 from kernels.registry import interpreter_enabled
 
 __all__ = [
-    "linear_cross_entropy",
-    "linear_cross_entropy_fwd",
-    "linear_cross_entropy_bwd",
     "LinearCrossEntropyFunction",
     "default_chunk_rows",
     "launch_configs",
+    "linear_cross_entropy",
+    "linear_cross_entropy_bwd",
+    "linear_cross_entropy_fwd",
 ]
 
 _OP = "linear_cross_entropy"
