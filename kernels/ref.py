@@ -23,6 +23,11 @@ GELU_C = math.sqrt(2.0 / math.pi)
 GELU_A = 0.044715
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """Upcast to at least fp32 (float64 stays float64, so the reference can be checked in fp64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """GPT-2's GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), computed in fp32.
 
@@ -31,7 +36,7 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     Returns:
         Same shape and dtype as ``x``.
     """
-    xf = x.float()
+    xf = _f32(x)
     y = 0.5 * xf * (1.0 + torch.tanh(GELU_C * (xf + GELU_A * xf * xf * xf)))
     return y.to(x.dtype)
 
@@ -41,7 +46,7 @@ def gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
 
     With u = c (x + a x^3) and t = tanh(u):  d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2).
     """
-    xf = x.float()
+    xf = _f32(x)
     t = torch.tanh(GELU_C * (xf + GELU_A * xf * xf * xf))
     return 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_A * xf * xf)
 
@@ -58,15 +63,15 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     Returns:
         (..., C) in ``x.dtype``.
     """
-    xf = x.float()
+    xf = _f32(x)
     mean = xf.mean(dim=-1, keepdim=True)
     xc = xf - mean
     var = (xc * xc).mean(dim=-1, keepdim=True)  # biased variance, as F.layer_norm
     y = xc * torch.rsqrt(var + eps)
     if weight is not None:
-        y = y * weight.float()
+        y = y * _f32(weight)
     if bias is not None:
-        y = y + bias.float()
+        y = y + _f32(bias)
     return y.to(x.dtype)
 
 
@@ -92,7 +97,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     if Tk < Tq:
         raise ValueError(f"attention: k has {Tk} positions, fewer than q's {Tq}")
     scale = 1.0 / math.sqrt(hs)
-    att = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale  # (B, nh, Tq, Tk)
+    att = torch.matmul(_f32(q), _f32(k).transpose(-2, -1)) * scale  # (B, nh, Tq, Tk)
     if causal:
         qpos = torch.arange(Tk - Tq, Tk, device=q.device).unsqueeze(1)  # (Tq, 1)
         kpos = torch.arange(Tk, device=q.device).unsqueeze(0)  # (1, Tk)
@@ -102,7 +107,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         att = att * dropout_mask.to(att.dtype) / (1.0 - dropout_p)
     elif dropout_p > 0.0:
         att = torch.nn.functional.dropout(att, p=dropout_p, training=True)
-    y = torch.matmul(att, v.float())  # (B, nh, Tq, hs)
+    y = torch.matmul(att, _f32(v))  # (B, nh, Tq, hs)
     return y.to(q.dtype)
 
 
@@ -136,9 +141,9 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         targets: (...) int64 class ids in [0, V), or ``ignore_index``.
         ignore_index: target value that contributes nothing.
     Returns:
-        A 0-dim fp32 tensor.
+        A 0-dim fp32 tensor (fp64 for fp64 inputs).
     """
-    logits = torch.nn.functional.linear(h, weight).float()  # (..., V)
+    logits = _f32(torch.nn.functional.linear(h, weight))  # (..., V)
     logits = logits.reshape(-1, logits.shape[-1])  # (N, V)
     t = targets.reshape(-1)  # (N,)
     valid = t != ignore_index

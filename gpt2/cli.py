@@ -1,0 +1,123 @@
+"""The ``gpt2`` command: ``info``, ``prepare``, ``train`` and ``sample``.
+
+Errors a user can cause (a bad flag value, a missing file, a backend that cannot run) end the
+command with one line on stderr and a non-zero exit status, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class UsageError(ValueError):
+    """A command-line value that cannot work."""
+
+
+def _info(args) -> int:
+    import platform
+
+    import torch
+
+    import kernels
+    from kernels.registry import BACKENDS, OPS, unavailable_reason
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception as e:  # noqa: BLE001 - report whatever stops the import
+        triton_version = f"not importable ({type(e).__name__}: {e})"
+    print(f"python  {platform.python_version()}")
+    print(f"torch   {torch.__version__}")
+    print(f"triton  {triton_version}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            cap = torch.cuda.get_device_capability(i)
+            print(f"device  cuda:{i} {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]})")
+    else:
+        print(f"device  cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads); "
+              "no CUDA device")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        reasons = {b: unavailable_reason(b, dev) for b in BACKENDS}
+        print(f"\nops x backends on {dev} (yes = usable here)")
+        print(f"  {'op':<22}" + "".join(f"{b:<8}" for b in BACKENDS) + "auto")
+        chosen = kernels.resolve("auto", dev)
+        for op in OPS:
+            cells = "".join(f"{'yes' if reasons[b] is None else 'no':<8}" for b in BACKENDS)
+            print(f"  {op:<22}{cells}{chosen[op]}")
+        for b, why in reasons.items():
+            if why is not None:
+                print(f"  {b}: {why}")
+    return 0
+
+
+def _prepare(args) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from gpt2.data import load_dataset, write_shard
+
+    if args.source.endswith(".bin"):
+        raise UsageError(f"{args.source} is already a token shard; prepare reads text")
+    ds = load_dataset(args.source)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = args.name or ("shakespeare" if args.source == "shakespeare" else Path(args.source).stem)
+    written = []
+    for split in ("val", "train"):
+        toks = np.concatenate(ds.split(split))
+        for i, start in enumerate(range(0, max(len(toks), 1), args.shard_size)):
+            path = out / f"{name}_{split}_{i:06d}.bin"
+            write_shard(path, toks[start:start + args.shard_size])
+            written.append((path, min(args.shard_size, len(toks) - start)))
+    for path, n in written:
+        print(f"wrote {path} ({n:,} tokens)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpt2", description="GPT-2 on fused Triton / C++ / CUDA kernels")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="versions, device, and which kernel backend can run each op here")
+    p.set_defaults(func=_info)
+
+    p = sub.add_parser("prepare", help="tokenize text into llm.c-format .bin shards")
+    p.add_argument("source", nargs="?", default="shakespeare", help="'shakespeare', a .txt file or a folder of .txt")
+    p.add_argument("--out", required=True, help="output folder for the shards")
+    p.add_argument("--name", default=None, help="shard name prefix (default: from the source)")
+    p.add_argument("--shard-size", type=int, default=100_000_000, help="tokens per shard")
+    p.set_defaults(func=_prepare)
+
+    from gpt2 import sample, train
+
+    p = sub.add_parser("train", help="train a GPT-2 (default: the shakespeare preset on the built-in corpus)")
+    train.add_args(p)
+    p.set_defaults(func=train.run)
+
+    p = sub.add_parser("sample", help="generate text from a checkpoint or a pretrained folder")
+    sample.add_args(p)
+    p.set_defaults(func=sample.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit status."""
+    from gpt2.data import DataError
+    from gpt2.model import ConfigError
+    from kernels.registry import BackendError, SpecError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, DataError, ConfigError, BackendError, SpecError, FileNotFoundError, ValueError,
+            TypeError) as e:
+        print(f"gpt2 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gpt2 {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,108 @@
+"""Data sources, llm.c shards, and the batcher."""
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2.data import Batcher, DataError, load_dataset, play_to_text, read_shard, shakespeare_texts, write_shard
+
+
+def test_shakespeare_is_plain_text_with_speakers():
+    texts = shakespeare_texts()
+    assert len(texts) == 38
+    joined = "\n".join(texts)
+    assert 3_000_000 < len(joined) < 6_000_000
+    for mark in ("**", "##", "_Enter", "_Exit"):
+        assert mark not in joined
+    assert "Theseus:\nNow, fair Hippolyta, our nuptial hour" in texts[0]
+
+
+def test_play_to_text_drops_markup():
+    md = "# T\n\n## ACT I\n\n_Enter A_\n\n**HAMLET**  \nTo be, or *not* to be  \n\n_Exit_\n\nThat is it.\n"
+    assert play_to_text(md) == "Hamlet:\nTo be, or not to be\nThat is it.\n"
+
+
+def test_shakespeare_split_is_deterministic_and_disjoint_in_size():
+    a, b = load_dataset("shakespeare"), load_dataset("shakespeare")
+    assert np.array_equal(a.train[0], b.train[0]) and np.array_equal(a.val[0], b.val[0])
+    n_tr, n_va = a.num_tokens("train"), a.num_tokens("val")
+    assert 0.08 < n_va / (n_tr + n_va) < 0.12
+
+
+def test_shard_round_trip_and_memory_map(tmp_path):
+    toks = np.random.default_rng(0).integers(0, 50257, 10_001)
+    write_shard(tmp_path / "x.bin", toks)
+    back = read_shard(tmp_path / "x.bin")
+    assert isinstance(back, np.memmap) and np.array_equal(back, toks)
+    header = np.fromfile(tmp_path / "x.bin", dtype=np.int32, count=3)
+    assert list(header) == [20240520, 1, 10_001]
+
+
+def test_bad_shards(tmp_path):
+    write_shard(tmp_path / "ok.bin", np.arange(100))
+    data = (tmp_path / "ok.bin").read_bytes()
+    (tmp_path / "trunc.bin").write_bytes(data[:-10])
+    with pytest.raises(DataError, match="truncated"):
+        read_shard(tmp_path / "trunc.bin")
+    (tmp_path / "foreign.bin").write_bytes(b"\x00" * 2000)
+    with pytest.raises(DataError, match="magic 0"):
+        read_shard(tmp_path / "foreign.bin")
+    (tmp_path / "tiny.bin").write_bytes(b"abc")
+    with pytest.raises(DataError, match="shorter than the 1024-byte header"):
+        read_shard(tmp_path / "tiny.bin")
+    with pytest.raises(DataError, match="must fit in uint16"):
+        write_shard(tmp_path / "big.bin", [70000])
+
+
+def test_sources_text_folder_shards(tmp_path):
+    (tmp_path / "a.txt").write_text("Once upon a time there was a kernel. " * 50)
+    (tmp_path / "b.txt").write_text("It ran fast on every GPU. " * 50)
+    ds = load_dataset(str(tmp_path))
+    assert ds.num_tokens("train") > 0 and ds.num_tokens("val") > 0
+    one = load_dataset(str(tmp_path / "a.txt"))
+    assert one.num_tokens("train") < ds.num_tokens("train")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_shard(shards / "c_val_000000.bin", np.arange(300))
+    write_shard(shards / "c_train_000000.bin", np.arange(1000))
+    write_shard(shards / "c_train_000001.bin", np.arange(500))
+    sd = load_dataset(str(shards))
+    assert sd.num_tokens("val") == 300 and sd.num_tokens("train") == 1500
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset(str(tmp_path / "missing"))
+    (tmp_path / "empty.txt").write_text("   \n")
+    with pytest.raises(DataError, match="holds no text"):
+        load_dataset(str(tmp_path / "empty.txt"))
+    (tmp_path / "d").mkdir()
+    with pytest.raises(DataError, match="holds no .txt files"):
+        load_dataset(str(tmp_path / "d"))
+
+
+def test_batcher_reproducible_next_token_and_resumable():
+    arrays = [np.arange(1000, dtype=np.uint16), np.arange(5000, 5100, dtype=np.uint16)]
+    b1, b2 = Batcher(arrays, 4, 16, seed=3), Batcher(arrays, 4, 16, seed=3)
+    x1, y1 = b1.next()
+    x2, y2 = b2.next()
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert x1.dtype == torch.int64 and x1.shape == (4, 16)
+    assert torch.equal(x1[:, 1:], y1[:, :-1]) and torch.equal(y1 - x1, torch.ones_like(x1))  # never crosses arrays
+    state = b1.state_dict()
+    after = b1.next()
+    b3 = Batcher(arrays, 4, 16, seed=99)
+    b3.load_state_dict(state)
+    assert torch.equal(b3.next()[0], after[0])
+
+
+def test_batcher_shards_the_global_batch_by_rank():
+    arrays = [np.arange(3000, dtype=np.uint16)]
+    whole = Batcher(arrays, 6, 8, seed=1).next()[0]
+    parts = [Batcher(arrays, 3, 8, seed=1, rank=r, world_size=2).next()[0] for r in range(2)]
+    assert torch.equal(torch.cat(parts), whole)
+
+
+def test_batcher_corpus_too_small():
+    with pytest.raises(DataError, match="too small for block_size 64"):
+        Batcher([np.arange(20, dtype=np.uint16)], 2, 64)
