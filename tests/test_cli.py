@@ -1,0 +1,40 @@
+"""The ``gpt2`` command's info and prepare subcommands, and its one-line errors."""
+
+import subprocess
+import sys
+
+import numpy as np
+
+from gpt2.cli import main
+from gpt2.data import read_shard
+
+
+def test_info_prints_versions_device_and_table():
+    out = subprocess.run([sys.executable, "-m", "gpt2", "info"], capture_output=True, text=True, check=True).stdout
+    import torch
+
+    assert f"torch   {torch.__version__}" in out
+    assert "triton  " in out and "device  " in out
+    for op in ("layer_norm", "attention", "mlp", "linear_cross_entropy"):
+        assert op in out
+    assert "torch   triton  cuda    auto" in out
+
+
+def test_prepare_writes_shards_that_load(tmp_path, capsys):
+    src = tmp_path / "book.txt"
+    src.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    assert main(["prepare", str(src), "--out", str(tmp_path / "shards"), "--shard-size", "1000"]) == 0
+    files = sorted((tmp_path / "shards").glob("*.bin"))
+    assert any("val" in f.name for f in files) and sum("train" in f.name for f in files) >= 2
+    toks = np.concatenate([read_shard(f) for f in files if "train" in f.name])
+    from gpt2.tokenizer import decode
+
+    assert decode(toks[:10].tolist()).startswith("The quick brown fox")
+
+
+def test_bad_input_is_one_line_and_nonzero(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "gpt2", "prepare", str(tmp_path / "missing.txt"), "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
+    assert "Traceback" not in r.stderr
