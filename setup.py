@@ -18,13 +18,50 @@ def _extension_modules():
         print("gpt2-kernels: GPT2_KERNELS_NO_EXT is set; skipping the C++/CUDA extension", file=sys.stderr)
         return [], {}
     try:
-        import torch  # noqa: F401
+        import torch
         from torch.utils.cpp_extension import BuildExtension  # noqa: F401
     except Exception as e:  # torch missing in an isolated build env
         print(f"gpt2-kernels: torch is not importable at build time ({e}); skipping the C++/CUDA extension. "
               "Install torch first and reinstall with --no-build-isolation to build it.", file=sys.stderr)
         return [], {}
-    return [], {}
+    import torch.utils.cpp_extension as cpp_ext
+
+    sources = ["csrc/ops.cpp", "csrc/cpu_kernels.cpp"]
+    cxx = ["-O3"]
+    link = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is an OpenMP region compiled into the caller: without -fopenmp it runs serially.
+        # The extension then uses the libgomp.so.1 that torch has already loaded.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
+    elif sys.platform == "win32":
+        cxx = ["/O2", "/openmp"]
+    with_cuda = torch.version.cuda is not None and cpp_ext.CUDA_HOME is not None
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "7.5 8.0 8.6 8.9 9.0")
+        ext = cpp_ext.CUDAExtension(
+            "kernels._C",
+            sources + ["csrc/cuda_ops.cpp", "csrc/kernels.cu"],
+            extra_compile_args={"cxx": cxx + ["-DGPT2K_WITH_CUDA"], "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=link,
+        )
+    else:
+        why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA toolkit (CUDA_HOME) was found"
+        print(f"gpt2-kernels: {why}; building the extension with its CPU kernels only", file=sys.stderr)
+        ext = cpp_ext.CppExtension("kernels._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
+
+    class OptionalBuildExt(cpp_ext.BuildExtension):
+        """Build the extension if possible; a failed build leaves the package installable without it."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as e:  # compiler missing, compile error, ...
+                print(f"gpt2-kernels: WARNING: building the C++/CUDA extension kernels._C failed ({e!r}); the "
+                      "package is installed without it, so the 'cuda' backend is unavailable "
+                      "(`gpt2 info` says why).", file=sys.stderr)
+
+    return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extension_modules()

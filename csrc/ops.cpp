@@ -1,0 +1,349 @@
+// The gpt2k operator library: schemas, input checks and the CPU implementations.
+//
+// TORCH_LIBRARY(gpt2k) declares every op once; the CPU kernels (cpu_kernels.cpp) register under
+// the CPU dispatch key here and the CUDA launchers (kernels.cu through cuda_ops.cpp) under the
+// CUDA key when the extension is built with CUDA. kernels/cuda.py adds fake (meta) kernels and
+// autograd. Loading the shared object as the Python module ``kernels._C`` runs the registrations;
+// the module itself is empty (no pybind11, which keeps the build short).
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "checks.h"
+#include "cpu_kernels.h"
+
+namespace gpt2k {
+namespace {
+
+using at::Tensor;
+using std::optional;
+
+// ---------------------------------------------------------------- check helpers
+
+const char* dtype_name(at::ScalarType t) { return c10::toString(t); }
+
+void check_float(const char* op, const char* arg, const Tensor& t) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf, op, ": argument '", arg, "' has dtype ",
+              dtype_name(s), "; supported dtypes are float32, bfloat16 and float16");
+}
+
+void check_contiguous(const char* op, const char* arg, const Tensor& t) {
+  TORCH_CHECK(t.is_contiguous(), op, ": argument '", arg, "' must be contiguous (got strides ", t.strides(),
+              " for shape ", t.sizes(), "); kernels.cuda makes its inputs contiguous before calling the op");
+}
+
+void check_dim(const char* op, const char* arg, const Tensor& t, int64_t dim, const char* layout) {
+  TORCH_CHECK(t.dim() == dim, op, ": argument '", arg, "' must be ", dim, "-D ", layout, ", got shape ", t.sizes());
+}
+
+// Same device as `ref` (named ref_arg).
+void check_device(const char* op, const char* arg, const Tensor& t, const char* ref_arg, const Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": argument '", arg, "' is on ", t.device(), " but '", ref_arg,
+              "' is on ", ref.device(), "; all tensor arguments must be on the same device");
+}
+
+void check_like(const char* op, const char* arg, const Tensor& t, const char* ref_arg, const Tensor& ref) {
+  check_device(op, arg, t, ref_arg, ref);
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": argument '", arg, "' has dtype ",
+              dtype_name(t.scalar_type()), " but '", ref_arg, "' has ", dtype_name(ref.scalar_type()),
+              "; they must match");
+  check_contiguous(op, arg, t);
+}
+
+void check_fp32_stat(const char* op, const char* arg, const Tensor& t, const char* ref_arg, const Tensor& ref,
+                     at::IntArrayRef shape) {
+  check_device(op, arg, t, ref_arg, ref);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": argument '", arg, "' must be float32 (the forward's fp32 "
+              "statistics), got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK(t.sizes() == shape, op, ": argument '", arg, "' must have shape ", shape, ", got ", t.sizes());
+  check_contiguous(op, arg, t);
+}
+
+void check_param(const char* op, const char* arg, const optional<Tensor>& p, const Tensor& x, int64_t n) {
+  if (!p.has_value()) return;
+  check_like(op, arg, *p, "x", x);
+  TORCH_CHECK(p->dim() == 1 && p->size(0) == n, op, ": argument '", arg, "' must have shape (", n,
+              ",) to match the last dimension of the input, got ", p->sizes());
+}
+
+template <typename T>
+const T* opt_ptr(const optional<Tensor>& p) {
+  return p.has_value() ? p->data_ptr<T>() : nullptr;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- checks (declared in checks.h)
+
+void check_layer_norm_fwd(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias) {
+  const char* op = "gpt2k::layer_norm_fwd";
+  check_dim(op, "x", x, 2, "(rows, C)");
+  check_float(op, "x", x);
+  check_contiguous(op, "x", x);
+  TORCH_CHECK(x.size(1) > 0, op, ": argument 'x' must have at least one feature (C > 0), got shape ", x.sizes());
+  check_param(op, "weight", weight, x, x.size(1));
+  check_param(op, "bias", bias, x, x.size(1));
+}
+
+void check_layer_norm_bwd(const Tensor& dy, const Tensor& x, const optional<Tensor>& weight, const Tensor& mean,
+                          const Tensor& rstd) {
+  const char* op = "gpt2k::layer_norm_bwd";
+  check_dim(op, "x", x, 2, "(rows, C)");
+  check_float(op, "x", x);
+  check_contiguous(op, "x", x);
+  check_like(op, "dy", dy, "x", x);
+  TORCH_CHECK(dy.sizes() == x.sizes(), op, ": argument 'dy' must have the shape of x ", x.sizes(), ", got ",
+              dy.sizes());
+  check_param(op, "weight", weight, x, x.size(1));
+  check_fp32_stat(op, "mean", mean, "x", x, {x.size(0)});
+  check_fp32_stat(op, "rstd", rstd, "x", x, {x.size(0)});
+}
+
+void check_bias_gelu_fwd(const Tensor& h, const optional<Tensor>& bias) {
+  const char* op = "gpt2k::bias_gelu_fwd";
+  check_dim(op, "h", h, 2, "(rows, H)");
+  check_float(op, "h", h);
+  check_contiguous(op, "h", h);
+  check_param(op, "bias", bias, h, h.size(1));
+}
+
+void check_bias_gelu_bwd(const Tensor& dact, const Tensor& h, const optional<Tensor>& bias) {
+  const char* op = "gpt2k::bias_gelu_bwd";
+  check_dim(op, "h", h, 2, "(rows, H)");
+  check_float(op, "h", h);
+  check_contiguous(op, "h", h);
+  check_like(op, "dact", dact, "h", h);
+  TORCH_CHECK(dact.sizes() == h.sizes(), op, ": argument 'dact' must have the shape of h ", h.sizes(), ", got ",
+              dact.sizes());
+  check_param(op, "bias", bias, h, h.size(1));
+}
+
+void check_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, double dropout_p) {
+  const char* op = "gpt2k::attention_fwd";
+  TORCH_CHECK(dropout_p == 0.0, op, ": dropout_p = ", dropout_p, " is not supported; the extension implements "
+              "attention without dropout only (dropout_p == 0)");
+  check_dim(op, "q", q, 4, "(B, nh, Tq, hs)");
+  check_float(op, "q", q);
+  check_contiguous(op, "q", q);
+  check_like(op, "k", k, "q", q);
+  check_like(op, "v", v, "q", q);
+  check_dim(op, "k", k, 4, "(B, nh, Tk, hs)");
+  check_dim(op, "v", v, 4, "(B, nh, Tk, hs)");
+  TORCH_CHECK(q.size(3) > 0, op, ": argument 'q' must have a head size > 0, got shape ", q.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3), op,
+              ": argument 'k' must have shape (B, nh, Tk, hs) with q's B, nh and hs ", q.sizes(), ", got ",
+              k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), op, ": argument 'v' must have k's shape ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(k.size(2) >= q.size(2), op, ": argument 'k' has ", k.size(2), " positions, fewer than q's ",
+              q.size(2), "; the queries must be the last Tq <= Tk positions");
+}
+
+void check_attention_bwd(const Tensor& dy, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& y,
+                         const Tensor& lse) {
+  const char* op = "gpt2k::attention_bwd";
+  check_attention_fwd(q, k, v, 0.0);
+  check_like(op, "dy", dy, "q", q);
+  check_like(op, "y", y, "q", q);
+  TORCH_CHECK(dy.sizes() == q.sizes(), op, ": argument 'dy' must have q's shape ", q.sizes(), ", got ", dy.sizes());
+  TORCH_CHECK(y.sizes() == q.sizes(), op, ": argument 'y' must have q's shape ", q.sizes(), ", got ", y.sizes());
+  check_fp32_stat(op, "lse", lse, "q", q, {q.size(0), q.size(1), q.size(2)});
+}
+
+void check_cross_entropy(const char* op, const Tensor& logits, const Tensor& targets, const optional<Tensor>& scale) {
+  check_dim(op, "logits", logits, 2, "(rows, V)");
+  check_float(op, "logits", logits);
+  check_contiguous(op, "logits", logits);
+  TORCH_CHECK(logits.size(1) > 0, op, ": argument 'logits' must have at least one class, got shape ",
+              logits.sizes());
+  check_device(op, "targets", targets, "logits", logits);
+  TORCH_CHECK(targets.scalar_type() == at::kLong, op, ": argument 'targets' must be int64 class ids, got ",
+              dtype_name(targets.scalar_type()));
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == logits.size(0), op, ": argument 'targets' must have shape (",
+              logits.size(0), ",) (one id per logits row), got ", targets.sizes());
+  check_contiguous(op, "targets", targets);
+  if (scale.has_value()) {
+    check_device(op, "scale", *scale, "logits", logits);
+    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->numel() == 1, op,
+                ": argument 'scale' must be a one-element float32 tensor, got dtype ",
+                dtype_name(scale->scalar_type()), " and shape ", scale->sizes());
+  }
+}
+
+// ---------------------------------------------------------------- CPU implementations
+
+namespace {
+
+// Calls fn with a null pointer of the C++ element type of `t` (float, BFloat16 or Half).
+template <typename Fn>
+void dispatch_float(const Tensor& t, Fn&& fn) {
+  switch (t.scalar_type()) {
+    case at::kFloat: fn(static_cast<float*>(nullptr)); break;
+    case at::kBFloat16: fn(static_cast<c10::BFloat16*>(nullptr)); break;
+    case at::kHalf: fn(static_cast<c10::Half*>(nullptr)); break;
+    default: TORCH_CHECK(false, "gpt2k: unsupported dtype ", dtype_name(t.scalar_type()));
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_cpu(const Tensor& x, const optional<Tensor>& weight,
+                                                      const optional<Tensor>& bias, double eps) {
+  check_layer_norm_fwd(x, weight, bias);
+  const int64_t N = x.size(0), C = x.size(1);
+  Tensor y = at::empty_like(x);
+  Tensor mean = at::empty({N}, x.options().dtype(at::kFloat));
+  Tensor rstd = at::empty({N}, x.options().dtype(at::kFloat));
+  dispatch_float(x, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    cpu::layer_norm_fwd<T>(x.data_ptr<T>(), opt_ptr<T>(weight), opt_ptr<T>(bias), y.data_ptr<T>(),
+                           mean.data_ptr<float>(), rstd.data_ptr<float>(), N, C, static_cast<float>(eps));
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_cpu(const Tensor& dy, const Tensor& x,
+                                                      const optional<Tensor>& weight, const Tensor& mean,
+                                                      const Tensor& rstd) {
+  check_layer_norm_bwd(dy, x, weight, mean, rstd);
+  const int64_t N = x.size(0), C = x.size(1);
+  Tensor dx = at::empty_like(x);
+  Tensor dw = at::empty({C}, x.options().dtype(at::kFloat));
+  Tensor db = at::empty({C}, x.options().dtype(at::kFloat));
+  dispatch_float(x, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    cpu::layer_norm_bwd<T>(dy.data_ptr<T>(), x.data_ptr<T>(), opt_ptr<T>(weight), mean.data_ptr<float>(),
+                           rstd.data_ptr<float>(), dx.data_ptr<T>(), dw.data_ptr<float>(), db.data_ptr<float>(), N,
+                           C);
+  });
+  return {dx, dw, db};
+}
+
+Tensor bias_gelu_fwd_cpu(const Tensor& h, const optional<Tensor>& bias) {
+  check_bias_gelu_fwd(h, bias);
+  Tensor act = at::empty_like(h);
+  dispatch_float(h, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    cpu::bias_gelu_fwd<T>(h.data_ptr<T>(), opt_ptr<T>(bias), act.data_ptr<T>(), h.size(0), h.size(1));
+  });
+  return act;
+}
+
+std::tuple<Tensor, Tensor> bias_gelu_bwd_cpu(const Tensor& dact, const Tensor& h, const optional<Tensor>& bias) {
+  check_bias_gelu_bwd(dact, h, bias);
+  Tensor dh = at::empty_like(h);
+  Tensor dbias = at::empty({h.size(1)}, h.options().dtype(at::kFloat));
+  dispatch_float(h, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    cpu::bias_gelu_bwd<T>(dact.data_ptr<T>(), h.data_ptr<T>(), opt_ptr<T>(bias), dh.data_ptr<T>(),
+                          dbias.data_ptr<float>(), h.size(0), h.size(1));
+  });
+  return {dh, dbias};
+}
+
+std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
+                                             double dropout_p) {
+  check_attention_fwd(q, k, v, dropout_p);
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Tk = k.size(2), D = q.size(3);
+  Tensor y = at::empty_like(q);
+  Tensor lse = at::empty({B, H, Tq}, q.options().dtype(at::kFloat));
+  dispatch_float(q, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    cpu::attention_fwd<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), y.data_ptr<T>(), lse.data_ptr<float>(),
+                          B * H, Tq, Tk, D, causal);
+  });
+  return {y, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dy, const Tensor& q, const Tensor& k,
+                                                     const Tensor& v, const Tensor& y, const Tensor& lse,
+                                                     bool causal) {
+  check_attention_bwd(dy, q, k, v, y, lse);
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Tk = k.size(2), D = q.size(3);
+  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  dispatch_float(q, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    cpu::attention_bwd<T>(dy.data_ptr<T>(), q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), y.data_ptr<T>(),
+                          lse.data_ptr<float>(), dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(), B * H, Tq, Tk,
+                          D, causal);
+  });
+  return {dq, dk, dv};
+}
+
+Tensor cross_entropy_fwd_cpu(const Tensor& logits, const Tensor& targets, int64_t ignore_index) {
+  check_cross_entropy("gpt2k::cross_entropy_fwd", logits, targets, std::nullopt);
+  Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
+  dispatch_float(logits, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    // Without a gradient scale the kernel only reads the logits.
+    cpu::cross_entropy<T>(const_cast<T*>(logits.const_data_ptr<T>()), targets.data_ptr<int64_t>(),
+                          loss.data_ptr<float>(), nullptr, logits.size(0), logits.size(1), ignore_index);
+  });
+  return loss;
+}
+
+Tensor cross_entropy_fwd_bwd_cpu(Tensor& logits, const Tensor& targets, const Tensor& scale, int64_t ignore_index) {
+  check_cross_entropy("gpt2k::cross_entropy_fwd_bwd_", logits, targets, scale);
+  Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
+  dispatch_float(logits, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    cpu::cross_entropy<T>(logits.data_ptr<T>(), targets.data_ptr<int64_t>(), loss.data_ptr<float>(),
+                          scale.data_ptr<float>(), logits.size(0), logits.size(1), ignore_index);
+  });
+  return loss;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(gpt2k, m) {
+  m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor y, Tensor mean, Tensor rstd)");
+  m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd)"
+        " -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  m.def("bias_gelu_fwd(Tensor h, Tensor? bias) -> Tensor");
+  m.def("bias_gelu_bwd(Tensor dact, Tensor h, Tensor? bias) -> (Tensor dh, Tensor dbias)");
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float dropout_p) -> (Tensor y, Tensor lse)");
+  m.def("attention_bwd(Tensor dy, Tensor q, Tensor k, Tensor v, Tensor y, Tensor lse, bool causal)"
+        " -> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def("cross_entropy_fwd(Tensor logits, Tensor targets, int ignore_index) -> Tensor");
+  m.def("cross_entropy_fwd_bwd_(Tensor(a!) logits, Tensor targets, Tensor scale, int ignore_index) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gpt2k, CPU, m) {
+  m.impl("layer_norm_fwd", &layer_norm_fwd_cpu);
+  m.impl("layer_norm_bwd", &layer_norm_bwd_cpu);
+  m.impl("bias_gelu_fwd", &bias_gelu_fwd_cpu);
+  m.impl("bias_gelu_bwd", &bias_gelu_bwd_cpu);
+  m.impl("attention_fwd", &attention_fwd_cpu);
+  m.impl("attention_bwd", &attention_bwd_cpu);
+  m.impl("cross_entropy_fwd", &cross_entropy_fwd_cpu);
+  m.impl("cross_entropy_fwd_bwd_", &cross_entropy_fwd_bwd_cpu);
+}
+
+}  // namespace gpt2k
+
+// The Python module kernels._C: empty; importing it loads the library above.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",
+      "gpt2k C++/CUDA operators, registered as torch.ops.gpt2k.* on import.",
+      -1,
+      nullptr,
+  };
+  PyObject* module = PyModule_Create(&module_def);
+#ifdef GPT2K_WITH_CUDA
+  const int with_cuda = 1;
+#else
+  const int with_cuda = 0;
+#endif
+  // WITH_CUDA tells kernels.cuda whether CUDA kernels were compiled in (registered under the CUDA key).
+  if (module != nullptr && PyModule_AddIntConstant(module, "WITH_CUDA", with_cuda) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}
