@@ -1,12 +1,14 @@
 """The ``gpt2`` command: ``info``, ``prepare``, ``train`` and ``sample``.
 
 Errors a user can cause (a bad flag value, a missing file, a backend that cannot run) end the
-command with one line on stderr and a non-zero exit status, not a traceback.
+command with one line on stderr and a non-zero exit status, not a traceback (set ``GPT2_DEBUG=1``
+to see the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -38,12 +40,13 @@ def _info(args) -> int:
     else:
         print(f"device  cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads); "
               "no CUDA device")
+    sys.stdout.flush()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         reasons = {b: unavailable_reason(b, dev) for b in BACKENDS}
+        chosen = kernels.resolve("auto", dev)
         print(f"\nops x backends on {dev} (yes = usable here)")
         print(f"  {'op':<22}" + "".join(f"{b:<8}" for b in BACKENDS) + "auto")
-        chosen = kernels.resolve("auto", dev)
         for op in OPS:
             cells = "".join(f"{'yes' if reasons[b] is None else 'no':<8}" for b in BACKENDS)
             print(f"  {op:<22}{cells}{chosen[op]}")
@@ -116,6 +119,8 @@ def main(argv=None) -> int:
         return int(args.func(args) or 0)
     except (UsageError, DataError, ConfigError, BackendError, SpecError, FileNotFoundError, ValueError,
             TypeError) as e:
+        if os.environ.get("GPT2_DEBUG"):
+            raise
         print(f"gpt2 {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
