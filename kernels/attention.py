@@ -1,0 +1,679 @@
+"""Causal flash attention in Triton: the ``triton`` backend of the registry op ``attention``.
+
+DOCSTRING_PLACEHOLDER
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.aot import LaunchConfig
+
+__all__ = ["AttentionFunction", "attention", "attention_bwd", "attention_fwd", "dropout_keep_mask", "launch_configs"]
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
+LN2 = 0.6931471805599453  # ln(2): ln(x) = log2(x) * LN2
+HEAD_SIZES = (32, 64, 128)
+# Philox offsets are int32 element indices within one (batch, head): row * Tk + col.
+_MAX_DROPOUT_ELEMS = 2**31 - 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dropout_keep(seed, bh, idx, dropout_p):
+    # One Philox stream per (batch, head): the key is (seed, bh) -- seed in the low 32 bits, bh in the high ones --
+    # and the counter is the element's index row * Tk + col within that head. Every kernel calls this, so the
+    # forward, both backward kernels and dropout_keep_mask draw the same bits for the same element.
+    key = seed.to(tl.int64) + bh.to(tl.int64) * 4294967296
+    return tl.rand(key, idx) >= dropout_p
+
+
+@triton.jit
+def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, end, offs_m, offs_n, shift, Tk, stride_kt, stride_vt,
+                    qk_scale, seed, bh, dropout_p,
+                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr):
+    # Online softmax over the key blocks [start, end). Scores are kept in base-2 units (s * scale * log2 e) so exp2
+    # does the exponentials; m_i is the running row max and l_i the running row sum of exp2(s - m_i).
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            k = tl.load(tl.multiple_of(k_ptrs + start_n * stride_kt, [16, 16]), mask=(cols < Tk)[:, None], other=0.0)
+        else:
+            k = tl.load(tl.multiple_of(k_ptrs + start_n * stride_kt, [16, 16]))
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BLOCK_M, BLOCK_N) fp32
+        if MASKED:
+            # key j is visible to query row i iff j <= i + shift (shift = Tk - Tq causal, Tk otherwise) and j < Tk
+            visible = (cols[None, :] <= offs_m[:, None] + shift) & (cols[None, :] < Tk)
+            qk = tl.where(visible, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            qk = qk - m_new[:, None]
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            qk = qk * qk_scale - m_new[:, None]
+        p = tl.math.exp2(qk)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped weights too
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None] * Tk + cols[None, :], dropout_p)
+            p = tl.where(keep, p, 0.0)
+        if MASKED:
+            v = tl.load(tl.multiple_of(v_ptrs + start_n * stride_vt, [16, 16]), mask=(cols < Tk)[:, None], other=0.0)
+        else:
+            v = tl.load(tl.multiple_of(v_ptrs + start_n * stride_vt, [16, 16]))
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE,  # q (B, nh, Tq, HEAD), k and v (B, nh, Tk, HEAD), out o (B, nh, Tq, HEAD), out lse fp32 (B*nh, Tq)
+    stride_qb, stride_qh, stride_qt,  # q strides in elements: batch, head, position (feature: 1)
+    stride_kb, stride_kh, stride_kt,  # k strides
+    stride_vb, stride_vh, stride_vt,  # v strides
+    stride_ob, stride_oh, stride_ot,  # o strides
+    nh, Tq, Tk,  # heads, query and key positions
+    shift,  # query row i sees keys j <= i + shift: Tk - Tq when causal, Tk (everything) otherwise
+    qk_scale,  # log2(e) / sqrt(HEAD): scores in base-2 units
+    seed,  # dropout seed (unused without DROPOUT)
+    dropout_p,  # drop probability
+    keep_scale,  # 1 / (1 - dropout_p), the inverted-dropout scale (1 without dropout)
+    HEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    # The heaviest causal query blocks (the last ones) start first, so the short ones fill the tail of the grid.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // nh).to(tl.int64)
+    h = (bh % nh).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD)
+    row_ok = offs_m < Tq
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+    q = tl.load(tl.multiple_of(q_ptrs, [16, 16]), mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD], dtype=tl.float32)
+
+    # Keys [0, full_end) are visible to every row of this block and lie inside Tk: no mask. Keys [full_end, hi) hold
+    # the causal diagonal and the ragged end of Tk: masked. Keys >= hi are invisible to the whole block: skipped.
+    m0 = pid_m * BLOCK_M
+    hi = tl.minimum(Tk, m0 + BLOCK_M + shift)
+    full_end = tl.minimum((m0 + shift + 1) // BLOCK_N * BLOCK_N, Tk // BLOCK_N * BLOCK_N)
+    acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, 0, full_end, offs_m, offs_n, shift, Tk,
+                                    stride_kt, stride_vt, qk_scale, seed, bh, dropout_p,
+                                    BLOCK_N, False, DROPOUT)
+    acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, full_end, hi, offs_m, offs_n, shift, Tk,
+                                    stride_kt, stride_vt, qk_scale, seed, bh, dropout_p,
+                                    BLOCK_N, True, DROPOUT)
+
+    # Every row sees key 0, so l_i >= 1 and nothing here divides by zero.
+    o = acc * (keep_scale / l_i)[:, None]
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(tl.multiple_of(o_ptrs, [16, 16]), o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # natural-log log-sum-exp of the scaled scores
+    tl.store(LSE + bh * Tq + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O, DO, DELTA,  # o and do (B, nh, Tq, HEAD), out delta fp32 (B*nh, Tq)
+    stride_ob, stride_oh, stride_ot,  # o strides in elements: batch, head, position (feature: 1)
+    stride_db, stride_dh, stride_dt,  # do strides
+    nh, Tq,  # heads, query positions
+    HEAD: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # delta_i = sum_d dO_id O_id = sum_j dP_ij P_ij (see the backward derivation below), in fp32.
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // nh).to(tl.int64)
+    h = (bh % nh).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD)
+    row_ok = offs_m < Tq
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    o = tl.load(tl.multiple_of(o_ptrs, [16, 16]), mask=row_ok[:, None], other=0.0)
+    do_ptrs = DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :]
+    do = tl.load(tl.multiple_of(do_ptrs, [16, 16]), mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * Tq + offs_m, delta, mask=row_ok)
+
+
+# Backward. With S = scale Q K^T, P = softmax(S) row-wise, Z = P * M / (1 - p) (M the dropout keep-mask; Z = P
+# without dropout) and O = Z V, for an upstream gradient dO:
+#   dV = Z^T dO
+#   dZ = dO V^T,   dP = dZ * M / (1 - p)
+#   dS = P * (dP - delta),  delta_i = sum_j P_ij dP_ij = sum_j Z_ij dZ_ij = sum_d dO_id O_id  (softmax Jacobian)
+#   dQ = scale dS K,   dK = scale dS^T Q
+# P is recomputed from the saved log-sum-exp: P_ij = exp(S_ij - lse_i), so no Tq x Tk matrix is ever stored. The
+# dK/dV kernel walks the query blocks for one key block; the dQ kernel walks the key blocks for one query block.
+# Each output block has exactly one writer: deterministic, no atomics.
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE_bh, DELTA_bh, start, end, offs_m, offs_n, shift, Tq, Tk,
+                         stride_qt, stride_dt, qk_scale, seed, bh, dropout_p, keep_scale,
+                         BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr):
+    # Transposed tiles (keys x queries) so that dK, dV accumulate as (BLOCK_N, HEAD) rows.
+    for start_m in range(start, end, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < Tq
+        # Rows past Tq load q = dO = lse = delta = 0 and so add exactly zero to dK and dV.
+        q = tl.load(tl.multiple_of(q_ptrs + start_m * stride_qt, [16, 16]), mask=row_ok[:, None], other=0.0)
+        lse2 = tl.load(LSE_bh + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        sT = tl.dot(k, tl.trans(q), input_precision="ieee")  # (BLOCK_N, BLOCK_M) = S^T / scale
+        pT = tl.math.exp2(sT * qk_scale - lse2[None, :])
+        if MASKED:
+            pT = tl.where(offs_n[:, None] <= rows[None, :] + shift, pT, 0.0)
+        do = tl.load(tl.multiple_of(do_ptrs + start_m * stride_dt, [16, 16]), mask=row_ok[:, None], other=0.0)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, rows[None, :] * Tk + offs_n[:, None], dropout_p)
+            zT = tl.where(keep, pT * keep_scale, 0.0)
+        else:
+            zT = pT
+        dv = tl.dot(zT.to(do.dtype), do, dv, input_precision="ieee")
+        delta = tl.load(DELTA_bh + rows, mask=row_ok, other=0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision="ieee")  # (BLOCK_N, BLOCK_M) = dZ^T
+        if DROPOUT:
+            dpT = tl.where(keep, dpT * keep_scale, 0.0)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision="ieee")
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,  # q, do (B, nh, Tq, HEAD); k, v (B, nh, Tk, HEAD); lse, delta fp32 (B*nh, Tq);
+    # out dk, dv contiguous (B, nh, Tk, HEAD)
+    stride_qb, stride_qh, stride_qt,  # q strides in elements: batch, head, position (feature: 1)
+    stride_kb, stride_kh, stride_kt,  # k strides
+    stride_vb, stride_vh, stride_vt,  # v strides
+    stride_db, stride_dh, stride_dt,  # do strides
+    nh, Tq, Tk,  # heads, query and key positions
+    shift,  # query row i sees keys j <= i + shift: Tk - Tq when causal, Tk otherwise
+    qk_scale,  # log2(e) / sqrt(HEAD)
+    sm_scale,  # 1 / sqrt(HEAD)
+    seed,  # dropout seed (unused without DROPOUT)
+    dropout_p,  # drop probability
+    keep_scale,  # 1 / (1 - dropout_p)
+    HEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // nh).to(tl.int64)
+    h = (bh % nh).to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD)
+    col_ok = offs_n < Tk
+
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
+    k = tl.load(tl.multiple_of(k_ptrs, [16, 16]), mask=col_ok[:, None], other=0.0)
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+    v = tl.load(tl.multiple_of(v_ptrs, [16, 16]), mask=col_ok[:, None], other=0.0)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    do_ptrs = DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :]
+    LSE_bh = LSE + bh * Tq
+    DELTA_bh = DELTA + bh * Tq
+
+    dk = tl.zeros([BLOCK_N, HEAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD], dtype=tl.float32)
+    # Query rows [lo, mid) see only part of this key block (masked); rows [mid, Tq) see all of it; rows < lo none.
+    last_key = tl.minimum(n0 + BLOCK_N, Tk) - 1
+    lo = tl.maximum(n0 - shift, 0) // BLOCK_M * BLOCK_M
+    end = tl.cdiv(Tq, BLOCK_M) * BLOCK_M
+    mid = tl.minimum(tl.cdiv(tl.maximum(last_key - shift, 0), BLOCK_M) * BLOCK_M, end)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE_bh, DELTA_bh, lo, mid, offs_m, offs_n, shift,
+                                  Tq, Tk, stride_qt, stride_dt, qk_scale, seed, bh, dropout_p, keep_scale,
+                                  BLOCK_M, True, DROPOUT)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE_bh, DELTA_bh, mid, end, offs_m, offs_n, shift,
+                                  Tq, Tk, stride_qt, stride_dt, qk_scale, seed, bh, dropout_p, keep_scale,
+                                  BLOCK_M, False, DROPOUT)
+
+    out = bh.to(tl.int64) * Tk * HEAD + offs_n[:, None] * HEAD + offs_d[None, :]
+    tl.store(tl.multiple_of(DK + out, [16, 16]), (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(tl.multiple_of(DV + out, [16, 16]), dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start, end, offs_m, offs_n, shift, Tk,
+                       stride_kt, stride_vt, qk_scale, seed, bh, dropout_p, keep_scale,
+                       BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr):
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            k = tl.load(tl.multiple_of(k_ptrs + start_n * stride_kt, [16, 16]), mask=(cols < Tk)[:, None], other=0.0)
+            v = tl.load(tl.multiple_of(v_ptrs + start_n * stride_vt, [16, 16]), mask=(cols < Tk)[:, None], other=0.0)
+        else:
+            k = tl.load(tl.multiple_of(k_ptrs + start_n * stride_kt, [16, 16]))
+            v = tl.load(tl.multiple_of(v_ptrs + start_n * stride_vt, [16, 16]))
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BLOCK_M, BLOCK_N) = S / scale
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        if MASKED:
+            p = tl.where((cols[None, :] <= offs_m[:, None] + shift) & (cols[None, :] < Tk), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")  # (BLOCK_M, BLOCK_N) = dZ
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None] * Tk + cols[None, :], dropout_p)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision="ieee")
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,  # q, do (B, nh, Tq, HEAD); k, v (B, nh, Tk, HEAD); lse, delta fp32 (B*nh, Tq);
+    # out dq contiguous (B, nh, Tq, HEAD)
+    stride_qb, stride_qh, stride_qt,  # q strides in elements: batch, head, position (feature: 1)
+    stride_kb, stride_kh, stride_kt,  # k strides
+    stride_vb, stride_vh, stride_vt,  # v strides
+    stride_db, stride_dh, stride_dt,  # do strides
+    nh, Tq, Tk,  # heads, query and key positions
+    shift,  # query row i sees keys j <= i + shift: Tk - Tq when causal, Tk otherwise
+    qk_scale,  # log2(e) / sqrt(HEAD)
+    sm_scale,  # 1 / sqrt(HEAD)
+    seed,  # dropout seed (unused without DROPOUT)
+    dropout_p,  # drop probability
+    keep_scale,  # 1 / (1 - dropout_p)
+    HEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest causal blocks first, as in the forward
+    bh = tl.program_id(1)
+    b = (bh // nh).to(tl.int64)
+    h = (bh % nh).to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD)
+    row_ok = offs_m < Tq
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+
+    q = tl.load(tl.multiple_of(q_ptrs, [16, 16]), mask=row_ok[:, None], other=0.0)
+    do_ptrs = DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :]
+    do = tl.load(tl.multiple_of(do_ptrs, [16, 16]), mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + bh * Tq + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + bh * Tq + offs_m, mask=row_ok, other=0.0)
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+
+    dq = tl.zeros([BLOCK_M, HEAD], dtype=tl.float32)
+    # Same key ranges as the forward: [0, full_end) unmasked, [full_end, hi) masked, the rest skipped.
+    hi = tl.minimum(Tk, m0 + BLOCK_M + shift)
+    full_end = tl.minimum((m0 + shift + 1) // BLOCK_N * BLOCK_N, Tk // BLOCK_N * BLOCK_N)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, 0, full_end, offs_m, offs_n, shift, Tk,
+                            stride_kt, stride_vt, qk_scale, seed, bh, dropout_p, keep_scale,
+                            BLOCK_N, False, DROPOUT)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, full_end, hi, offs_m, offs_n, shift, Tk,
+                            stride_kt, stride_vt, qk_scale, seed, bh, dropout_p, keep_scale,
+                            BLOCK_N, True, DROPOUT)
+
+    out = bh.to(tl.int64) * Tq * HEAD + offs_m[:, None] * HEAD + offs_d[None, :]
+    tl.store(tl.multiple_of(DQ + out, [16, 16]), (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _dropout_mask_kernel(
+    MASK,  # out int8 (B*nh, Tq, Tk), 1 where the attention weight is kept
+    Tq, Tk,  # query and key positions
+    seed,  # dropout seed
+    dropout_p,  # drop probability
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    idx = rows[:, None] * Tk + cols[None, :]
+    keep = _dropout_keep(seed, bh, idx, dropout_p)
+    tl.store(MASK + bh.to(tl.int64) * Tq * Tk + idx, keep.to(tl.int8), mask=(rows[:, None] < Tq) & (cols[None, :] < Tk))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tiles and launchers
+# ----------------------------------------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, per architecture class, per dtype class and head size.
+# BLOCK_M counts query rows and BLOCK_N key rows in every kernel. "lowp" is fp16 and bf16 (tensor-core dots, fp32
+# accumulation); "fp32" uses IEEE FMA dots. Each entry was compiled ahead of time for its architecture (see
+# launch_configs) and checked for shared memory and register spills; the module docstring gives the numbers.
+_TILES = {
+    "fwd": {
+        90: {("lowp", 32): (128, 128, 8, 3), ("lowp", 64): (128, 128, 8, 3), ("lowp", 128): (128, 64, 8, 3),
+             ("fp32", 32): (64, 32, 4, 2), ("fp32", 64): (64, 32, 4, 2), ("fp32", 128): (32, 32, 4, 2)},
+        80: {("lowp", 32): (128, 64, 4, 3), ("lowp", 64): (128, 64, 4, 3), ("lowp", 128): (128, 64, 8, 3),
+             ("fp32", 32): (64, 32, 4, 2), ("fp32", 64): (64, 32, 4, 2), ("fp32", 128): (32, 32, 4, 2)},
+        86: {("lowp", 32): (128, 64, 4, 3), ("lowp", 64): (128, 64, 4, 3), ("lowp", 128): (128, 32, 8, 2),
+             ("fp32", 32): (64, 32, 4, 2), ("fp32", 64): (64, 32, 4, 2), ("fp32", 128): (32, 32, 4, 2)},
+        75: {("lowp", 32): (64, 64, 4, 2), ("lowp", 64): (64, 64, 4, 2), ("lowp", 128): (64, 32, 4, 2),
+             ("fp32", 32): (64, 32, 4, 2), ("fp32", 64): (64, 32, 4, 2), ("fp32", 128): (32, 32, 4, 2)},
+    },
+    "dkdv": {
+        90: {("lowp", 32): (64, 128, 8, 2), ("lowp", 64): (64, 128, 8, 2), ("lowp", 128): (32, 128, 8, 2),
+             ("fp32", 32): (32, 64, 4, 2), ("fp32", 64): (32, 64, 4, 2), ("fp32", 128): (32, 32, 4, 2)},
+        80: {("lowp", 32): (32, 128, 4, 3), ("lowp", 64): (32, 128, 4, 3), ("lowp", 128): (32, 64, 4, 2),
+             ("fp32", 32): (32, 64, 4, 2), ("fp32", 64): (32, 64, 4, 2), ("fp32", 128): (32, 32, 4, 2)},
+        86: {("lowp", 32): (32, 128, 4, 2), ("lowp", 64): (32, 128, 4, 2), ("lowp", 128): (32, 64, 4, 2),
+             ("fp32", 32): (32, 64, 4, 2), ("fp32", 64): (32, 64, 4, 2), ("fp32", 128): (32, 32, 4, 2)},
+        75: {("lowp", 32): (32, 64, 4, 2), ("lowp", 64): (32, 64, 4, 2), ("lowp", 128): (32, 64, 4, 2),
+             ("fp32", 32): (32, 64, 4, 2), ("fp32", 64): (32, 64, 4, 2), ("fp32", 128): (32, 32, 4, 2)},
+    },
+    "dq": {
+        90: {("lowp", 32): (128, 64, 8, 2), ("lowp", 64): (128, 64, 8, 2), ("lowp", 128): (128, 32, 8, 2),
+             ("fp32", 32): (64, 32, 4, 2), ("fp32", 64): (64, 32, 4, 2), ("fp32", 128): (32, 32, 4, 2)},
+        80: {("lowp", 32): (128, 32, 4, 3), ("lowp", 64): (128, 32, 4, 3), ("lowp", 128): (64, 32, 4, 2),
+             ("fp32", 32): (64, 32, 4, 2), ("fp32", 64): (64, 32, 4, 2), ("fp32", 128): (32, 32, 4, 2)},
+        86: {("lowp", 32): (128, 32, 4, 2), ("lowp", 64): (128, 32, 4, 2), ("lowp", 128): (64, 32, 4, 2),
+             ("fp32", 32): (64, 32, 4, 2), ("fp32", 64): (64, 32, 4, 2), ("fp32", 128): (32, 32, 4, 2)},
+        75: {("lowp", 32): (64, 32, 4, 2), ("lowp", 64): (64, 32, 4, 2), ("lowp", 128): (64, 32, 4, 2),
+             ("fp32", 32): (64, 32, 4, 2), ("fp32", 64): (64, 32, 4, 2), ("fp32", 128): (32, 32, 4, 2)},
+    },
+}
+# Under the CPU interpreter: small, unequal tiles, so short test sequences still cross several blocks (full, diagonal
+# and ragged) in every kernel. num_warps and num_stages mean nothing there.
+_INTERPRETER_TILES = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+_PREPROCESS_BLOCK_M = 64
+_MASK_BLOCK = (32, 64)
+_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _arch_class(cc: int) -> int:
+    """The row of _TILES for compute capability ``cc`` (e.g. 86): grouped by per-block shared memory."""
+    if cc < 75:
+        raise ValueError(f"attention: compute capability {cc // 10}.{cc % 10} is not supported (needs 7.5 or newer)")
+    if cc in (80, 87):
+        return 80  # 163 KB per block
+    if cc >= 90 and cc != 120:
+        return 90  # 227 KB per block
+    if cc >= 86:
+        return 86  # 99 KB per block (sm_86, sm_89, sm_120)
+    return 75  # 64 KB per block
+
+
+def _tiles(kernel: str, dtype: torch.dtype, head: int, device: torch.device, cc: int | None):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one kernel; ``cc`` overrides the device's architecture."""
+    if cc is None:
+        if device.type != "cuda":
+            return _INTERPRETER_TILES[kernel]
+        major, minor = torch.cuda.get_device_capability(device)
+        cc = 10 * major + minor
+    kind = "fp32" if dtype == torch.float32 else "lowp"
+    return _TILES[kernel][_arch_class(cc)][(kind, head)]
+
+
+def _signature(kernel, types: dict) -> dict:
+    # Every non-constexpr argument of ``kernel``, in order -> its Triton type; the unnamed ones are i32 strides/sizes.
+    return {p.name: types.get(p.name, "i32") for p in kernel.params if not p.is_constexpr}
+
+
+def launch_configs(cc: int) -> list[LaunchConfig]:
+    """Every (kernel, dtype, constexprs, num_warps, num_stages) the launchers can launch on compute capability ``cc``.
+
+    For the static GPU-readiness report (``kernels/aot.py``): it compiles each entry for ``cc`` without a GPU.
+    """
+    arch = _arch_class(cc)
+    configs = []
+    for dtype, dt in _DTYPES.items():
+        kind = "fp32" if dtype == torch.float32 else "lowp"
+        io = {n: f"*{dt}" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+        fp32 = {n: "fp32" for n in ("qk_scale", "sm_scale", "dropout_p", "keep_scale")}
+        types = {**io, **fp32, "LSE": "*fp32", "DELTA": "*fp32"}
+        for head in HEAD_SIZES:
+            configs.append(LaunchConfig(
+                label=f"attention bwd_preprocess {dt} HEAD={head} BLOCK_M={_PREPROCESS_BLOCK_M}",
+                kernel=_attn_bwd_preprocess_kernel, signature=_signature(_attn_bwd_preprocess_kernel, types),
+                constexprs={"HEAD": head, "BLOCK_M": _PREPROCESS_BLOCK_M}, num_warps=4, num_stages=1))
+            for kernel, fn in (("fwd", _attn_fwd_kernel), ("dkdv", _attn_bwd_dkdv_kernel), ("dq", _attn_bwd_dq_kernel)):
+                block_m, block_n, warps, stages = _TILES[kernel][arch][(kind, head)]
+                for dropout in (False, True):
+                    configs.append(LaunchConfig(
+                        label=f"attention {kernel} {dt} HEAD={head} BLOCK_M={block_m} BLOCK_N={block_n} "
+                              f"DROPOUT={int(dropout)}",
+                        kernel=fn, signature=_signature(fn, types),
+                        constexprs={"HEAD": head, "BLOCK_M": block_m, "BLOCK_N": block_n, "DROPOUT": dropout},
+                        num_warps=warps, num_stages=stages))
+    bm, bn = _MASK_BLOCK
+    configs.append(LaunchConfig(
+        label=f"attention dropout_mask BLOCK_M={bm} BLOCK_N={bn}", kernel=_dropout_mask_kernel,
+        signature=_signature(_dropout_mask_kernel, {"MASK": "*i8", "dropout_p": "fp32"}),
+        constexprs={"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1))
+    return configs
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _check_inputs(q, k, v, causal, dropout_p) -> None:
+    """Raise a TypeError/ValueError naming ``attention`` and the argument for anything the kernels do not support."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be 4-D (B, nh, T, hs), got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"attention: {name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, nh, Tq, hs = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != B or k.shape[1] != nh or k.shape[3] != hs:
+        raise ValueError(f"attention: k and v must be (B, nh, Tk, hs) = ({B}, {nh}, Tk, {hs}) to match q, "
+                         f"got {tuple(k.shape)}")
+    Tk = k.shape[2]
+    if hs not in HEAD_SIZES:
+        raise ValueError(f"attention: head size (q.shape[-1]) {hs} is not supported; supported: "
+                         f"{', '.join(map(str, HEAD_SIZES))}")
+    if Tq < 1 or B < 1 or nh < 1:
+        raise ValueError(f"attention: q must have at least one batch, head and position, got {tuple(q.shape)}")
+    if Tk < Tq:
+        raise ValueError(f"attention: k has {Tk} positions, fewer than q's {Tq} (need Tq <= Tk)")
+    if not isinstance(causal, bool):
+        raise TypeError(f"attention: causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"attention: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if dropout_p > 0.0 and (Tq + 128) * Tk > _MAX_DROPOUT_ELEMS:
+        raise ValueError(f"attention: dropout needs Tq * Tk < 2**31 per head, got Tq={Tq}, Tk={Tk}")
+    if q.device.type == "cuda":
+        pass
+    elif q.device.type == "cpu":
+        if not _interpreting():
+            raise ValueError("attention: q is a CPU tensor but the Triton interpreter is off; "
+                             "set TRITON_INTERPRET=1 or use a CUDA tensor")
+        if q.dtype == torch.bfloat16:
+            raise TypeError("attention: bfloat16 is not supported by the Triton CPU interpreter; "
+                            "use float16/float32 or a CUDA tensor")
+    else:
+        raise ValueError(f"attention: tensors on device type {q.device.type!r} are not supported; use CUDA "
+                         "(or CPU with TRITON_INTERPRET=1)")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        # Offsets within one (batch, head) are int32 in the kernels; the batch and head offsets are int64.
+        if (t.shape[2] + 128) * t.stride(2) + hs >= 2**31:
+            raise ValueError(f"attention: {name}'s strides {t.stride()} put one head's positions more than 2**31 "
+                             "elements apart, which the kernels do not support")
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if the kernels can read it by strides, else a fresh contiguous copy.
+
+    The kernels tell the compiler (``tl.multiple_of``) that every row of a (B, nh, T, hs) operand starts on a 16-byte
+    boundary and that the feature dimension is unit-stride, so that loads vectorise and pipeline the same way on every
+    launch, whatever Triton's runtime specialisation sees. The model's q/k/v views of the fused c_attn output and its
+    KV-cache slices satisfy this and are read in place; anything else (a non-unit feature stride, an odd offset) is
+    copied once.
+    """
+    elem = t.element_size()
+    ok = t.stride(3) == 1 and t.data_ptr() % 16 == 0
+    ok = ok and all(size == 1 or (stride * elem) % 16 == 0 for size, stride in zip(t.shape[:3], t.stride()[:3]))
+    return t if ok else t.clone(memory_format=torch.contiguous_format)
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    # Batch, head and position strides; 0 for a dimension of size 1 (its stride is never used, and may be odd).
+    return tuple(stride if size > 1 else 0 for size, stride in zip(t.shape[:3], t.stride()[:3]))
+
+
+def _shift(Tq: int, Tk: int, causal: bool) -> int:
+    # Query row i sees keys j <= i + shift: its absolute position Tk - Tq + i when causal; every key otherwise.
+    return Tk - Tq if causal else Tk
+
+
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, dropout_p: float = 0.0,
+                  seed: int = 0, *, cc: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward launcher: attention output and per-row log-sum-exp.
+
+    Args:
+        q: (B, nh, Tq, hs); k, v: (B, nh, Tk, hs), Tq <= Tk, any strides.
+        causal: query i (absolute position Tk - Tq + i) sees keys 0 .. Tk - Tq + i only.
+        dropout_p: attention-weight drop probability (inverted dropout).
+        seed: the dropout seed (0 <= seed < 2**31); the same seed gives the same mask as ``dropout_keep_mask``.
+        cc: use the tile table of this compute capability (e.g. 90) instead of the device's; for tests.
+    Returns:
+        o: (B, nh, Tq, hs) in q.dtype (a transposed view of a (B, Tq, nh, hs) buffer, so that the model's
+            ``o.transpose(1, 2).contiguous()`` costs nothing); lse: (B, nh, Tq) fp32, the natural-log log-sum-exp of
+            each row of scaled scores.
+    """
+    _check_inputs(q, k, v, causal, dropout_p)
+    B, nh, Tq, hs = q.shape
+    Tk = k.shape[2]
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    o = torch.empty((B, Tq, nh, hs), dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, nh, Tq, hs)
+    lse = torch.empty((B, nh, Tq), dtype=torch.float32, device=q.device)
+    block_m, block_n, warps, stages = _tiles("fwd", q.dtype, hs, q.device, cc)
+    grid = (triton.cdiv(Tq, block_m), B * nh)
+    _attn_fwd_kernel[grid](
+        q, k, v, o, lse,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        nh, Tq, Tk, _shift(Tq, Tk, causal), LOG2E / math.sqrt(hs), int(seed), float(dropout_p),
+        1.0 / (1.0 - float(dropout_p)),
+        HEAD=hs, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout_p > 0.0, num_warps=warps, num_stages=stages,
+    )
+    return o, lse
+
+
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                  lse: torch.Tensor, causal: bool = True, dropout_p: float = 0.0, seed: int = 0, *,
+                  cc: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward launcher: gradients of the attention output with respect to q, k and v.
+
+    Args:
+        do: (B, nh, Tq, hs) upstream gradient, any strides.
+        q, k, v, causal, dropout_p, seed: as given to ``attention_fwd``.
+        o, lse: what ``attention_fwd`` returned for them.
+        cc: use the tile table of this compute capability instead of the device's; for tests.
+    Returns:
+        dq (B, nh, Tq, hs), dk (B, nh, Tk, hs), dv (B, nh, Tk, hs), contiguous, in q.dtype.
+    """
+    _check_inputs(q, k, v, causal, dropout_p)
+    B, nh, Tq, hs = q.shape
+    Tk = k.shape[2]
+    if do.shape != q.shape or o.shape != q.shape:
+        raise ValueError(f"attention: do and o must have q's shape {tuple(q.shape)}, got {tuple(do.shape)} and "
+                         f"{tuple(o.shape)}")
+    if lse.shape != (B, nh, Tq) or lse.dtype != torch.float32 or not lse.is_contiguous():
+        raise ValueError(f"attention: lse must be a contiguous float32 ({B}, {nh}, {Tq}) tensor")
+    q, k, v, o, do = _aligned(q), _aligned(k), _aligned(v), _aligned(o), _aligned(do.to(q.dtype))
+    delta = torch.empty((B, nh, Tq), dtype=torch.float32, device=q.device)
+    _attn_bwd_preprocess_kernel[(triton.cdiv(Tq, _PREPROCESS_BLOCK_M), B * nh)](
+        o, do, delta, *_strides(o), *_strides(do), nh, Tq, HEAD=hs, BLOCK_M=_PREPROCESS_BLOCK_M, num_warps=4,
+        num_stages=1,
+    )
+    dq = torch.empty((B, nh, Tq, hs), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, nh, Tk, hs), dtype=q.dtype, device=q.device)
+    dv = torch.empty((B, nh, Tk, hs), dtype=q.dtype, device=q.device)
+    sm_scale = 1.0 / math.sqrt(hs)
+    scalars = (nh, Tq, Tk, _shift(Tq, Tk, causal), LOG2E * sm_scale, sm_scale, int(seed), float(dropout_p),
+               1.0 / (1.0 - float(dropout_p)))
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    block_m, block_n, warps, stages = _tiles("dkdv", q.dtype, hs, q.device, cc)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, block_n), B * nh)](
+        q, k, v, do, lse, delta, dk, dv, *strides, *scalars,
+        HEAD=hs, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout_p > 0.0, num_warps=warps, num_stages=stages,
+    )
+    block_m, block_n, warps, stages = _tiles("dq", q.dtype, hs, q.device, cc)
+    _attn_bwd_dq_kernel[(triton.cdiv(Tq, block_m), B * nh)](
+        q, k, v, do, lse, delta, dq, *strides, *scalars,
+        HEAD=hs, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout_p > 0.0, num_warps=warps, num_stages=stages,
+    )
+    return dq, dk, dv
+
+
+def dropout_keep_mask(seed: int, B: int, nh: int, Tq: int, Tk: int, dropout_p: float,
+                      device: torch.device | str = "cuda") -> torch.Tensor:
+    """The dropout keep-mask the attention kernels draw for ``seed``, for replay through ``kernels.ref.attention``.
+
+    Args:
+        seed: as passed to ``attention_fwd`` / ``attention_bwd``.
+        B, nh, Tq, Tk: the attention's batch, heads, query and key positions.
+        dropout_p: the drop probability.
+        device: where to generate it (CPU only under TRITON_INTERPRET=1).
+    Returns:
+        (B, nh, Tq, Tk) bool, True where the attention weight is kept.
+    """
+    mask = torch.empty((B, nh, Tq, Tk), dtype=torch.int8, device=device)
+    bm, bn = _MASK_BLOCK
+    _dropout_mask_kernel[(triton.cdiv(Tq, bm), triton.cdiv(Tk, bn), B * nh)](
+        mask, Tq, Tk, int(seed), float(dropout_p), BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1,
+    )
+    return mask.bool()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Autograd and the public op
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class AttentionFunction(torch.autograd.Function):
+    """Flash attention with the backward recomputing probabilities from the saved log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, dropout_p: float, seed: int):
+        o, lse = attention_fwd(q, k, v, causal, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.dropout_p, ctx.seed = causal, dropout_p, seed
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.dropout_p, ctx.seed)
+        return dq, dk, dv, None, None, None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+              dropout_p: float = 0.0) -> torch.Tensor:
+    """Scaled dot-product attention as one fused Triton kernel (softmax in fp32), differentiable.
+
+    Same signature and semantics as ``kernels.ref.attention``: the queries are the last Tq of the Tk key positions.
+    The dropout seed is drawn from torch's default generator, so ``torch.manual_seed`` makes a run reproducible.
+
+    Args:
+        q: (B, nh, Tq, hs), hs in {32, 64, 128}, fp16/bf16/fp32, any strides.
+        k, v: (B, nh, Tk, hs) with Tk >= Tq, same dtype and device as q, any strides (e.g. a KV-cache slice).
+        causal: query i (absolute position Tk - Tq + i) sees keys 0 .. Tk - Tq + i only.
+        dropout_p: probability of dropping an attention weight (inverted dropout, 1/(1-p) scale).
+    Returns:
+        (B, nh, Tq, hs) in q.dtype.
+    """
+    _check_inputs(q, k, v, causal, dropout_p)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0.0 else 0
+    return AttentionFunction.apply(q, k, v, causal, float(dropout_p), seed)
