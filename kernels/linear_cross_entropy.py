@@ -20,29 +20,34 @@ at the price of holding dh (N x C) and dweight (V x C) from the forward to the b
 Work (N rows, C channels, V classes):
     FLOPs: forward 2 N C V (the logits), + backward 4 N C V (dh and dweight), the same as the
         reference; the kernel's O(N V) exp / max / sum work is negligible beside them.
-    Memory traffic of the logits: the kernel reads each chunk twice and writes it once
-        (3 N V elements); the reference writes and re-reads full-size logits, their fp32 copy,
-        the softmax and the gradient, roughly 8 N V elements or more.
+    Bytes of the logits, e = element size of the compute dtype: the logits GEMM writes a chunk,
+        the kernel reads it twice and writes it once, the two gradient GEMMs read it: 6 e N V in
+        all (12 N V bytes in fp16). The reference allocates about 20 N V bytes of full-size
+        tensors (below), each written and read at least once: >= 40 N V bytes.
 
-Memory (extra, beyond inputs, outputs and the V x C weight gradient the reference also produces):
-    reference: at least the N x V fp32 logits plus their N x V fp32 gradient = 8 N V bytes
-        (more in fp16/bf16, where the low-precision logits and gradient exist as well);
-        GPT-2 small training, N = 8 x 1024: 8 x 8192 x 50257 B = 3.3 GB.
-    here: one chunk of logits, chunk x V in the compute dtype, reused for every chunk; in fp16/bf16
-        the fp32 dweight accumulator (V x C x 4 B) plus one V x C low-precision product per chunk;
-        the per-row losses (N x 4 B). GPT-2 small, fp16, N = 8192 (chunk 2048):
-        2048 x 50257 x 2 + 50257 x 768 x (4 + 2) B = 206 MB + 232 MB = 0.44 GB, 13% of the
-        reference (the target is <= 25%); fp32 (chunk 2048): 412 MB, 12%.
-    These are the design numbers; on a GPU, ``torch.cuda.max_memory_allocated`` measures them.
+Memory (extra = allocated during forward + backward, beyond the inputs):
+    reference: 20.0 N V bytes at its peak, in fp32 and in fp16 alike (measured by counting the
+        live storages its ops allocate, forward + backward, N = 512, C = 64, V = 50257, on the
+        CPU: full-size logits, their fp32 copy, temporaries and gradients of the same size).
+        GPT-2 small training, N = 8 x 1024: 20 x 8192 x 50257 B = 8.2 GB.
+    here: one chunk of logits (chunk x V x e, reused by every chunk), dh (N x C), dweight (V x C:
+        fp32 in fp32; in fp16/bf16 an fp32 accumulator plus one low-precision V x C product per
+        chunk), N fp32 losses; the backward adds the scaled copies of dh and dweight. Computed
+        for GPT-2 small, N = 8192 (chunk 2048): fp16 forward peak 206 MB logits + 154 MB
+        accumulator + 77 MB product + 13 MB dh = 0.45 GB, 5.5% of the reference; fp32: forward
+        412 MB + 154 MB + 25 MB = 0.59 GB, 7.2%. Target: <= 25%. The CPU test counts the same
+        storages for both (tests/test_linear_cross_entropy.py); on a GPU the GPU-only test
+        compares ``torch.cuda.max_memory_allocated``.
 
 Chunk size (``default_chunk_rows``): rows = min(N, max(2 C, ceil(N / 4))), rounded up to 64.
-    - ceil(N / 4) keeps a chunk's logits at a quarter of the full logits (in the compute dtype),
-      i.e. at most 1/8 (fp16) or 1/8 (fp32 vs fp32 logits + gradient) of the reference's extra
-      memory, so the <= 25% target holds with room for the dweight accumulator.
+    - ceil(N / 4) keeps a chunk's logits at a quarter of the full logits in the compute dtype,
+      N V e / 4 <= N V bytes, i.e. <= 5% of the reference's 20 N V bytes, which leaves room under
+      the 25% target for the V x C dweight buffers (a fixed cost that dominates when N is small).
     - 2 C is the floor because every chunk re-streams the fp32 V x C dweight accumulator (about
       12 V C bytes with the low-precision product): a chunk's three GEMMs cost 6 rows C V FLOPs, so
-      with rows >= 2 C they do >= C FLOP per accumulator byte (768 for GPT-2 small), several times
-      an H100's ~200 FLOP/byte balance, and the accumulator stays a minor cost. Chunks of "logits
+      with rows >= 2 C they do >= C FLOP per accumulator byte (768 for GPT-2 small), 2.6 times an
+      H100's balance (989 TFLOP/s dense bf16 over 3.35 TB/s, spec sheet: ~300 FLOP/byte), and
+      the accumulator stays a minor cost. Chunks of "logits
       about the size of h" (rows = N C / V, ~125 rows for GPT-2) would re-stream it ~65 times and
       lose to the reference.
     - small N therefore runs as one chunk (no accumulator at all).
