@@ -189,11 +189,17 @@ def _layer_norm_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _tile(C: int) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_R, num_warps) for rows of C features: ~4096 elements, 16 per thread."""
+def _tile(C: int, backward: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_R, num_warps) for rows of C features.
+
+    Forward: ~4096-element tiles, 16 elements per thread. Backward: ~2048-element tiles, 8 per
+    thread, since it keeps twice the live values (x, dy, two accumulators); 16 per thread there
+    costs 130-250 registers and halves the programs resident per SM.
+    """
     block_c = triton.next_power_of_2(C)
-    block_r = max(1, _TILE // block_c)
-    num_warps = max(8, min(16, block_r * block_c // (32 * 16)))
+    tile = _TILE // 2 if backward else _TILE
+    block_r = max(1, tile // block_c)
+    num_warps = max(8, min(16, block_r * block_c // (32 * (8 if backward else 16))))
     return block_c, block_r, num_warps
 
 
@@ -325,7 +331,7 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | Non
     if n_rows == 0:
         zeros = torch.zeros(C, dtype=torch.float32, device=x.device)
         return dx.view(shape), zeros, zeros.clone()
-    block_c, block_r, num_warps = _tile(C)
+    block_c, block_r, num_warps = _tile(C, backward=True)
     if rows_per_program is None:
         programs = _num_sms(x.device) * max(1, 16 // num_warps)
         rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), block_r) * block_r
@@ -443,13 +449,13 @@ def launch_configs(cc: int) -> list[LaunchConfig]:
     """Every launch the launchers may make on compute capability ``cc`` for the GPT-2 widths.
 
     Widths that share a block (768 and 1024; 1280 and 1600) share a launch, so the list holds
-    5 blocks x 3 dtypes x {forward, forward + residual, backward, backward + ds}.
+    5 blocks x 3 dtypes x {forward, forward + residual, backward, backward + ds}. The choice does
+    not depend on ``cc``: every launch needs at most 1 KB of shared memory and 8-16 warps.
     """
     configs = []
-    blocks = sorted({_tile(c) for c in _AOT_C})
     for dtype in _SUPPORTED:
         t = _TL_NAME[dtype]
-        for block_c, block_r, num_warps in blocks:
+        for block_c, block_r, num_warps in sorted({_tile(c) for c in _AOT_C}):
             for has_res in (False, True):
                 configs.append(LaunchConfig(
                     label=f"layer_norm fwd {t} BLOCK_R={block_r} BLOCK_C={block_c}" + (" +residual" if has_res else ""),
@@ -459,6 +465,7 @@ def launch_configs(cc: int) -> list[LaunchConfig]:
                     constexprs={"HAS_RESIDUAL": has_res, "BLOCK_R": block_r, "BLOCK_C": block_c},
                     num_warps=num_warps, num_stages=1,
                 ))
+        for block_c, block_r, num_warps in sorted({_tile(c, backward=True) for c in _AOT_C}):
             for has_ds in (False, True):
                 configs.append(LaunchConfig(
                     label=f"layer_norm bwd {t} BLOCK_R={block_r} BLOCK_C={block_c}" + (" +ds" if has_ds else ""),

@@ -286,16 +286,21 @@ def test_launch_configs_cover_every_launch(cc):
     listed = {(c.kernel, c.signature["X"], c.constexprs[kernels[c.kernel]], c.constexprs["BLOCK_C"],
                c.constexprs["BLOCK_R"], c.num_warps, c.num_stages) for c in configs}
     for C in (64, 128, 768, 1024, 1280, 1600, ln.MAX_C):
-        block_c, block_r, num_warps = ln._tile(C)
-        for kernel in kernels:
+        for kernel, backward in ((ln._layer_norm_fwd_kernel, False), (ln._layer_norm_bwd_kernel, True)):
+            block_c, block_r, num_warps = ln._tile(C, backward)
             for t in ("*fp32", "*fp16", "*bf16"):
                 for flag in (False, True):
-                    assert (kernel, t, flag, block_c, block_r, num_warps, 1) in listed, (C, t, flag)
+                    assert (kernel, t, flag, block_c, block_r, num_warps, 1) in listed, (C, t, flag, backward)
     assert len(configs) == len(listed)  # no duplicates
-    for C in range(1, ln.MAX_C + 1, 97):
-        block_c, block_r, num_warps = ln._tile(C)
-        # the whole row fits the tile, and no thread holds more than 16 elements of it
-        assert block_c >= C and block_r * block_c <= 8192 and block_r * block_c <= 16 * 32 * num_warps
+
+
+def test_tiles_hold_a_whole_row_in_few_registers():
+    # Every width up to MAX_C fits one tile, and no thread holds more than 16 elements of it.
+    for C in list(range(1, ln.MAX_C + 1, 97)) + [ln.MAX_C]:
+        for backward in (False, True):
+            block_c, block_r, num_warps = ln._tile(C, backward)
+            assert C <= block_c < 2 * C, (C, block_c)
+            assert block_r * block_c <= 16 * 32 * num_warps, (C, backward, block_r, num_warps)
 
 
 # ---------------------------------------------------------------------------------------------
