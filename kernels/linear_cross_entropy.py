@@ -405,7 +405,15 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     Returns:
         A 0-dim fp32 tensor (0 when every target is ignored).
     """
-    return LinearCrossEntropyFunction.apply(h, weight, targets, ignore_index, None, None)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return LinearCrossEntropyFunction.apply(h, weight, targets, ignore_index, None, None)
+    # No gradient wanted (no_grad, inference_mode, or frozen inputs): the loss alone, no gradient pass.
+    _check_inputs(h, weight, targets, ignore_index)
+    compute_dtype = _compute_dtype(h)
+    with torch.autocast(h.device.type, enabled=False):
+        loss, _, _ = linear_cross_entropy_fwd(h, weight, targets, ignore_index, need_dh=False, need_dweight=False,
+                                              compute_dtype=compute_dtype)
+    return loss
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from kernels.linear_cross_entropy import (
     linear_cross_entropy,
     linear_cross_entropy_fwd,
 )
-from kernels.testing import assert_close
+from kernels.testing import TOLERANCES, assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 and GPT-2-sized V need a CUDA GPU")
@@ -49,6 +49,24 @@ def _loss_and_grads(fn, h, w, t, *args, grad_scale=1.0):
     return loss.detach(), h.grad, w.grad
 
 
+def _assert_loss_close(name, loss, ref32, ref_lowp, dtype):
+    """The loss is fp32 whatever the inputs: judge it by the tolerance rule of the inputs' dtype.
+
+    (Rounding the fp32 losses to fp16 to reuse ``assert_close`` would add up to half an fp16 ulp
+    of ~10 to one side and not the other.)
+    """
+    if dtype == torch.float32:
+        assert_close(name, loss, ref32)
+        return
+    tol = TOLERANCES[dtype]
+    lowp_err = (ref_lowp - ref32).abs().item()
+    err = (loss - ref32).abs().item()
+    assert err <= tol["factor"] * lowp_err + tol["atol"], (
+        f"{name}: |loss - ref32| = {err:.3e} > {tol['factor']} x {lowp_err:.3e} + {tol['atol']} "
+        f"(loss {loss.item():.6f}, ref32 {ref32.item():.6f}, ref in {dtype} {ref_lowp.item():.6f})"
+    )
+
+
 def _check_parity(h, w, t, ignore_index=-1, chunk_rows=None, grad_scale=1.0):
     """Loss, dh and dweight of the Triton op vs the reference (fp32 or fp16 rule of the tolerance table)."""
     ours = _loss_and_grads(LinearCrossEntropyFunction.apply, h, w, t, ignore_index, chunk_rows, None,
@@ -59,11 +77,10 @@ def _check_parity(h, w, t, ignore_index=-1, chunk_rows=None, grad_scale=1.0):
         lowp = _loss_and_grads(ref.linear_cross_entropy, h, w, t, ignore_index, grad_scale=grad_scale)
     assert ours[0].dtype == torch.float32 and ours[0].dim() == 0
     assert ours[1].dtype == h.dtype and ours[2].dtype == w.dtype
-    for i, name in enumerate(("loss", "dh", "dweight")):
-        # The loss is fp32 whatever the inputs; judge it by the rule of the inputs' dtype.
-        y = ours[i].to(h.dtype) if i == 0 else ours[i]
-        r_low = None if lowp is None else (lowp[i].to(h.dtype) if i == 0 else lowp[i])
-        assert_close(f"linear_cross_entropy {name} {tuple(h.shape)} V={w.shape[0]}", y, ref32[i], r_low)
+    what = f"linear_cross_entropy {tuple(h.shape)} V={w.shape[0]} chunk_rows={chunk_rows}"
+    _assert_loss_close(f"{what} loss", ours[0], ref32[0], None if lowp is None else lowp[0], h.dtype)
+    for i, name in ((1, "dh"), (2, "dweight")):
+        assert_close(f"{what} {name}", ours[i], ref32[i], None if lowp is None else lowp[i])
     return ours
 
 
@@ -159,7 +176,7 @@ def test_mixed_dtypes_and_autocast():
     assert dh.dtype == torch.float16 and dw.dtype == torch.float32
     ref32 = _loss_and_grads(ref.linear_cross_entropy, h16.float(), w32, t)
     lowp = _loss_and_grads(ref.linear_cross_entropy, h16, w32.half(), t)
-    assert_close("mixed loss", loss.half(), ref32[0], lowp[0].half())
+    _assert_loss_close("mixed loss", loss, ref32[0], lowp[0], torch.float16)
     assert_close("mixed dh", dh, ref32[1], lowp[1])
     assert_close("mixed dweight", dw.half(), ref32[2], lowp[2])
     # Autocast to fp16 with fp32 inputs: the GEMMs run in fp16, the gradients come back in fp32.
@@ -168,7 +185,7 @@ def test_mixed_dtypes_and_autocast():
         lowp_ac = _loss_and_grads(ref.linear_cross_entropy, h32, w32, t)
     assert dh_ac.dtype == torch.float32 and dw_ac.dtype == torch.float32
     ref32 = _loss_and_grads(ref.linear_cross_entropy, h32, w32, t)
-    assert_close("autocast loss", loss_ac.half(), ref32[0], lowp_ac[0].half())
+    _assert_loss_close("autocast loss", loss_ac, ref32[0], lowp_ac[0], torch.float16)
     assert_close("autocast dh", dh_ac.half(), ref32[1], lowp_ac[1].half())
     assert_close("autocast dweight", dw_ac.half(), ref32[2], lowp_ac[2].half())
 
@@ -228,8 +245,8 @@ class _PeakAllocations(TorchDispatchMode):
 
 
 def _allocations(fn, h, w, t, backward=True):
-    h = h.detach().clone().requires_grad_(backward)
-    w = w.detach().clone().requires_grad_(backward)
+    h = h.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
     mode = _PeakAllocations(known=(h, w, t))
     with mode:
         loss = fn(h, w, t)
@@ -253,11 +270,12 @@ def test_peak_extra_memory_is_bounded(dtype):
     # Peak extra memory of forward + backward within the 25% target (fp32: chunk logits + dweight;
     # fp16: chunk logits + fp32 dweight accumulator + one fp16 chunk product + the returned dweight).
     assert ours.peak <= 0.25 * ref_mode.peak, (ours.peak, ref_mode.peak)
-    # Under no_grad nothing of the gradient pass is allocated: about one chunk of logits.
+    # Under no_grad (inputs that require grad all the same) nothing of the gradient pass is
+    # allocated: one chunk of logits, the per-row losses and a few scalars.
     with torch.no_grad():
         nograd = _allocations(linear_cross_entropy, h, w, t, backward=False)
-    assert nograd.peak < ours.peak
     assert nograd.largest <= chunk * V * elem
+    assert nograd.peak <= chunk * V * elem + N * 4 + 4096, (nograd.peak, chunk * V * elem)
 
 
 # ----------------------------------------------------------------------------------------------
