@@ -70,7 +70,8 @@ void attention_bwd(const T* dy,         // (BH, Tq, D) upstream gradient
 
 // Per-row softmax cross-entropy. loss[r] = logsumexp(logits[r]) - logits[r, t[r]], 0 where t[r]
 // is ignore_index. When grad_scale is not null, logits is overwritten in place with
-// grad_scale * (softmax(logits[r]) - onehot(t[r])) (a zero row where ignored).
+// grad_scale * (softmax(logits[r]) - onehot(t[r])) (a zero row where ignored). Every target must be
+// ignore_index or in [0, V) (the binding checks).
 template <typename T>
 void cross_entropy(T* logits,               // (N, V) logits; the gradient on return if grad_scale
                    const int64_t* targets,  // (N,) class ids or ignore_index

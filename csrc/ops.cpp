@@ -26,7 +26,19 @@ using std::optional;
 
 // ---------------------------------------------------------------- check helpers
 
-const char* dtype_name(at::ScalarType t) { return c10::toString(t); }
+// torch's Python spelling of a dtype, as users know it.
+const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    case at::kBool: return "bool";
+    default: return c10::toString(t);
+  }
+}
 
 void check_float(const char* op, const char* arg, const Tensor& t) {
   const auto s = t.scalar_type();
@@ -71,6 +83,15 @@ void check_param(const char* op, const char* arg, const optional<Tensor>& p, con
   check_like(op, arg, *p, "x", x);
   TORCH_CHECK(p->dim() == 1 && p->size(0) == n, op, ": argument '", arg, "' must have shape (", n,
               ",) to match the last dimension of the input, got ", p->sizes());
+}
+
+// On the CPU the targets can be read for free: reject ids outside [0, V) that are not ignored.
+void check_targets_in_range(const char* op, const Tensor& targets, int64_t V, int64_t ignore_index) {
+  const int64_t* t = targets.const_data_ptr<int64_t>();
+  for (int64_t r = 0; r < targets.numel(); ++r) {
+    TORCH_CHECK(t[r] == ignore_index || (t[r] >= 0 && t[r] < V), op, ": argument 'targets' has targets[", r,
+                "] = ", t[r], ", outside [0, ", V, ") and not ignore_index (", ignore_index, ")");
+  }
 }
 
 template <typename T>
@@ -276,6 +297,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dy, const Ten
 
 Tensor cross_entropy_fwd_cpu(const Tensor& logits, const Tensor& targets, int64_t ignore_index) {
   check_cross_entropy("gpt2k::cross_entropy_fwd", logits, targets, std::nullopt);
+  check_targets_in_range("gpt2k::cross_entropy_fwd", targets, logits.size(1), ignore_index);
   Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
   dispatch_float(logits, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -288,6 +310,7 @@ Tensor cross_entropy_fwd_cpu(const Tensor& logits, const Tensor& targets, int64_
 
 Tensor cross_entropy_fwd_bwd_cpu(Tensor& logits, const Tensor& targets, const Tensor& scale, int64_t ignore_index) {
   check_cross_entropy("gpt2k::cross_entropy_fwd_bwd_", logits, targets, scale);
+  check_targets_in_range("gpt2k::cross_entropy_fwd_bwd_", targets, logits.size(1), ignore_index);
   Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
   dispatch_float(logits, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;

@@ -27,12 +27,12 @@ import torch
 
 from kernels import ref
 
-__all__ = ["unavailable_reason", "has_cuda_kernels", "layer_norm", "attention", "mlp", "linear_cross_entropy"]
+__all__ = ["attention", "has_cuda_kernels", "layer_norm", "linear_cross_entropy", "mlp", "unavailable_reason"]
 
 _BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler; nvcc for CUDA kernels)"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load():
     """Import the extension and register its Python half once; returns (module, error string)."""
     try:

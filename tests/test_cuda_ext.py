@@ -1,0 +1,313 @@
+"""Tests of the C++/CUDA extension backend (``kernels.cuda`` on ``kernels._C``).
+
+Every op's forward and every gradient is compared with ``kernels.ref`` on the CPU in fp32 and
+bf16 (and on a GPU, when there is one, in fp32 / fp16 / bf16), on awkward shapes: T = 1, prime
+sizes, Tq < Tk, row counts that are not a multiple of any block, ignored targets. The raw
+``torch.ops.gpt2k`` operators go through ``torch.library.opcheck`` (schema, fake kernel, autograd
+registration, AOT dispatch) and bad inputs must raise errors that name the argument.
+
+The whole file is skipped, with the reason, when the extension was not built.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import cuda as ext
+from kernels import ref, registry
+from kernels.testing import assert_close
+
+_WHY = ext.unavailable_reason()
+pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"C++ extension unavailable: {_WHY}")
+
+CUDA = torch.cuda.is_available() and _WHY is None and ext.has_cuda_kernels()
+needs_gpu = pytest.mark.skipif(not CUDA, reason="the extension's CUDA kernels need a CUDA GPU and a CUDA build")
+
+CPU_DTYPES = [torch.float32, torch.bfloat16]
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _run(fn, inputs, grad_out_seed=0):
+    """fn(*inputs) and the gradient of every floating input w.r.t. a fixed random projection of the output."""
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) if t is not None else None for t in inputs]
+    out = fn(*leaves)
+    gen = torch.Generator().manual_seed(grad_out_seed)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(device=out.device, dtype=out.dtype)
+    if out.dim() == 0:
+        g = torch.ones_like(out)
+    diff = [t for t in leaves if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(out, diff, g))
+    return out, [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+
+
+def _parity(name, fn, inputs, dtype, device="cpu"):
+    """Compare fn (the extension) with the same function of kernels.ref on inputs cast to dtype."""
+    fn_ext, fn_ref = getattr(ext, fn), getattr(ref, fn)
+    low = [t.to(device=device, dtype=dtype) if t is not None and t.is_floating_point() else
+           (t.to(device) if t is not None else None) for t in inputs]
+    up = [t.float() if t is not None and t.is_floating_point() else t for t in low]
+    y, gs = _run(fn_ext, low)
+    y32, gs32 = _run(fn_ref, up)
+    if dtype == torch.float32:
+        assert_close(f"{name} out", y, y32)
+        for i, (g, g32) in enumerate(zip(gs, gs32)):
+            if g32 is not None:
+                assert g is not None, f"{name}: no gradient for input {i}"
+                assert_close(f"{name} grad[{i}]", g, g32)
+        return
+    y_lp, gs_lp = _run(fn_ref, low)
+    assert y.dtype == y_lp.dtype, f"{name}: output dtype {y.dtype}, reference {y_lp.dtype}"
+    assert_close(f"{name} out", y, y32, y_lp)
+    for i, (g, g32, glp) in enumerate(zip(gs, gs32, gs_lp)):
+        if g32 is not None:
+            assert g is not None and g.dtype == glp.dtype, f"{name}: gradient {i} missing or of the wrong dtype"
+            assert_close(f"{name} grad[{i}]", g, g32, glp)
+
+
+def _randn(*shape, scale=1.0, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+# ----------------------------------------------------------------------------- parity on the CPU
+
+LN_CASES = [  # (leading shape, C, weight?, bias?)
+    ((1, 1), 64, True, True),        # one token
+    ((2, 97), 67, True, True),       # prime rows and width
+    ((3, 5), 768, False, False),     # GPT-2 width, no affine
+    ((37,), 31, True, False),
+]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("lead,C,has_w,has_b", LN_CASES)
+def test_layer_norm(lead, C, has_w, has_b, dtype):
+    x = _randn(*lead, C, scale=2.0) + 0.5
+    w = _randn(C, seed=1) * 0.5 + 1.0 if has_w else None
+    b = _randn(C, seed=2) * 0.1 if has_b else None
+    _parity(f"layer_norm {lead}x{C}", "layer_norm", [x, w, b], dtype)
+
+
+MLP_CASES = [((1, 1), 16, 64, True), ((2, 7), 24, 97, True), ((3, 13), 32, 128, False)]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("lead,C,H,has_b", MLP_CASES)
+def test_mlp(lead, C, H, has_b, dtype):
+    x = _randn(*lead, C)
+    w_fc, w_proj = _randn(H, C, seed=1, scale=C ** -0.5), _randn(C, H, seed=2, scale=H ** -0.5)
+    b_fc = _randn(H, seed=3, scale=0.5) if has_b else None
+    b_proj = _randn(C, seed=4, scale=0.1) if has_b else None
+    _parity(f"mlp {lead} C={C} H={H}", "mlp", [x, w_fc, b_fc, w_proj, b_proj], dtype)
+
+
+ATTN_CASES = [  # (B, nh, Tq, Tk, hs, causal)
+    (1, 2, 1, 1, 64, True),      # T = 1
+    (1, 1, 1, 33, 64, True),     # one new query against a cache
+    (2, 3, 97, 97, 64, True),    # prime T, more than one block of queries and keys
+    (1, 2, 31, 67, 16, True),    # Tq < Tk
+    (1, 1, 37, 37, 24, False),
+    (2, 1, 13, 29, 13, False),   # prime head size, Tq < Tk, not causal
+]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("B,nh,Tq,Tk,hs,causal", ATTN_CASES)
+def test_attention(B, nh, Tq, Tk, hs, causal, dtype):
+    q, k, v = (_randn(B, nh, T, hs, seed=s) for s, T in ((0, Tq), (1, Tk), (2, Tk)))
+    fn = "attention"
+    name = f"attention B={B} nh={nh} Tq={Tq} Tk={Tk} hs={hs} causal={causal}"
+    # causal is not a tensor: bind it on both sides.
+    ext_fn, ref_fn = ext.attention, ref.attention
+    try:
+        ext.attention = lambda q, k, v: ext_fn(q, k, v, causal=causal)
+        ref.attention = lambda q, k, v: ref_fn(q, k, v, causal=causal)
+        _parity(name, fn, [q, k, v], dtype)
+    finally:
+        ext.attention, ref.attention = ext_fn, ref_fn
+
+
+CE_CASES = [  # (leading shape, C, V, number of ignored targets)
+    ((1,), 16, 31, 0),        # one row
+    ((3, 37), 24, 101, 9),    # several chunks (V/C > 1), ignored targets
+    ((2, 5), 32, 257, 10),    # every target ignored: loss and gradients are 0
+]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("lead,C,V,n_ignored", CE_CASES)
+def test_linear_cross_entropy(lead, C, V, n_ignored, dtype):
+    h = _randn(*lead, C)
+    w = _randn(V, C, seed=1, scale=C ** -0.5)
+    t = torch.randint(0, V, lead, generator=torch.Generator().manual_seed(2))
+    t.view(-1)[:n_ignored] = -1
+    _parity(f"linear_cross_entropy {lead} C={C} V={V}", "linear_cross_entropy", [h, w, t], dtype)
+    if n_ignored == t.numel():
+        loss = ext.linear_cross_entropy(h.to(dtype), w.to(dtype), t)
+        assert loss.item() == 0.0
+
+
+def test_cross_entropy_ignore_index_value():
+    h, w = _randn(4, 8), _randn(11, 8, seed=1)
+    t = torch.tensor([3, 7, 7, 0])
+    got = ext.linear_cross_entropy(h, w, t, ignore_index=7)
+    assert_close("ignore_index=7", got, ref.linear_cross_entropy(h, w, t, ignore_index=7))
+
+
+def test_noncontiguous_inputs():
+    x = _randn(8, 5, 3).transpose(0, 2)  # (3, 5, 8), not contiguous
+    w = _randn(8, seed=1)
+    assert_close("layer_norm transposed", ext.layer_norm(x, w, None), ref.layer_norm(x, w, None))
+    q, k, v = (_randn(1, 11, 2, 16, seed=s).transpose(1, 2) for s in range(3))  # (1, 2, 11, 16) views
+    assert_close("attention transposed", ext.attention(q, k, v), ref.attention(q, k, v))
+
+
+def test_attention_dropout_falls_back_to_reference():
+    q = _randn(1, 1, 4, 8)
+    with pytest.warns(UserWarning, match="no dropout"):
+        y = ext.attention(q, q, q, dropout_p=0.5)
+    assert y.shape == q.shape
+
+
+def test_registry_builds_cuda_backend_on_cpu():
+    ops = registry.build_ops("cuda", "cpu")
+    assert ops.layer_norm is ext.layer_norm and ops.linear_cross_entropy is ext.linear_cross_entropy
+
+
+# ----------------------------------------------------------------------------- raw ops: opcheck and errors
+
+
+def _opcheck_cases():
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)
+    x, w, b = r(5, 12), r(12), r(12)
+    _, mean, rstd = torch.ops.gpt2k.layer_norm_fwd(x, w, b, 1e-5)
+    q, k, v = r(1, 2, 3, 8), r(1, 2, 7, 8), r(1, 2, 7, 8)
+    y, lse = torch.ops.gpt2k.attention_fwd(q, k, v, True, 0.0)
+    h, hb = r(3, 10), r(10)
+    logits, t = r(4, 9), torch.tensor([1, -1, 8, 0])
+    scale = torch.tensor([0.25])
+    ops = torch.ops.gpt2k
+    return [
+        ("layer_norm_fwd", ops.layer_norm_fwd.default, (x.requires_grad_(), w.requires_grad_(), b, 1e-5)),
+        ("layer_norm_fwd none", ops.layer_norm_fwd.default, (x, None, None, 1e-5)),
+        ("layer_norm_bwd", ops.layer_norm_bwd.default, (r(5, 12), x.detach(), w.detach(), mean, rstd)),
+        ("bias_gelu_fwd", ops.bias_gelu_fwd.default, (h.requires_grad_(), hb.requires_grad_())),
+        ("bias_gelu_bwd", ops.bias_gelu_bwd.default, (r(3, 10), h.detach(), None)),
+        ("attention_fwd", ops.attention_fwd.default, (q.requires_grad_(), k, v.requires_grad_(), True, 0.0)),
+        ("attention_bwd", ops.attention_bwd.default, (r(1, 2, 3, 8), q.detach(), k, v.detach(), y, lse, True)),
+        ("cross_entropy_fwd", ops.cross_entropy_fwd.default, (logits, t, -1)),
+        ("cross_entropy_fwd_bwd_", ops.cross_entropy_fwd_bwd_.default, (logits.clone(), t, scale, -1)),
+    ]
+
+
+@pytest.mark.parametrize("case", _opcheck_cases() if _WHY is None else [], ids=lambda c: c[0])
+def test_opcheck(case):
+    _, op, args = case
+    torch.library.opcheck(op, args)
+
+
+def test_cross_entropy_op_writes_gradient_in_place():
+    logits = _randn(3, 7)
+    t = torch.tensor([2, -1, 6])
+    expect = torch.softmax(logits, -1)
+    expect[torch.arange(3), t.clamp(min=0)] -= 1.0
+    expect[1] = 0.0
+    rows = torch.ops.gpt2k.cross_entropy_fwd_bwd_(logits, t, torch.tensor([0.5]), -1)
+    assert_close("in-place gradient", logits, 0.5 * expect)
+    assert rows[1].item() == 0.0
+
+
+BAD = [  # (op, args builder, words the error must contain)
+    ("layer_norm_fwd", lambda: (torch.randn(3, 4, dtype=torch.float64), None, None, 1e-5), ["'x'", "float64"]),
+    ("layer_norm_fwd", lambda: (torch.randn(3, 4), torch.randn(5), None, 1e-5), ["'weight'", "(4,)"]),
+    ("layer_norm_fwd", lambda: (torch.randn(3, 4), None, torch.randn(4).to(torch.bfloat16), 1e-5), ["'bias'", "dtype"]),
+    ("layer_norm_fwd", lambda: (torch.randn(4, 3).t(), None, None, 1e-5), ["'x'", "contiguous"]),
+    ("layer_norm_fwd", lambda: (torch.randn(2, 3, 4), None, None, 1e-5), ["'x'", "2-D"]),
+    ("bias_gelu_fwd", lambda: (torch.randn(3, 4), torch.randn(3)), ["'bias'", "(4,)"]),
+    ("bias_gelu_bwd", lambda: (torch.randn(3, 5), torch.randn(3, 4), None), ["'dact'", "shape"]),
+    ("attention_fwd", lambda: (torch.randn(1, 1, 5, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8), True, 0.0),
+     ["'k'", "fewer"]),
+    ("attention_fwd", lambda: (torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8), True, 0.1),
+     ["dropout_p"]),
+    ("attention_fwd", lambda: (torch.randn(1, 1, 4, 8), torch.randn(1, 1, 8, 4).transpose(2, 3), torch.randn(1, 1, 4, 8),
+                               True, 0.0), ["'k'", "contiguous"]),
+    ("attention_fwd", lambda: (torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 8), True, 0.0), ["'q'", "4-D"]),
+    ("attention_bwd", lambda: (torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8),
+                               torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4).double(), True),
+     ["'lse'", "float32"]),
+    ("cross_entropy_fwd", lambda: (torch.randn(3, 5), torch.tensor([1, 2, 3], dtype=torch.int32), -1), ["'targets'", "int64"]),
+    ("cross_entropy_fwd", lambda: (torch.randn(3, 5), torch.tensor([1, 2]), -1), ["'targets'", "(3,)"]),
+    ("cross_entropy_fwd", lambda: (torch.randn(3, 5), torch.tensor([1, 5, 0]), -1), ["targets[1]", "outside"]),
+    ("cross_entropy_fwd_bwd_", lambda: (torch.randn(3, 5), torch.tensor([1, 2, 0]), torch.tensor(0.5).double(), -1),
+     ["'scale'", "float32"]),
+]
+
+
+@pytest.mark.parametrize("op,make,words", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_input_names_the_argument(op, make, words):
+    with pytest.raises(RuntimeError) as info:
+        getattr(torch.ops.gpt2k, op)(*make())
+    msg = str(info.value)
+    assert f"gpt2k::{op}" in msg, msg
+    for word in words:
+        assert word in msg, f"{word!r} not in: {msg}"
+
+
+# ----------------------------------------------------------------------------- CUDA kernels
+
+
+@needs_gpu
+def test_cuda_device_mismatch_names_the_argument():
+    x = torch.randn(3, 4, device="cuda")
+    with pytest.raises(RuntimeError, match="'weight'.*cpu"):
+        torch.ops.gpt2k.layer_norm_fwd(x, torch.randn(4), None, 1e-5)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_cuda_layer_norm(dtype):
+    for lead, C in (((1, 1), 64), ((3, 97), 768), ((2, 5), 1600), ((7,), 33)):
+        x = _randn(*lead, C, scale=2.0) + 0.5
+        _parity(f"cuda layer_norm {lead}x{C}", "layer_norm", [x, _randn(C, seed=1), _randn(C, seed=2)], dtype, "cuda")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_cuda_mlp(dtype):
+    for lead, C, H in (((1, 1), 16, 64), ((4, 97), 768, 3072), ((3, 13), 24, 97)):
+        args = [_randn(*lead, C), _randn(H, C, seed=1, scale=C ** -0.5), _randn(H, seed=3, scale=0.5),
+                _randn(C, H, seed=2, scale=H ** -0.5), _randn(C, seed=4, scale=0.1)]
+        _parity(f"cuda mlp {lead} C={C} H={H}", "mlp", args, dtype, "cuda")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("B,nh,Tq,Tk,hs,causal", ATTN_CASES + [(2, 12, 1025, 1025, 64, True), (1, 2, 129, 200, 128, False)])
+def test_cuda_attention(B, nh, Tq, Tk, hs, causal, dtype):
+    q, k, v = (_randn(B, nh, T, hs, seed=s) for s, T in ((0, Tq), (1, Tk), (2, Tk)))
+    ext_fn, ref_fn = ext.attention, ref.attention
+    try:
+        ext.attention = lambda q, k, v: ext_fn(q, k, v, causal=causal)
+        ref.attention = lambda q, k, v: ref_fn(q, k, v, causal=causal)
+        _parity(f"cuda attention {B},{nh},{Tq},{Tk},{hs},{causal}", "attention", [q, k, v], dtype, "cuda")
+    finally:
+        ext.attention, ref.attention = ext_fn, ref_fn
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_cuda_linear_cross_entropy(dtype):
+    for lead, C, V, n_ign in (((1,), 16, 31, 0), ((3, 37), 24, 101, 9), ((4, 64), 768, 50257, 5), ((2, 5), 32, 257, 10)):
+        h, w = _randn(*lead, C), _randn(V, C, seed=1, scale=C ** -0.5)
+        t = torch.randint(0, V, lead, generator=torch.Generator().manual_seed(2))
+        t.view(-1)[:n_ign] = -1
+        _parity(f"cuda linear_cross_entropy {lead} V={V}", "linear_cross_entropy", [h, w, t], dtype, "cuda")
+
+
+@needs_gpu
+def test_cuda_opcheck():
+    for name, op, args in _opcheck_cases():
+        cargs = tuple(a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                      for a in args)
+        torch.library.opcheck(op, cargs)
