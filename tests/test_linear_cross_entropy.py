@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_leaves
 from kernels import ref
 from kernels.linear_cross_entropy import (
     LinearCrossEntropyFunction,
+    _linear_cross_entropy_fwd_kernel,
     default_chunk_rows,
     launch_configs,
     linear_cross_entropy,
@@ -133,6 +134,16 @@ def test_all_targets_ignored(dtype):
     loss, dh, dw = _check_parity(h, w, t, chunk_rows=4)
     assert loss.item() == 0.0
     assert not dh.any() and not dw.any()
+
+
+def test_empty_and_non_contiguous_inputs():
+    # No rows at all: loss 0 and zero gradients, as the reference.
+    h, w, t = _inputs((2, 0), 16, 30, torch.float32)
+    loss, dh, dw = _check_parity(h, w, t)
+    assert loss.item() == 0.0 and dh.shape == (2, 0, 16) and not dw.any()
+    # Strided views: every other row of h and targets, a column slice of h and of the weight.
+    h, w, t = _inputs((26,), 40, 90, torch.float32, ignore_frac=0.2)
+    _check_parity(h[::2, 4:36], w[:, 4:36], t[::2], chunk_rows=5)
 
 
 @pytest.mark.parametrize("ignore_index", [-100, 5])
@@ -294,6 +305,29 @@ def test_out_of_range_targets_raise():
     tb = t.clone()
     tb[4] = -100
     linear_cross_entropy(h, w, tb, ignore_index=-100)
+
+
+def test_kernel_flags_out_of_range_targets():
+    # The GPU's check, run by the kernel itself: a bad row sets the flag, gets a NaN loss and a zero
+    # gradient; good and ignored rows are untouched by it.
+    V = 10
+    z = torch.randn(4, V, device=DEVICE)
+    t = torch.tensor([3, V, -1, -7], device=DEVICE)
+    losses = torch.empty(4, device=DEVICE)
+    err = torch.zeros((), dtype=torch.int32, device=DEVICE)
+    n_valid = torch.tensor(3, device=DEVICE)
+    expected_row0 = (torch.softmax(z[0], 0) - torch.nn.functional.one_hot(t[0], V)) / 3
+    _linear_cross_entropy_fwd_kernel[(4,)](z, t, losses, n_valid, err, z.stride(0), V, -1,
+                                           COMPUTE_GRAD=True, BLOCK_V=128)
+    assert err.item() == 1
+    assert torch.isnan(losses[1]) and torch.isnan(losses[3]) and losses[2].item() == 0.0
+    assert torch.isfinite(losses[0])
+    assert not z[1:].any()
+    assert_close("kernel gradient row", z[0], expected_row0)
+    err.zero_()
+    _linear_cross_entropy_fwd_kernel[(1,)](z, t, losses, n_valid, err, z.stride(0), V, -1,
+                                           COMPUTE_GRAD=False, BLOCK_V=128)
+    assert err.item() == 0
 
 
 def test_bad_inputs_raise():
