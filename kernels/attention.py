@@ -5,6 +5,7 @@ DOCSTRING_PLACEHOLDER
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 
@@ -417,9 +418,15 @@ def _tiles(kernel: str, dtype: torch.dtype, head: int, device: torch.device, cc:
     return _TILES[kernel][_arch_class(cc)][(kind, head)]
 
 
+def _kernel_args(kernel) -> list[tuple[str, bool]]:
+    """(name, is_constexpr) of each argument of a ``@triton.jit`` kernel, compiled or interpreted alike."""
+    params = inspect.signature(kernel.fn).parameters.values()
+    return [(p.name, "constexpr" in str(p.annotation)) for p in params]
+
+
 def _signature(kernel, types: dict) -> dict:
     # Every non-constexpr argument of ``kernel``, in order -> its Triton type; the unnamed ones are i32 strides/sizes.
-    return {p.name: types.get(p.name, "i32") for p in kernel.params if not p.is_constexpr}
+    return {name: types.get(name, "i32") for name, const in _kernel_args(kernel) if not const}
 
 
 def launch_configs(cc: int) -> list[LaunchConfig]:

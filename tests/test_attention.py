@@ -1,0 +1,287 @@
+"""Parity, dropout-replay and input-checking tests of the Triton flash-attention op (``kernels/attention.py``).
+
+Every forward output and every gradient (dq, dk, dv) is compared with ``kernels.ref.attention`` through the one
+tolerance table, ``kernels.testing.assert_close``. Without a GPU the kernels run under the Triton interpreter
+(tests/conftest.py sets TRITON_INTERPRET=1), which covers fp32 and fp16; bf16 and the long-sequence cases run only
+on a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kernels import attention as attn
+from kernels import ref
+from kernels.testing import assert_close
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 and long sequences need a CUDA GPU")
+
+
+def _qkv(B, nh, Tq, Tk, hs, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, nh, Tq, hs, generator=g).to(DEVICE, dtype)
+    k = torch.randn(B, nh, Tk, hs, generator=g).to(DEVICE, dtype)
+    v = torch.randn(B, nh, Tk, hs, generator=g).to(DEVICE, dtype)
+    return q, k, v
+
+
+def _ref_with_grads(q, k, v, do, causal, dropout_p=0.0, mask=None):
+    """Reference output and (dq, dk, dv) on fresh leaves made from ``q, k, v`` (their dtype is kept)."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    y = ref.attention(*leaves, causal=causal, dropout_p=dropout_p, dropout_mask=mask)
+    y.backward(do.to(y.dtype))
+    return (y.detach(), *(t.grad for t in leaves))
+
+
+def _check_against_ref(name, got, q, k, v, do, causal, dropout_p=0.0, mask=None):
+    """``got`` = (o, dq, dk, dv) from the kernels; compare each with the reference as the tolerance table asks."""
+    want32 = _ref_with_grads(q.float(), k.float(), v.float(), do.float(), causal, dropout_p, mask)
+    want_lowp = _ref_with_grads(q, k, v, do, causal, dropout_p, mask) if q.dtype != torch.float32 else (None,) * 4
+    for label, y, r32, rlow in zip(("out", "dq", "dk", "dv"), got, want32, want_lowp):
+        assert y.dtype == q.dtype, f"{name} {label}: dtype {y.dtype}, expected {q.dtype}"
+        assert_close(f"attention {name} {label}", y, r32, rlow)
+
+
+def _run_autograd(q, k, v, do, causal, dropout_p=0.0):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    y = attn.attention(*leaves, causal=causal, dropout_p=dropout_p)
+    y.backward(do)
+    return (y.detach(), *(t.grad for t in leaves))
+
+
+# (B, nh, Tq, Tk, hs, causal): T = 1, primes, ragged block ends, every head size, cached decoding (Tq < Tk),
+# non-causal.
+SHAPES = [
+    (1, 1, 1, 1, 32, True),
+    (2, 3, 97, 97, 64, True),
+    (1, 2, 130, 130, 32, True),
+    (1, 1, 61, 61, 128, True),
+    (1, 2, 1, 37, 64, True),
+    (2, 1, 5, 70, 32, True),
+    (1, 2, 53, 53, 64, False),
+    (1, 1, 29, 83, 32, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}nh{}Tq{}Tk{}hs{}{}".format(*s[:5], "c" if s[5] else "nc"))
+def test_matches_reference(shape, dtype):
+    if dtype == torch.float16 and shape[2] * shape[3] * shape[1] * shape[0] > 20000:
+        pytest.skip("fp16 covers the smaller shapes only, to keep the CPU suite short")
+    B, nh, Tq, Tk, hs, causal = shape
+    q, k, v = _qkv(B, nh, Tq, Tk, hs, dtype)
+    do = torch.randn(B, nh, Tq, hs, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    got = _run_autograd(q, k, v, do, causal)
+    _check_against_ref(f"{shape}", got, q, k, v, do, causal)
+
+
+@pytest.mark.parametrize("cc", [90, 75])
+def test_gpu_tile_tables_under_interpreter(cc):
+    # The interpreter normally runs small tiles; the same launchers with an architecture's (bigger, unequal) tiles
+    # must give the same answer, including a Tq that ends mid-block and Tq < Tk.
+    B, nh, Tq, Tk, hs = 1, 1, 150, 201, 64
+    for dtype in (torch.float32, torch.float16):
+        q, k, v = _qkv(B, nh, Tq, Tk, hs, dtype, seed=3)
+        do = torch.randn_like(q)
+        o, lse = attn.attention_fwd(q, k, v, True, cc=cc)
+        dq, dk, dv = attn.attention_bwd(do, q, k, v, o, lse, True, cc=cc)
+        _check_against_ref(f"cc{cc} {dtype}", (o, dq, dk, dv), q, k, v, do, True)
+
+
+def test_lse_is_the_row_logsumexp():
+    B, nh, Tq, Tk, hs = 2, 2, 19, 45, 32
+    q, k, v = _qkv(B, nh, Tq, Tk, hs, torch.float32)
+    for causal in (True, False):
+        _, lse = attn.attention_fwd(q, k, v, causal)
+        s = q @ k.transpose(-2, -1) / math.sqrt(hs)  # (B, nh, Tq, Tk)
+        if causal:
+            s = s.masked_fill(torch.arange(Tk) > torch.arange(Tk - Tq, Tk)[:, None], float("-inf"))
+        assert_close(f"attention lse causal={causal}", lse, torch.logsumexp(s, dim=-1))
+
+
+def test_strided_inputs_are_read_in_place_and_match():
+    # The model's layout: q, k, v are (B, nh, T, hs) views of one (B, T, 3, nh, hs) projection, and cached decoding
+    # reads the first Tk positions of a preallocated (B, nh, Tmax, hs) KV buffer.
+    B, nh, T, hs, Tmax, Tk = 2, 2, 23, 32, 64, 41
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(B, T, 3, nh, hs, generator=g).to(DEVICE).requires_grad_(True)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # each (B, nh, T, hs), position stride 3 nh hs
+    assert not q.is_contiguous() and attn._aligned(q) is q, "the model's q/k/v views should be read by strides"
+    do = torch.randn(B, nh, T, hs, generator=g).to(DEVICE)
+    y = attn.attention(q, k, v, causal=True)
+    y.backward(do)
+    ref_leaf = qkv.detach().clone().requires_grad_(True)
+    rq, rk, rv = (ref_leaf[:, :, i].transpose(1, 2) for i in range(3))
+    ref.attention(rq, rk, rv, causal=True).backward(do)
+    assert_close("attention strided out", y, ref.attention(rq, rk, rv, causal=True))
+    assert_close("attention strided d(qkv)", qkv.grad, ref_leaf.grad)
+
+    cache_k = torch.randn(B, nh, Tmax, hs, generator=g).to(DEVICE)
+    cache_v = torch.randn(B, nh, Tmax, hs, generator=g).to(DEVICE)
+    k, v = cache_k[:, :, :Tk], cache_v[:, :, :Tk]  # (B, nh, Tk, hs) slices, head stride Tmax hs
+    q = torch.randn(B, nh, 3, hs, generator=g).to(DEVICE)
+    assert attn._aligned(k) is k
+    o, _ = attn.attention_fwd(q, k, v, True)
+    assert_close("attention kv-cache slice out", o, ref.attention(q, k, v, causal=True))
+
+
+def test_odd_strides_are_copied_and_match():
+    # A feature stride of 2 and a misaligned start cannot be read in place: the launcher copies them, same answer.
+    B, nh, T, hs = 1, 2, 17, 32
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(B, nh, T, 2 * hs, generator=g).to(DEVICE)[..., ::2]  # feature stride 2
+    flat = torch.randn(B * nh * T * hs + 1, generator=g).to(DEVICE)
+    k = flat[1:].view(B, nh, T, hs)  # starts 4 bytes past an aligned address
+    v = torch.randn(B, nh, T, hs, generator=g).to(DEVICE)
+    assert attn._aligned(q) is not q and attn._aligned(k) is not k
+    do = torch.randn(B, nh, T, hs, generator=g).to(DEVICE)
+    _check_against_ref("odd strides", _run_autograd(q, k, v, do, True), q, k, v, do, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_dropout_replays_through_the_reference(dtype, causal):
+    B, nh, Tq, Tk, hs, p, seed = 2, 2, 37, 53, 32, 0.3, 1234
+    q, k, v = _qkv(B, nh, Tq, Tk, hs, dtype, seed=7)
+    do = torch.randn_like(q)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    y = attn.AttentionFunction.apply(*leaves, causal, p, seed)
+    y.backward(do)
+    got = (y.detach(), *(t.grad for t in leaves))
+    mask = attn.dropout_keep_mask(seed, B, nh, Tq, Tk, p, DEVICE)
+    assert mask.dtype == torch.bool and mask.shape == (B, nh, Tq, Tk)
+    _check_against_ref(f"dropout {dtype}", got, q, k, v, do, causal, p, mask)
+    # A different seed is a different mask, so the replay above is not trivially satisfied.
+    other = attn.dropout_keep_mask(seed + 1, B, nh, Tq, Tk, p, DEVICE)
+    assert (other != mask).any()
+
+
+def test_dropout_seed_reproducibility_and_keep_fraction():
+    B, nh, T, hs, p = 1, 2, 40, 32, 0.25
+    q, k, v = _qkv(B, nh, T, T, hs, torch.float32, seed=8)
+    torch.manual_seed(11)
+    y1 = attn.attention(q, k, v, causal=True, dropout_p=p)
+    torch.manual_seed(11)
+    y2 = attn.attention(q, k, v, causal=True, dropout_p=p)
+    torch.manual_seed(12)
+    y3 = attn.attention(q, k, v, causal=True, dropout_p=p)
+    assert torch.equal(y1, y2), "the same torch seed must give the same dropout"
+    assert not torch.equal(y1, y3), "a different torch seed must give different dropout"
+    assert not torch.allclose(y1, attn.attention(q, k, v, causal=True)), "dropout changed nothing"
+
+    mask = attn.dropout_keep_mask(99, 2, 3, 64, 200, p, DEVICE)
+    n = mask.numel()
+    kept = mask.float().mean().item()
+    assert abs(kept - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n), f"kept fraction {kept:.4f}, expected {1 - p}"
+    assert not torch.equal(mask[0, 0], mask[0, 1]) and not torch.equal(mask[0, 0], mask[1, 0]), \
+        "every (batch, head) must draw its own mask"
+
+
+def test_backward_is_deterministic():
+    q, k, v = _qkv(1, 2, 45, 45, 64, torch.float32, seed=9)
+    do = torch.randn_like(q)
+    o, lse = attn.attention_fwd(q, k, v, True)
+    first = attn.attention_bwd(do, q, k, v, o, lse, True)
+    second = attn.attention_bwd(do, q, k, v, o, lse, True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def _bad(**over):
+    q, k, v = _qkv(1, 2, 4, 6, 32, torch.float32)
+    args = {"q": q, "k": k, "v": v, "causal": True, "dropout_p": 0.0}
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("args, error, words", [
+    (lambda: _bad(q=torch.randn(1, 2, 4, 48), k=torch.randn(1, 2, 6, 48), v=torch.randn(1, 2, 6, 48)),
+     ValueError, ["head size", "32, 64, 128"]),
+    (lambda: _bad(k=torch.randn(1, 2, 6, 32, dtype=torch.float16)), TypeError, ["dtype"]),
+    (lambda: _bad(q=torch.randn(1, 2, 4, 32).to(torch.int32)), TypeError, ["q", "float16, bfloat16, float32"]),
+    (lambda: _bad(v=torch.randn(1, 2, 5, 32)), ValueError, ["k and v", "same shape"]),
+    (lambda: _bad(k=torch.randn(1, 3, 6, 32), v=torch.randn(1, 3, 6, 32)), ValueError, ["k and v", "match q"]),
+    (lambda: _bad(q=torch.randn(1, 2, 7, 32)), ValueError, ["Tq <= Tk"]),
+    (lambda: _bad(q=torch.randn(2, 4, 32)), ValueError, ["q", "4-D"]),
+    (lambda: _bad(dropout_p=1.0), ValueError, ["dropout_p", "[0, 1)"]),
+    (lambda: _bad(causal="yes"), TypeError, ["causal"]),
+    (lambda: _bad(k=torch.randn(1, 2, 6, 32, device="meta"), v=torch.randn(1, 2, 6, 32, device="meta")),
+     ValueError, ["one device"]),
+    (lambda: _bad(q=torch.randn(1, 2, 4, 32).tolist()), TypeError, ["q", "torch.Tensor"]),
+])
+def test_bad_inputs_raise_clear_errors(args, error, words):
+    with pytest.raises(error) as info:
+        attn.attention(**args())
+    message = str(info.value)
+    assert message.startswith("attention:"), message
+    for w in words:
+        assert w in message, f"{w!r} not in {message!r}"
+
+
+def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = (torch.randn(1, 1, 4, 32) for _ in range(3))
+    with pytest.raises(ValueError, match="set TRITON_INTERPRET=1 or use a CUDA tensor"):
+        attn.attention(q, k, v)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the interpreter's bf16 refusal on the CPU")
+def test_bf16_on_the_interpreter_is_refused():
+    q, k, v = (torch.randn(1, 1, 4, 32, dtype=torch.bfloat16) for _ in range(3))
+    with pytest.raises(TypeError, match="bfloat16"):
+        attn.attention(q, k, v)
+
+
+def test_launch_configs_cover_every_launch():
+    # Whatever tiles the launchers pick on an architecture must be among the configs the AOT report compiles, and
+    # each config must name the kernel's arguments exactly.
+    for cc in (75, 80, 86, 89, 90):
+        configs = attn.launch_configs(cc)
+        labels = [c.label for c in configs]
+        assert len(labels) == len(set(labels)), f"duplicate configs for sm_{cc}"
+        for c in configs:
+            args = attn._kernel_args(c.kernel)
+            assert list(c.signature) == [name for name, const in args if not const], c.label
+            assert set(c.constexprs) == {name for name, const in args if const}, c.label
+        launched = {(c.kernel, c.signature["Q"], tuple(sorted(c.constexprs.items())), c.num_warps, c.num_stages)
+                    for c in configs if "Q" in c.signature}
+        for dtype, dt in ((torch.float16, "*fp16"), (torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
+            for hs in (32, 64, 128):
+                for name, fn in (("fwd", attn._attn_fwd_kernel), ("dkdv", attn._attn_bwd_dkdv_kernel),
+                                 ("dq", attn._attn_bwd_dq_kernel)):
+                    bm, bn, warps, stages = attn._tiles(name, dtype, hs, torch.device("cuda"), cc)
+                    for dropout in (False, True):
+                        ce = tuple(sorted({"HEAD": hs, "BLOCK_M": bm, "BLOCK_N": bn, "DROPOUT": dropout}.items()))
+                        assert (fn, dt, ce, warps, stages) in launched, (cc, name, dt, hs, dropout)
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("hs", [64, 128])
+def test_long_sequences_on_gpu(dtype, hs):
+    B, nh, T = 2, 4, 1024
+    q, k, v = _qkv(B, nh, T, T, hs, dtype, seed=10)
+    do = torch.randn_like(q)
+    for causal in (True, False):
+        _check_against_ref(f"T={T} {dtype} causal={causal}", _run_autograd(q, k, v, do, causal), q, k, v, do, causal)
+    # cached decoding: one new query against the 1024 cached keys
+    q1 = q[:, :, -1:]
+    _check_against_ref("decode", _run_autograd(q1, k, v, do[:, :, -1:], True), q1, k, v, do[:, :, -1:], True)
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_dropout_replay_on_gpu():
+    B, nh, T, hs, p, seed = 2, 4, 1024, 64, 0.1, 77
+    q, k, v = _qkv(B, nh, T, T, hs, torch.bfloat16, seed=12)
+    do = torch.randn_like(q)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    y = attn.AttentionFunction.apply(*leaves, True, p, seed)
+    y.backward(do)
+    mask = attn.dropout_keep_mask(seed, B, nh, T, T, p, DEVICE)
+    _check_against_ref("gpu dropout", (y.detach(), *(t.grad for t in leaves)), q, k, v, do, True, p, mask)
