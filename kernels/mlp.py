@@ -1,0 +1,583 @@
+"""GPT-2's MLP, ``c_proj(gelu_tanh(c_fc(x)))``, on one tiled Triton matmul with fused epilogues.
+
+Every product of the forward and backward pass runs through ``_matmul_kernel`` (C = A @ B for
+operands of arbitrary strides, so a transposed weight or activation is read in place, never
+copied), with the elementwise work folded into its epilogue:
+
+    forward   pre = x @ w_fc^T + b_fc ; act = gelu(pre)    epilogue "gelu"   (bias, GELU, store pre)
+              y   = act @ w_proj^T + b_proj                epilogue "none"   + bias
+    backward  dpre = (dy @ w_proj) * gelu'(pre)            epilogue "gelu_grad" (+ partial column sums = db_fc)
+              dw_proj = dy^T @ act ; dw_fc = dpre^T @ x    epilogue "none"   (split-K when the tile grid is small)
+              dx = dpre @ w_fc                             epilogue "none"
+              db_proj = sum over rows of dy                torch, in fp32
+
+What is saved for the backward: x, pre and act. The forward has to write act anyway (it is the
+input of c_proj), so keeping it costs memory (one more (M, H) tensor per layer) but no bytes and
+no FLOPs; the alternative, saving pre only, frees that memory but needs gelu(pre) again for
+dw_proj = dy^T @ act, either as a prologue of that matmul (tanh work on every tile load, C / BLOCK
+times per element, on the CUDA cores next to the tensor cores, and the operand no longer goes
+straight from global to shared memory) or as an extra (M, H) write + read. We take the bytes- and
+FLOP-optimal choice and pay 2 (M, H) tensors of activation memory per layer (pre and act; PyTorch
+eager's reference keeps several fp32 (M, H) intermediates of its GELU instead).
+
+db_fc is fused: each program of the "gelu_grad" matmul sums its fp32 dpre tile over rows and
+writes one (BLOCK_N,) partial per row block into a (cdiv(M, BLOCK_M), H) fp32 buffer that torch
+then sums (128 x 3072 floats at the size below: nothing). That saves re-reading the (M, H) dpre,
+stays deterministic (no atomics) and sums the unrounded fp32 values. db_proj is a torch
+``dy.sum(0, dtype=float32)``: dy is an input of the backward, not produced by any of our kernels,
+and only (M, C), a quarter of an activation.
+
+Cost at the benchmark size (M = 16384 tokens, C = 768, H = 3072, bf16), computed, not measured:
+
+    FLOPs     forward 2 * M*C*H * 2 = 154.6 GFLOP, backward 2x that = 309.2 GFLOP, total 463.9 GFLOP
+    bytes     fewest for the op itself (x, weights, y; dy, dx, weight grads): about 60 MB forward and
+              about 80 MB backward; with the (M, H) activations materialised as here: forward about
+              360 MB (x, w_fc, pre, act, act again, w_proj, y), backward about 640 MB.
+    bound     463.9 GFLOP / 1 GB = ~460 FLOP/byte, far above an H100's ~300 FLOP/byte ridge
+              (989 TFLOP/s dense bf16 / 3.35 TB/s): compute-bound, so tile shape and occupancy of
+              the 132 SMs decide the time, and the (M, H) round trips cost ~0.3 ms of bandwidth
+              that overlap with ~0.5 ms of tensor-core work at peak.
+
+Tiles (see ``_TILES``): on sm_80/sm_90, 128 x 256 x 64 with 8 warps and 3 stages, the shape that
+keeps 16-bit tensor cores busiest in Triton's matmul tutorial (147 KB of shared memory); on sm_86 /
+sm_89 (99 KB) and sm_75 (64 KB) 128 x 128 x 32 with fewer stages. Program ids are grouped
+GROUP_M row blocks at a time so the B column panels a group shares stay in L2. A grid of few row
+blocks (M <= 64, e.g. decoding) uses 64 x 64 tiles instead. The weight gradients have a small
+output (C x H = 72 tiles of 128 x 256, fewer than the 132 SMs of an H100) and a long K (= M), so
+they split K over a second grid axis into an fp32 workspace summed by torch, with the split
+chosen so the waves of programs fill the SMs. fp32 operands use 64 x 64 x 32 CUDA-core tiles with
+IEEE dots (``input_precision="ieee"``, so no TF32) so fp32 parity holds on a GPU too.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.aot import LaunchConfig
+from kernels.registry import interpreter_enabled
+
+__all__ = ["MLPFunction", "launch_configs", "matmul", "mlp", "mlp_bwd", "mlp_fwd"]
+
+# sqrt(2 / pi) and the cubic coefficient of the tanh approximation (kernels.ref.GELU_C / GELU_A).
+_GELU_C = 0.7978845608028654
+_GELU_A = 0.044715
+
+EPILOGUES = ("none", "gelu", "gelu_grad")
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+#
+# GELU (tanh form) and its derivative, written with s = sigmoid(2u) since 0.5 (1 + tanh(u)) = s:
+#
+#     u        = c (z + a z^3)                     c = sqrt(2 / pi), a = 0.044715
+#     gelu(z)  = 0.5 z (1 + tanh u) = z s
+#     gelu'(z) = 0.5 (1 + tanh u) + 0.5 z (1 - tanh^2 u) c (1 + 3 a z^2)
+#              = s + 2 z s (1 - s) c (1 + 3 a z^2)      using 1 - tanh^2 u = 4 s (1 - s)
+#
+#
+# Backward of y = gelu(x W_fc^T + b_fc) W_proj^T + b_proj for rows x (M, C), with dy = dL/dy (M, C):
+#
+#     dact    = dy W_proj                     (M, H)
+#     dpre    = dact * gelu'(pre)             (M, H)   fused: the epilogue of the dact product
+#     dW_proj = dy^T act                      (C, H)
+#     db_proj = sum_rows dy                   (C,)
+#     dW_fc   = dpre^T x                      (H, C)
+#     db_fc   = sum_rows dpre                 (H,)     fused: per-tile partial sums of the epilogue
+#     dx      = dpre W_fc                     (M, C)
+
+
+@triton.jit
+def _gelu_sigmoid(z):
+    # s = sigmoid(2 u) = 0.5 (1 + tanh u) for u = c (z + a z^3); z in fp32.
+    # exp(-2u) = exp2(z (k0 + k1 z^2)) with k0 = -2 c log2(e), k1 = k0 a. The exponent is capped
+    # at 126 so exp2 stays finite: for z < -7.9 s is then 2^-126 instead of ~0, a change of z * 1e-38.
+    e = tl.exp2(tl.minimum(z * (-2.302208198144325 - 0.1029432395800235 * z * z), 126.0))
+    return 1.0 / (1.0 + e)
+
+
+@triton.jit
+def _matmul_kernel(
+    a_ptr,  # A (M, K): the left operand, any strides
+    b_ptr,  # B (K, N): the right operand, any strides
+    c_ptr,  # C (M, N) result, or (SPLIT_K, M, N) fp32 partial products when K is split
+    bias_ptr,  # (N,) bias, read only when HAS_BIAS
+    pre_ptr,  # (M, N) pre-activation laid out like C: written by "gelu" if STORE_PRE, read by "gelu_grad"
+    colsum_ptr,  # (cdiv(M, BLOCK_M), N) fp32 contiguous: per-row-block column sums of C, written if COL_SUM
+    M, N, K,  # problem sizes
+    k_split,  # K elements per program along grid axis 1, a multiple of BLOCK_K (>= K when not split)
+    stride_am, stride_ak,  # A strides (row, reduction)
+    stride_bk, stride_bn,  # B strides (reduction, column)
+    stride_cs, stride_cm, stride_cn,  # C strides (split slice, row, column); pre shares the row/column ones
+    EPILOGUE: tl.constexpr,  # "none", "gelu" (C = gelu(acc + bias)) or "gelu_grad" (C = acc * gelu'(pre))
+    HAS_BIAS: tl.constexpr,  # add bias_ptr[col] to the product (before the GELU for "gelu")
+    STORE_PRE: tl.constexpr,  # "gelu": also store acc + bias to pre_ptr for the backward
+    COL_SUM: tl.constexpr,  # store the fp32 column sums of this tile's output rows to colsum_ptr
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,  # row blocks per group of the L2-friendly program order
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped order: consecutive programs walk down GROUP_M row blocks before moving one column
+    # block right, so the B panels (and A panels) a wave touches are few and stay in L2.
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    k_start = pid_k * k_split
+    k_len = tl.minimum(K - k_start, k_split)  # this program's share of K
+    offs_k = tl.arange(0, BLOCK_K)
+    # 64-bit row/column offsets: M * H can pass 2^31 elements at long sequence x batch.
+    a_ptrs = (a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+              + (k_start + offs_k).to(tl.int64)[None, :] * stride_ak)
+    b_ptrs = (b_ptr + (k_start + offs_k).to(tl.int64)[:, None] * stride_bk
+              + offs_n.to(tl.int64)[None, :] * stride_bn)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(tl.cdiv(k_len, BLOCK_K)):
+        mask_k = offs_k < k_len - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if a_ptr.dtype.element_ty == tl.float32:
+            # IEEE fp32 products, not TF32: fp32 results must match the fp32 reference.
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            # fp16 / bf16 on the tensor cores, fp32 accumulation.
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    # ---- epilogue, in fp32 registers
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    mask_c = mask_m[:, None] & mask_n[None, :]
+    # 64-bit row offsets (M * N may pass 2^31) but 32-bit column offsets: the (BLOCK_M, BLOCK_N)
+    # offset tensor stays in 32-bit registers, which keeps the epilogue from spilling.
+    row_c = offs_m.to(tl.int64) * stride_cm  # (BLOCK_M,)
+    col_c = offs_n * stride_cn  # (BLOCK_N,)
+    if EPILOGUE == "gelu":
+        if STORE_PRE:
+            tl.store((pre_ptr + row_c)[:, None] + col_c[None, :], acc.to(pre_ptr.dtype.element_ty), mask=mask_c)
+        acc = acc * _gelu_sigmoid(acc)
+    elif EPILOGUE == "gelu_grad":
+        z = tl.load((pre_ptr + row_c)[:, None] + col_c[None, :], mask=mask_c, other=0.0).to(tl.float32)
+        s = _gelu_sigmoid(z)
+        acc = acc * (s + 2.0 * z * s * (1.0 - s) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z))
+    if COL_SUM:
+        # Rows past M hold zeros (their A rows were loaded as 0 and pre as 0), but mask anyway.
+        part = tl.sum(tl.where(mask_c, acc, 0.0), axis=0)  # (BLOCK_N,)
+        tl.store(colsum_ptr + pid_m.to(tl.int64) * N + offs_n, part, mask=mask_n)
+    tl.store((c_ptr + pid_k.to(tl.int64) * stride_cs + row_c)[:, None] + col_c[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask_c)
+
+
+# --------------------------------------------------------------------------------------------
+# Tile configurations
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """One launch shape of ``_matmul_kernel``."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    GROUP_M: int
+    num_warps: int
+    num_stages: int
+
+
+# arch -> operand class ("lowp" = fp16 / bf16, "fp32") -> role -> tiles. Roles: "main" for the
+# plain and bias epilogues (c_proj forward, dx, the weight gradients), "epilogue" for the GELU
+# and GELU-gradient epilogues, "small" when M <= SMALL_M (decoding). Shared memory per block:
+# sm_75 64 KB, sm_80 163 KB, sm_86 / sm_89 99 KB, sm_90 227 KB.
+#  - 128 x 256 x 64, 8 warps: the largest tile whose fp32 accumulator (128 registers a thread)
+#    leaves room for the loop; the GELU epilogues spill at that size (fp32 acc + the pre tile or
+#    the pre store pass 255 registers), so they use 128 x 128 x 64 with 8 warps (64 acc regs).
+#  - sm_86 / sm_89 get 128 x 128 x 32, 4 stages, to stay well inside 99 KB; sm_75 2 stages in 64 KB.
+#  - fp32 runs on the CUDA cores (IEEE dots): 64 x 64 x 32 is enough to be compute-bound there.
+_LOWP_90 = {"main": Tiles(128, 256, 64, 8, 8, 3), "epilogue": Tiles(128, 128, 64, 8, 8, 4),
+            "small": Tiles(64, 64, 64, 8, 4, 4)}
+_FP32 = {role: Tiles(64, 64, 32, 8, 4, 3) for role in ("main", "epilogue", "small")}
+_TILES = {
+    90: {"lowp": _LOWP_90, "fp32": _FP32},
+    80: {"lowp": _LOWP_90, "fp32": _FP32},
+    86: {"lowp": {"main": Tiles(128, 128, 32, 8, 8, 4), "epilogue": Tiles(128, 128, 32, 8, 8, 4),
+                  "small": Tiles(64, 64, 64, 8, 4, 3)},
+         "fp32": _FP32},
+    75: {"lowp": {"main": Tiles(128, 128, 32, 8, 8, 2), "epilogue": Tiles(128, 128, 32, 8, 8, 2),
+                  "small": Tiles(64, 64, 32, 8, 4, 2)},
+         "fp32": {role: Tiles(64, 64, 32, 8, 4, 2) for role in ("main", "epilogue", "small")}},
+}
+# Under the CPU interpreter the block shape only sets how much numpy work each program does.
+_INTERPRETER_TILES = Tiles(32, 32, 32, 4, 4, 1)
+SMALL_M = 64
+_MAX_SPLIT_K = 8
+_MIN_K_PER_SPLIT = 512
+
+
+def _arch(cc: int) -> int:
+    """The row of ``_TILES`` for compute capability ``cc`` (e.g. 86), by shared memory size."""
+    if cc < 75:
+        raise RuntimeError(f"mlp: compute capability {cc // 10}.{cc % 10} is not supported; needs sm_75 or newer")
+    if 90 <= cc < 110:  # sm_90 / sm_100: 227 KB
+        return 90
+    if cc in (80, 87):  # A100 / Orin: 163 KB
+        return 80
+    if cc >= 80:  # sm_86, sm_89, sm_120: 99 KB
+        return 86
+    return 75
+
+
+def _role(epilogue: str, M: int) -> str:
+    if M <= SMALL_M:
+        return "small"
+    return "main" if epilogue == "none" else "epilogue"
+
+
+@functools.cache
+def _device_info(index: int) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
+    return props.major * 10 + props.minor, props.multi_processor_count
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _pick_tiles(device: torch.device, dtype: torch.dtype, epilogue: str, M: int) -> Tiles:
+    if device.type != "cuda":
+        return _INTERPRETER_TILES
+    cc, _ = _device_info(_device_index(device))
+    return _TILES[_arch(cc)]["fp32" if dtype == torch.float32 else "lowp"][_role(epilogue, M)]
+
+
+def _auto_split_k(tiles: int, K: int, sms: int) -> int:
+    """Split of K that fills the SMs with whole waves of programs.
+
+    The smallest split whose last wave is at least 85% full, among splits that leave each program
+    >= _MIN_K_PER_SPLIT of K; otherwise the best-filled one. 1 when the grid already has many waves.
+    """
+    if tiles >= 4 * sms:
+        return 1
+    best, best_eff = 1, 0.0
+    for s in range(1, _MAX_SPLIT_K + 1):
+        if s > 1 and K < s * _MIN_K_PER_SPLIT:
+            break
+        programs = tiles * s
+        eff = programs / (math.ceil(programs / sms) * sms)
+        if eff >= 0.85:
+            return s
+        if eff > best_eff + 1e-9:
+            best, best_eff = s, eff
+    return best
+
+
+# The launches ``mlp_fwd`` / ``mlp_bwd`` make: (site, the strides that are 1 there, epilogue,
+# [(HAS_BIAS, STORE_PRE, COL_SUM)], output in fp32 for a split-K workspace). Triton's JIT turns an
+# integer argument equal to 1 into a constexpr, so each operand layout is its own compiled kernel.
+_SITES = (
+    ("c_fc fwd", ("stride_ak", "stride_bk", "stride_cn"), "gelu",
+     [(False, False, False), (True, False, False), (False, True, False), (True, True, False)], False),
+    ("c_proj fwd", ("stride_ak", "stride_bk", "stride_cn"), "none", [(False, False, False), (True, False, False)], False),
+    ("dpre", ("stride_ak", "stride_bn", "stride_cn"), "gelu_grad", [(False, False, False), (False, False, True)], False),
+    ("dx", ("stride_ak", "stride_bn", "stride_cn"), "none", [(False, False, False)], False),
+    ("dw", ("stride_am", "stride_bn", "stride_cn"), "none", [(False, False, False)], False),
+    ("dw split-k", ("stride_am", "stride_bn", "stride_cn"), "none", [(False, False, False)], True),
+)
+
+
+def launch_configs(cc: int) -> list[LaunchConfig]:
+    """Every launch of ``_matmul_kernel`` that ``mlp_fwd`` / ``mlp_bwd`` can make on compute capability ``cc``.
+
+    One entry per dtype x launch site (operand layout) x epilogue variant x tile role (the large
+    tiles, and the small ones used when M <= SMALL_M). Strides that are 1 at a site are listed as
+    constexprs of value 1, as the JIT specializes them. The JIT also marks pointers and integers
+    divisible by 16 (``tt.divisibility``); compile with those attributes to see the vectorized,
+    pipelined kernel that runs. bf16 is not offered on sm_75 (no bf16 tensor cores there), where
+    ``mlp`` refuses it.
+
+    Args:
+        cc: compute capability as an int, e.g. 75, 80, 86, 89, 90.
+    Returns:
+        A list of ``kernels.aot.LaunchConfig``.
+    """
+    arch = _arch(cc)
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if cc >= 80 else [])
+    ints = ("M", "N", "K", "k_split", "stride_am", "stride_ak", "stride_bk", "stride_bn",
+            "stride_cs", "stride_cm", "stride_cn")
+    out = []
+    for dtype in dtypes:
+        t = names[dtype]
+        table = _TILES[arch]["fp32" if dtype == torch.float32 else "lowp"]
+        for site, unit, epi, variants, split in _SITES:
+            if split and dtype == torch.float32:
+                continue  # the same kernel as "dw": fp32 output either way
+            c_type = "fp32" if split else t
+            large = table["main" if epi == "none" else "epilogue"]
+            for tiles in dict.fromkeys((large, table["small"])):  # distinct, in order
+                for has_bias, store_pre, col_sum in variants:
+                    signature = {"a_ptr": f"*{t}", "b_ptr": f"*{t}", "c_ptr": f"*{c_type}", "bias_ptr": f"*{t}",
+                                 "pre_ptr": f"*{t}", "colsum_ptr": "*fp32"}
+                    signature.update({name: "i32" for name in ints if name not in unit})
+                    constexprs = {name: 1 for name in unit}
+                    constexprs.update({
+                        "EPILOGUE": epi, "HAS_BIAS": has_bias, "STORE_PRE": store_pre, "COL_SUM": col_sum,
+                        "BLOCK_M": tiles.BLOCK_M, "BLOCK_N": tiles.BLOCK_N, "BLOCK_K": tiles.BLOCK_K,
+                        "GROUP_M": tiles.GROUP_M,
+                    })
+                    flags = "".join(f" +{n}" for n, on in (("bias", has_bias), ("pre", store_pre),
+                                                            ("colsum", col_sum)) if on)
+                    out.append(LaunchConfig(
+                        label=(f"mlp {site} {epi}{flags} {t} BLOCK_M={tiles.BLOCK_M} BLOCK_N={tiles.BLOCK_N} "
+                               f"BLOCK_K={tiles.BLOCK_K}"),
+                        kernel=_matmul_kernel, signature=signature, constexprs=constexprs,
+                        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                    ))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *, epilogue: str = "none",
+           pre: torch.Tensor | None = None, col_sum: bool = False, out_dtype: torch.dtype | None = None,
+           split_k: int | None = None, tiles: Tiles | None = None):
+    """C = epilogue(A @ B) with fp32 accumulation, through ``_matmul_kernel``.
+
+    Operands may have any strides (pass ``w.t()`` for a transposed weight; nothing is copied).
+
+    Args:
+        a: (M, K) fp32 / fp16 / bf16.
+        b: (K, N), same dtype as ``a``.
+        bias: (N,) or None, added to the product.
+        epilogue: "none"; "gelu" (C = gelu_tanh(A @ B + bias); if ``pre`` is given, A @ B + bias is
+            also written into it); "gelu_grad" (C = (A @ B) * gelu_tanh'(pre), ``pre`` required).
+        pre: (M, N) contiguous tensor of a's dtype: output buffer for "gelu", input for "gelu_grad".
+        col_sum: also return the fp32 column sums of C (before rounding to the output dtype).
+        out_dtype: dtype of C, default a's dtype.
+        split_k: split K over this many programs per tile (epilogue "none" without bias only);
+            None picks one from the SM count on a GPU, 1 under the interpreter.
+        tiles: force a tile configuration (tests); default by device, dtype and M.
+    Returns:
+        C (M, N) contiguous, or (C, colsum (N,) fp32) when ``col_sum``.
+    """
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"matmul: unknown epilogue {epilogue!r}; supported: {', '.join(EPILOGUES)}")
+    M, K = a.shape
+    K2, N = b.shape
+    if K2 != K:
+        raise ValueError(f"matmul: a is {tuple(a.shape)} and b is {tuple(b.shape)}; inner sizes differ")
+    if b.dtype != a.dtype:
+        raise ValueError(f"matmul: a is {a.dtype} and b is {b.dtype}; operands must share a dtype")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"matmul: bias must have shape ({N},), got {tuple(bias.shape)}")
+    if epilogue == "gelu_grad" and pre is None:
+        raise ValueError("matmul: epilogue 'gelu_grad' needs the pre-activation `pre`")
+    if pre is not None and (pre.shape != (M, N) or not pre.is_contiguous() or pre.dtype != a.dtype):
+        raise ValueError(f"matmul: pre must be a contiguous ({M}, {N}) {a.dtype} tensor")
+    out_dtype = out_dtype or a.dtype
+    t = tiles or _pick_tiles(a.device, a.dtype, epilogue, M)
+    grid_mn = triton.cdiv(M, t.BLOCK_M) * triton.cdiv(N, t.BLOCK_N)
+    splittable = epilogue == "none" and bias is None and not col_sum
+    if split_k is None:
+        split_k = 1
+        if splittable and a.device.type == "cuda":
+            _, sms = _device_info(_device_index(a.device))
+            split_k = _auto_split_k(grid_mn, K, sms)
+    if split_k < 1 or (split_k > 1 and not splittable):
+        raise ValueError(f"matmul: split_k={split_k} needs epilogue 'none' without bias or column sums")
+    k_split = triton.cdiv(triton.cdiv(max(K, 1), split_k), t.BLOCK_K) * t.BLOCK_K
+    split_k = triton.cdiv(max(K, 1), k_split)  # rounding k_split up may leave fewer slices
+
+    c = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    dest = c if split_k == 1 else torch.empty((split_k, M, N), device=a.device, dtype=torch.float32)
+    n_row_blocks = triton.cdiv(M, t.BLOCK_M)
+    colsum = torch.empty((n_row_blocks, N), device=a.device, dtype=torch.float32) if col_sum else None
+    if M > 0 and N > 0:
+        grid = (grid_mn, split_k)
+        _matmul_kernel[grid](
+            a, b, dest,
+            bias if bias is not None else a,  # unused when HAS_BIAS is False
+            pre if pre is not None else a,  # unused unless "gelu" with pre, or "gelu_grad"
+            colsum if colsum is not None else dest,  # unused unless COL_SUM
+            M, N, K, k_split,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            dest.stride(0) if split_k > 1 else 0, dest.stride(-2), dest.stride(-1),
+            EPILOGUE=epilogue, HAS_BIAS=bias is not None, STORE_PRE=epilogue == "gelu" and pre is not None,
+            COL_SUM=col_sum,
+            BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=t.BLOCK_K, GROUP_M=t.GROUP_M,
+            num_warps=t.num_warps, num_stages=t.num_stages,
+        )
+        if split_k > 1:
+            torch.sum(dest, dim=0, out=c) if out_dtype == torch.float32 else c.copy_(dest.sum(dim=0))
+    if col_sum:
+        return c, (colsum.sum(dim=0) if M > 0 else torch.zeros(N, device=a.device, dtype=torch.float32))
+    return c
+
+
+def mlp_fwd(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor | None, w_proj: torch.Tensor,
+            b_proj: torch.Tensor | None, save_pre: bool = True):
+    """Forward of the MLP on rows; no checks (``mlp`` does them).
+
+    Args:
+        x: (M, C); w_fc: (H, C); b_fc: (H,) or None; w_proj: (C, H); b_proj: (C,) or None; all one dtype.
+        save_pre: also return the pre-activation x @ w_fc^T + b_fc (needed by ``mlp_bwd``).
+    Returns:
+        (y (M, C), pre (M, H) or None, act (M, H) = gelu_tanh(pre)).
+    """
+    M, H = x.shape[0], w_fc.shape[0]
+    pre = torch.empty((M, H), device=x.device, dtype=x.dtype) if save_pre else None
+    act = matmul(x, w_fc.t(), b_fc, epilogue="gelu", pre=pre)  # (M, H)
+    y = matmul(act, w_proj.t(), b_proj)  # (M, C)
+    return y, pre, act
+
+
+def mlp_bwd(dy: torch.Tensor, x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor, pre: torch.Tensor,
+            act: torch.Tensor, needs: tuple = (True, True, True, True, True)):
+    """Backward of the MLP on rows.
+
+    Args:
+        dy: (M, C) gradient of the output; x: (M, C); w_fc: (H, C); w_proj: (C, H);
+        pre, act: (M, H) from ``mlp_fwd``. All one dtype.
+        needs: which of (dx, dw_fc, db_fc, dw_proj, db_proj) to compute.
+    Returns:
+        (dx (M, C), dw_fc (H, C), db_fc (H,), dw_proj (C, H), db_proj (C,)) in x's dtype, None where not needed.
+    """
+    need_dx, need_dw_fc, need_db_fc, need_dw_proj, need_db_proj = needs
+    dx = dw_fc = db_fc = dw_proj = db_proj = None
+    if need_dw_proj:
+        dw_proj = matmul(dy.t(), act)  # (C, H) = (C, M) @ (M, H)
+    if need_db_proj:
+        db_proj = dy.sum(dim=0, dtype=torch.float32).to(dy.dtype)  # (C,)
+    if need_dx or need_dw_fc or need_db_fc:
+        res = matmul(dy, w_proj, epilogue="gelu_grad", pre=pre, col_sum=need_db_fc)  # (M, H) = dpre
+        dpre, db_fc = res if need_db_fc else (res, None)
+        if db_fc is not None:
+            db_fc = db_fc.to(dy.dtype)
+        if need_dw_fc:
+            dw_fc = matmul(dpre.t(), x)  # (H, C) = (H, M) @ (M, C)
+        if need_dx:
+            dx = matmul(dpre, w_fc)  # (M, C) = (M, H) @ (H, C)
+    return dx, dw_fc, db_fc, dw_proj, db_proj
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------
+
+
+class MLPFunction(torch.autograd.Function):
+    """Autograd for ``mlp`` on rows: saves x, pre and act (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, w_fc, b_fc, w_proj, b_proj):
+        needs_grad = any(ctx.needs_input_grad)
+        y, pre, act = mlp_fwd(x, w_fc, b_fc, w_proj, b_proj, save_pre=needs_grad)
+        if needs_grad:
+            ctx.save_for_backward(x, w_fc, w_proj, pre, act)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w_fc, w_proj, pre, act = ctx.saved_tensors
+        return mlp_bwd(dy, x, w_fc, w_proj, pre, act, needs=tuple(ctx.needs_input_grad))
+
+
+# --------------------------------------------------------------------------------------------
+# Public function
+# --------------------------------------------------------------------------------------------
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check(x, w_fc, b_fc, w_proj, b_proj) -> None:
+    named = {"x": x, "w_fc": w_fc, "b_fc": b_fc, "w_proj": w_proj, "b_proj": b_proj}
+    for name, t in named.items():
+        if t is None and name in ("b_fc", "b_proj"):
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"mlp: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"mlp: {name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+    if x.dim() < 1:
+        raise ValueError("mlp: x must have at least one dimension (..., C)")
+    C = x.shape[-1]
+    if w_fc.dim() != 2 or w_fc.shape[1] != C:
+        raise ValueError(f"mlp: w_fc must have shape (H, C) = (H, {C}) for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(w_fc.shape)}")
+    H = w_fc.shape[0]
+    if C == 0 or H == 0:
+        raise ValueError(f"mlp: C and H must be positive, got C={C}, H={H}")
+    if b_fc is not None and tuple(b_fc.shape) != (H,):
+        raise ValueError(f"mlp: b_fc must have shape (H,) = ({H},), got {tuple(b_fc.shape)}")
+    if tuple(w_proj.shape) != (C, H):
+        raise ValueError(f"mlp: w_proj must have shape (C, H) = ({C}, {H}), got {tuple(w_proj.shape)}")
+    if b_proj is not None and tuple(b_proj.shape) != (C,):
+        raise ValueError(f"mlp: b_proj must have shape (C,) = ({C},), got {tuple(b_proj.shape)}")
+    for name, t in named.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"mlp: {name} is on {t.device} but x is on {x.device}; all tensors must share a device")
+    dev = x.device.type
+    if dev == "cpu":
+        if not interpreter_enabled():
+            raise RuntimeError("mlp: the Triton backend got CPU tensors; Triton runs on CPU only under its "
+                               "interpreter (set TRITON_INTERPRET=1 before importing kernels.mlp), else use a "
+                               "CUDA device or the 'torch' backend")
+        if x.dtype == torch.bfloat16:
+            raise TypeError("mlp: bfloat16 is not supported under the Triton CPU interpreter; "
+                            "use float32 or float16 there, bfloat16 on a GPU")
+    elif dev == "cuda":
+        cc, _ = _device_info(_device_index(x.device))
+        _arch(cc)
+        if x.dtype == torch.bfloat16 and cc < 80:
+            raise TypeError(f"mlp: bfloat16 needs compute capability >= 8.0, this GPU is {cc // 10}.{cc % 10}; "
+                            "use float16 or float32")
+    else:
+        raise RuntimeError(f"mlp: the Triton backend runs on CUDA (or CPU under the interpreter), not {dev!r}")
+
+
+def mlp(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor | None, w_proj: torch.Tensor,
+        b_proj: torch.Tensor | None) -> torch.Tensor:
+    """GPT-2's MLP, c_proj(gelu_tanh(c_fc(x))), on fused Triton matmuls; same contract as ``kernels.ref.mlp``.
+
+    Weights and biases of another dtype than x (fp32 master weights with fp16 activations) are cast
+    to x's dtype here, so their gradients come back in their own dtype through autograd.
+
+    Args:
+        x: (..., C) fp32 / fp16 / bf16.
+        w_fc: (H, C), b_fc: (H,) or None  -- c_fc, H is usually 4 C.
+        w_proj: (C, H), b_proj: (C,) or None  -- c_proj.
+    Returns:
+        (..., C) in ``x.dtype``.
+    """
+    _check(x, w_fc, b_fc, w_proj, b_proj)
+    dt = x.dtype
+    w_fc, w_proj = w_fc.to(dt), w_proj.to(dt)
+    b_fc = b_fc.to(dt) if b_fc is not None else None
+    b_proj = b_proj.to(dt) if b_proj is not None else None
+    C = x.shape[-1]
+    y = MLPFunction.apply(x.reshape(-1, C), w_fc, b_fc, w_proj, b_proj)  # (M, C)
+    return y.reshape(x.shape)

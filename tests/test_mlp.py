@@ -1,0 +1,290 @@
+"""Parity and error tests of the Triton MLP (kernels/mlp.py) against kernels.ref.
+
+On the CPU the kernels run under the Triton interpreter (fp32 and fp16, small shapes); the bf16 /
+fp16 tests at GPT-2 size run only on a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import mlp as K
+from kernels import ref
+from kernels.aot import LaunchConfig
+from kernels.testing import assert_close
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16/fp16 at GPT-2 size needs a CUDA GPU")
+GRAD_NAMES = ("dx", "dw_fc", "db_fc", "dw_proj", "db_proj")
+
+
+def _inputs(x_shape, H, dtype, bias_fc=True, bias_proj=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    C = x_shape[-1]
+    x = torch.randn(x_shape, generator=g)
+    w_fc = torch.randn(H, C, generator=g) / C**0.5
+    b_fc = torch.randn(H, generator=g) * 0.5 if bias_fc else None
+    w_proj = torch.randn(C, H, generator=g) / H**0.5
+    b_proj = torch.randn(C, generator=g) * 0.5 if bias_proj else None
+    dy = torch.randn(x_shape, generator=g)
+    ts = [t.to(DEVICE, dtype) if t is not None else None for t in (x, w_fc, b_fc, w_proj, b_proj, dy)]
+    return ts[:5], ts[5]
+
+
+def _run(fn, params, dy):
+    """Forward and the gradient of every input that exists, all in fp32-or-own dtype."""
+    leaves = [p.detach().clone().requires_grad_() if p is not None else None for p in params]
+    y = fn(*leaves)
+    grads = torch.autograd.grad(y, [p for p in leaves if p is not None], dy)
+    it = iter(grads)
+    return y.detach(), [next(it) if p is not None else None for p in leaves]
+
+
+def _check_parity(params, dy, what):
+    dtype = params[0].dtype
+    y, grads = _run(K.mlp, params, dy)
+    up = [p.float() if p is not None else None for p in params]
+    y32, grads32 = _run(ref.mlp, up, dy.float())
+    if dtype == torch.float32:
+        y_lp, grads_lp = None, [None] * 5
+    else:
+        y_lp, grads_lp = _run(ref.mlp, params, dy)
+    assert y.dtype == dtype and y.shape == params[0].shape
+    assert_close(f"mlp {what} y", y, y32, y_lp)
+    for name, g, g32, g_lp in zip(GRAD_NAMES, grads, grads32, grads_lp):
+        if g32 is None:
+            assert g is None
+            continue
+        assert g.dtype == dtype
+        assert_close(f"mlp {what} {name}", g, g32, g_lp)
+
+
+SHAPES = [
+    pytest.param((1, 32), 128, True, True, id="M1"),
+    pytest.param((37, 48), 192, True, True, id="M37"),
+    pytest.param((2, 13, 32), 128, True, True, id="3d"),
+    pytest.param((19, 23), 41, True, True, id="primes"),
+    pytest.param((19, 23), 41, False, False, id="primes-nobias"),
+    pytest.param((37, 48), 192, False, True, id="no-b_fc"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("x_shape,H,bias_fc,bias_proj", SHAPES)
+def test_mlp_parity(x_shape, H, bias_fc, bias_proj, dtype):
+    params, dy = _inputs(x_shape, H, dtype, bias_fc, bias_proj)
+    _check_parity(params, dy, f"{tuple(x_shape)}->H={H} {dtype}")
+
+
+def test_mlp_mixed_dtypes_grads_in_own_dtype():
+    """fp16 activations with fp32 master weights: compute in fp16, weight grads come back in fp32."""
+    params, dy = _inputs((13, 32), 64, torch.float32)
+    x16 = params[0].half()
+    y, grads = _run(K.mlp, [x16] + params[1:], dy.half())
+    y16, grads16 = _run(K.mlp, [x16] + [p.half() for p in params[1:]], dy.half())
+    assert y.dtype == torch.float16 and grads[0].dtype == torch.float16
+    assert all(g.dtype == torch.float32 for g in grads[1:])
+    torch.testing.assert_close(y, y16, rtol=0, atol=0)
+    for g, g16 in zip(grads, grads16):
+        torch.testing.assert_close(g.float(), g16.float(), rtol=0, atol=0)
+
+
+def test_mlp_partial_requires_grad_and_no_grad():
+    params, dy = _inputs((11, 16), 48, torch.float32)
+    x, w_fc, b_fc, w_proj, b_proj = params
+    w_proj = w_proj.clone().requires_grad_()  # only w_proj needs a gradient
+    y = K.mlp(x, w_fc, b_fc, w_proj, b_proj)
+    (dw,) = torch.autograd.grad(y, [w_proj], dy)
+    y_ref = ref.mlp(x, w_fc, b_fc, w_proj.detach().requires_grad_(), b_proj)
+    assert_close("mlp y (only w_proj grad)", y, y_ref)
+    w_ref = w_proj.detach().clone().requires_grad_()
+    (dw_ref,) = torch.autograd.grad(ref.mlp(x, w_fc, b_fc, w_ref, b_proj), [w_ref], dy)
+    assert_close("mlp dw_proj (only w_proj grad)", dw, dw_ref)
+    with torch.no_grad():
+        y_ng = K.mlp(*params)
+    assert not y_ng.requires_grad
+    assert_close("mlp y (no_grad)", y_ng, ref.mlp(*params))
+
+
+def test_mlp_expanded_output_grad():
+    """y.sum() backpropagates a stride-0 dy; the kernels read it through its strides."""
+    params, _ = _inputs((2, 5, 24), 40, torch.float32)
+    leaves = [p.clone().requires_grad_() for p in params]
+    K.mlp(*leaves).sum().backward()
+    leaves_ref = [p.clone().requires_grad_() for p in params]
+    ref.mlp(*leaves_ref).sum().backward()
+    for name, a, b in zip(GRAD_NAMES, leaves, leaves_ref):
+        assert_close(f"mlp {name} (expanded dy)", a.grad, b.grad)
+
+
+def test_mlp_empty_rows():
+    params, _ = _inputs((0, 16), 32, torch.float32)
+    leaves = [p.clone().requires_grad_() for p in params]
+    y = K.mlp(*leaves)
+    assert y.shape == (0, 16)
+    y.sum().backward()
+    for p in leaves[1:]:
+        assert p.grad is not None and torch.count_nonzero(p.grad) == 0
+
+
+# ---- the raw matmul launcher, every epilogue, against torch
+
+
+SMALL_TILES = K.Tiles(16, 16, 16, 2, 4, 1)  # many tiles and a partial last group on small shapes
+
+
+def _operands(M, K_, N, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(M, K_, generator=g).to(DEVICE, dtype)
+    b_t = torch.randn(N, K_, generator=g).to(DEVICE, dtype)  # used transposed: B = b_t.T, strided
+    bias = torch.randn(N, generator=g).to(DEVICE, dtype)
+    pre = torch.randn(M, N, generator=g).to(DEVICE, dtype)
+    return a, b_t.t(), bias, pre
+
+
+def _lowp(x):
+    return x if x.dtype == torch.float32 else None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("tiles", [None, SMALL_TILES], ids=["default-tiles", "16x16x16-group2"])
+def test_matmul_epilogues(dtype, tiles):
+    M, K_, N = 37, 29, 41
+    a, b, bias, pre = _operands(M, K_, N, dtype)
+    a32, b32, bias32, pre32 = a.float(), b.float(), bias.float(), pre.float()
+    lowp = dtype != torch.float32
+
+    c = K.matmul(a, b, tiles=tiles)
+    assert_close("matmul none", c, a32 @ b32, (a @ b) if lowp else None)
+
+    c = K.matmul(a, b, bias, tiles=tiles)
+    assert_close("matmul bias", c, a32 @ b32 + bias32, (a @ b + bias) if lowp else None)
+
+    pre_out = torch.empty(M, N, device=DEVICE, dtype=dtype)
+    c = K.matmul(a, b, bias, epilogue="gelu", pre=pre_out, tiles=tiles)
+    h32 = a32 @ b32 + bias32
+    h_lp = (a @ b + bias) if lowp else None
+    assert_close("matmul gelu pre", pre_out, h32, h_lp)
+    assert_close("matmul gelu", c, ref.gelu_tanh(h32), ref.gelu_tanh(h_lp) if lowp else None)
+
+    c = K.matmul(a, b, epilogue="gelu", tiles=tiles)  # no bias, no pre store
+    assert_close("matmul gelu (no bias)", c, ref.gelu_tanh(a32 @ b32), ref.gelu_tanh(a @ b) if lowp else None)
+
+    c, colsum = K.matmul(a, b, epilogue="gelu_grad", pre=pre, col_sum=True, tiles=tiles)
+    d32 = (a32 @ b32) * ref.gelu_tanh_grad(pre32)
+    d_lp = ((a @ b).float() * ref.gelu_tanh_grad(pre)).to(dtype) if lowp else None
+    assert_close("matmul gelu_grad", c, d32, d_lp)
+    assert colsum.dtype == torch.float32
+    assert_close("matmul gelu_grad colsum", colsum, d32.sum(0))  # fp32 sums of the fp32 tile values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_matmul_split_k_and_transposed_a(dtype):
+    M, K_, N = 23, 100, 19
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(K_, M, generator=g).to(DEVICE, dtype).t()  # (M, K) with unit row stride, like dy.T
+    b = torch.randn(K_, N, generator=g).to(DEVICE, dtype)
+    want = a.float() @ b.float()
+    for split in (1, 3):
+        c = K.matmul(a, b, split_k=split, tiles=SMALL_TILES)
+        assert c.dtype == dtype
+        assert_close(f"matmul split_k={split}", c, want, (a @ b) if dtype != torch.float32 else None)
+
+
+def test_auto_split_k_fills_waves():
+    # 72 tiles on 132 SMs: one half-empty wave unsplit; the split found keeps the last wave >= 85% full.
+    s = K._auto_split_k(72, 16384, 132)
+    assert s > 1 and (72 * s) / (-(-72 * s // 132) * 132) >= 0.85
+    assert K._auto_split_k(2000, 16384, 132) == 1  # already many waves
+    assert K._auto_split_k(72, 600, 132) == 1  # K too short to split
+
+
+# ---- errors
+
+
+def test_mlp_bad_inputs():
+    params, _ = _inputs((5, 16), 32, torch.float32)
+    x, w_fc, b_fc, w_proj, b_proj = params
+    with pytest.raises(ValueError, match=r"mlp: w_fc must have shape \(H, C\)"):
+        K.mlp(x, w_fc[:, :8], b_fc, w_proj, b_proj)
+    with pytest.raises(ValueError, match=r"mlp: w_proj must have shape \(C, H\) = \(16, 32\)"):
+        K.mlp(x, w_fc, b_fc, w_proj.t(), b_proj)
+    with pytest.raises(ValueError, match=r"mlp: b_fc must have shape \(H,\) = \(32,\)"):
+        K.mlp(x, w_fc, b_fc[:5], w_proj, b_proj)
+    with pytest.raises(ValueError, match=r"mlp: b_proj must have shape \(C,\) = \(16,\)"):
+        K.mlp(x, w_fc, b_fc, w_proj, b_fc)
+    with pytest.raises(TypeError, match="mlp: x has dtype torch.float64; supported: float32, float16, bfloat16"):
+        K.mlp(x.double(), w_fc, b_fc, w_proj, b_proj)
+    with pytest.raises(TypeError, match="mlp: w_fc has dtype torch.int64"):
+        K.mlp(x, w_fc.long(), b_fc, w_proj, b_proj)
+    with pytest.raises(ValueError, match="mlp: w_proj is on meta but x is on"):
+        K.mlp(x, w_fc, b_fc, w_proj.to("meta"), b_proj)
+    with pytest.raises(ValueError, match="split_k=2 needs epilogue 'none'"):
+        K.matmul(x, w_fc.t(), epilogue="gelu", split_k=2)
+    with pytest.raises(ValueError, match="unknown epilogue 'relu'"):
+        K.matmul(x, w_fc.t(), epilogue="relu")
+    with pytest.raises(ValueError, match="gelu_grad' needs the pre-activation"):
+        K.matmul(x, w_fc.t(), epilogue="gelu_grad")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only errors")
+def test_mlp_cpu_errors(monkeypatch):
+    params, _ = _inputs((5, 16), 32, torch.float32)
+    with pytest.raises(TypeError, match="mlp: bfloat16 is not supported under the Triton CPU interpreter"):
+        K.mlp(*[p.bfloat16() for p in params])
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="mlp: the Triton backend got CPU tensors"):
+        K.mlp(*params)
+
+
+# ---- launch configurations (compiled ahead of time by kernels/report.py)
+
+
+SMEM_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+@pytest.mark.parametrize("cc", sorted(SMEM_LIMIT))
+def test_launch_configs_cover_launchers(cc):
+    configs = K.launch_configs(cc)
+    assert configs and all(isinstance(c, LaunchConfig) for c in configs)
+    args = K._matmul_kernel.arg_names
+    for c in configs:
+        assert set(c.signature) | set(c.constexprs) == set(args), c.label
+        assert list(c.signature) == [a for a in args if a in c.signature], c.label  # kernel order
+        # the operand pipeline alone must fit; the compiler's epilogue scratch reuses it
+        tiles = (c.constexprs["BLOCK_M"] * c.constexprs["BLOCK_K"] + c.constexprs["BLOCK_K"] * c.constexprs["BLOCK_N"])
+        elem = 4 if c.signature["a_ptr"] == "*fp32" else 2
+        assert c.num_stages * tiles * elem <= SMEM_LIMIT[cc], c.label
+    # every tile config the launchers can pick here, for every dtype they accept, is listed
+    arch = K._arch(cc)
+    listed = {(c.signature["a_ptr"], c.constexprs["EPILOGUE"], c.constexprs["BLOCK_M"], c.constexprs["BLOCK_N"],
+               c.constexprs["BLOCK_K"], c.num_warps, c.num_stages) for c in configs}
+    dtypes = {"*fp32": "fp32", "*fp16": "lowp"} | ({"*bf16": "lowp"} if cc >= 80 else {})
+    for ptr, cls in dtypes.items():
+        for epi in K.EPILOGUES:
+            for M in (1, 4096):
+                t = K._TILES[arch][cls][K._role(epi, M)]
+                key = (ptr, epi, t.BLOCK_M, t.BLOCK_N, t.BLOCK_K, t.num_warps, t.num_stages)
+                assert key in listed, (cc, key)
+    assert not any(c.signature["a_ptr"] == "*bf16" for c in configs) or cc >= 80
+
+
+# ---- GPU: bf16 / fp16 at GPT-2 size
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_mlp_gpt2_size_gpu(dtype):
+    params, dy = _inputs((4, 1024, 768), 3072, dtype)
+    _check_parity(params, dy, f"GPT-2 {dtype}")
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_mlp_decode_and_odd_sizes_gpu(dtype):
+    for x_shape, H in (((3, 768), 3072), ((1, 97, 768), 3072), ((5, 37, 200), 803)):
+        params, dy = _inputs(x_shape, H, dtype)
+        _check_parity(params, dy, f"{x_shape}->H={H} {dtype}")
