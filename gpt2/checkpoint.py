@@ -1,0 +1,190 @@
+"""Training checkpoints: atomic writes, safe loads, and the random-number state for exact resume.
+
+A checkpoint (``ckpt.pt`` in a run's out dir) is one ``torch.save`` dict:
+
+- ``model``, ``optimizer``, ``scaler``: their ``state_dict()``;
+- ``step``: optimizer steps done; ``last_eval_step``, ``best_val_loss``;
+- ``model_config`` (``GPTConfig`` as a dict) and ``train_args`` (the resolved options);
+- ``rng``: one entry per rank with the Python, NumPy, torch CPU and CUDA generator states;
+- ``data``: ``Batcher.state_dict()`` of the train and evaluation batchers;
+- ``world_size`` and ``format`` (``FORMAT``).
+
+Writes go to a temporary file in the same folder, are fsynced, then renamed over the old file, so
+a crash mid-save leaves the previous checkpoint whole. Loads use ``weights_only=True`` (nothing
+in a checkpoint runs code) and turn every way a file can be broken into one ``CheckpointError``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpt2.model import GPT, ConfigError, GPTConfig
+
+FORMAT = 1
+CKPT_NAME = "ckpt.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, truncated, or from an incompatible run."""
+
+
+def checkpoint_path(path) -> Path:
+    """``path`` itself if it is a file (or ends in ``.pt``), else ``path / ckpt.pt``."""
+    p = Path(path)
+    return p if p.is_file() or p.suffix == ".pt" else p / CKPT_NAME
+
+
+def atomic_write(path, write) -> None:
+    """Create ``path`` atomically: ``write(f)`` fills a temp file in the same folder (binary mode),
+    which is fsynced and renamed over ``path``. Until the rename the old ``path`` is untouched, and
+    if anything fails the temp file is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Make the rename itself durable; not every platform lets a folder be opened for this.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path, state: dict) -> None:
+    """Atomically write a checkpoint dict (see the module docstring) to ``path``.
+
+    The previous file at ``path`` stays intact until the new one is completely on disk.
+    """
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+
+
+_REQUIRED = ("model", "model_config", "step")
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Read a checkpoint written by ``save_checkpoint``.
+
+    Args:
+        path: the ``.pt`` file, or a run's out dir holding ``ckpt.pt``.
+        map_location: where tensors are loaded (``torch.load``'s argument).
+    Returns:
+        The checkpoint dict.
+    Raises:
+        FileNotFoundError: there is no checkpoint at ``path``.
+        CheckpointError: the file is truncated, corrupt, or not one of ours.
+    """
+    p = checkpoint_path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no checkpoint at {p}: nothing to resume or load (train into that --out-dir first)")
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:  # a damaged file fails in many ways: EOF, unpickling, zip errors
+        raise CheckpointError(f"checkpoint {p} is corrupt or truncated and cannot be read "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in _REQUIRED):
+        raise CheckpointError(f"{p} is not a gpt2 training checkpoint (it lacks {', '.join(_REQUIRED)})")
+    if ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {p} has format {ckpt.get('format')!r}; this version reads format {FORMAT}")
+    return ckpt
+
+
+def config_from_checkpoint(ckpt: dict, path="checkpoint") -> GPTConfig:
+    """The ``GPTConfig`` a checkpoint was trained with."""
+    try:
+        return GPTConfig(**ckpt["model_config"])
+    except (TypeError, ConfigError) as e:
+        raise CheckpointError(f"{path}: its model configuration is invalid ({e})") from e
+
+
+def check_same_shape(saved: GPTConfig, wanted: GPTConfig, path="checkpoint") -> None:
+    """Raise ``ConfigError`` naming every shape field where ``wanted`` differs from ``saved``."""
+    keys = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+    diff = [f"{k}={getattr(saved, k)} (asked {getattr(wanted, k)})" for k in keys
+            if getattr(saved, k) != getattr(wanted, k)]
+    if diff:
+        raise ConfigError(f"checkpoint {path} holds a model of another shape: {', '.join(diff)}; resume with the "
+                          "checkpoint's --preset or train into a new --out-dir")
+
+
+def load_model(path, backend: str = "auto", device="cpu") -> tuple[GPT, dict]:
+    """Build the model stored in a training checkpoint.
+
+    Args:
+        path: a ``.pt`` file or a run's out dir.
+        backend: kernel backend spec for the model.
+        device: where to put it.
+    Returns:
+        ``(model, checkpoint dict)``; the model is in eval mode.
+    """
+    p = checkpoint_path(path)
+    ckpt = load_checkpoint(p)
+    config = config_from_checkpoint(ckpt, p)
+    model = GPT(config, backend=backend)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {p}: its weights do not fit its own configuration ({e})") from e
+    return model.to(device).eval(), ckpt
+
+
+# ----------------------------------------------------------------------------- random state
+
+def rng_state() -> dict:
+    """Every generator this process draws from: Python, NumPy's global, torch CPU and CUDA."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` returned."""
+    random.setstate(_tuplify(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _tuplify(x):
+    # random.setstate wants tuples all the way down; a round trip may have turned them into lists.
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
