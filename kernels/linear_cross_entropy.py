@@ -228,6 +228,8 @@ def _check_compute_dtype(device: torch.device, compute_dtype: torch.dtype) -> No
             f"{_OP}: bfloat16 needs a CUDA GPU (Triton's CPU interpreter has no bfloat16); "
             f"use float32 or float16 on the CPU"
         )
+    if device.type == "cuda" and compute_dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] < 8:
+        raise TypeError(f"{_OP}: bfloat16 needs compute capability 8.0 or newer (sm_80+); use float16 on {device}")
 
 
 def _out_of_range_error(V: int, ignore_index: int, example=None) -> ValueError:
@@ -422,17 +424,18 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 
 def launch_configs(cc: int) -> list[LaunchConfig]:
-    """Every kernel configuration the launcher may launch (the same on every compute capability).
+    """Every kernel configuration the launcher may launch on compute capability ``cc``.
 
     The kernel is a memory-bound row reduction with no shared-memory tiles; BLOCK_V is V's next
-    power of two clamped to [128, 4096], so these are all the choices for any V.
+    power of two clamped to [128, 4096], so these are all the choices for any V; bf16 only from
+    sm_80 on.
     """
-    del cc  # the launcher's choice does not depend on the architecture
+    dtypes = _DTYPES if cc >= 80 else (torch.float32, torch.float16)  # bf16 needs sm_80+ (the wrapper refuses it)
     configs = []
     block_v = _MIN_BLOCK_V
     while block_v <= _MAX_BLOCK_V:
         _, num_warps, num_stages = _block_params(block_v)
-        for dtype in _DTYPES:
+        for dtype in dtypes:
             for grad in (True, False):
                 name = _TL_NAMES[dtype]
                 configs.append(LaunchConfig(

@@ -362,6 +362,7 @@ def test_launch_configs_cover_the_launcher():
     # What the launcher picks for the V of these tests and GPT-2's is listed.
     assert {128, 256, 1024, 4096} <= blocks
     assert {c.signature["logits_ptr"] for c in configs} == {"*fp32", "*fp16", "*bf16"}
+    assert {c.signature["logits_ptr"] for c in launch_configs(75)} == {"*fp32", "*fp16"}  # no bf16 before sm_80
     for c in configs:
         assert set(c.constexprs) == {"COMPUTE_GRAD", "BLOCK_V"}
         assert list(c.signature) == ["logits_ptr", "targets_ptr", "loss_ptr", "n_valid_ptr", "err_ptr",
