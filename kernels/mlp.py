@@ -30,23 +30,34 @@ and only (M, C), a quarter of an activation.
 Cost at the benchmark size (M = 16384 tokens, C = 768, H = 3072, bf16), computed, not measured:
 
     FLOPs     forward 2 * M*C*H * 2 = 154.6 GFLOP, backward 2x that = 309.2 GFLOP, total 463.9 GFLOP
-    bytes     fewest for the op itself (x, weights, y; dy, dx, weight grads): about 60 MB forward and
-              about 80 MB backward; with the (M, H) activations materialised as here: forward about
-              360 MB (x, w_fc, pre, act, act again, w_proj, y), backward about 640 MB.
-    bound     463.9 GFLOP / 1 GB = ~460 FLOP/byte, far above an H100's ~300 FLOP/byte ridge
-              (989 TFLOP/s dense bf16 / 3.35 TB/s): compute-bound, so tile shape and occupancy of
-              the 132 SMs decide the time, and the (M, H) round trips cost ~0.3 ms of bandwidth
-              that overlap with ~0.5 ms of tensor-core work at peak.
+    bytes     fewest for the op itself, each tensor once (x, weights, y; then dy, x, weights, dx and
+              the weight grads): 60 MB forward, 95 MB backward. As done here, with the (M, H)
+              tensors (100.7 MB each) materialised: forward 362 MB (c_fc reads x, w_fc and writes
+              pre, act; c_proj reads act, w_proj and writes y), backward 648 MB (dpre: dy, w_proj,
+              pre -> dpre; dw_proj: dy, act; db_proj: dy; dw_fc: dpre, x; dx: dpre, w_fc -> dx)
+              plus 189 MB of split-K fp32 partials (written, read) for the two weight gradients.
+    bound     463.9 GFLOP / 1.2 GB = ~390 FLOP/byte, above an H100's ~295 FLOP/byte ridge (989
+              TFLOP/s dense bf16 / 3.35 TB/s): compute-bound. At peak that is 0.47 ms of tensor-core
+              work against 0.36 ms of traffic that overlaps it, so tile efficiency and filling the
+              132 SMs decide the time.
 
-Tiles (see ``_TILES``): on sm_80/sm_90, 128 x 256 x 64 with 8 warps and 3 stages, the shape that
-keeps 16-bit tensor cores busiest in Triton's matmul tutorial (147 KB of shared memory); on sm_86 /
-sm_89 (99 KB) and sm_75 (64 KB) 128 x 128 x 32 with fewer stages. Program ids are grouped
-GROUP_M row blocks at a time so the B column panels a group shares stay in L2. A grid of few row
-blocks (M <= 64, e.g. decoding) uses 64 x 64 tiles instead. The weight gradients have a small
-output (C x H = 72 tiles of 128 x 256, fewer than the 132 SMs of an H100) and a long K (= M), so
-they split K over a second grid axis into an fp32 workspace summed by torch, with the split
-chosen so the waves of programs fill the SMs. fp32 operands use 64 x 64 x 32 CUDA-core tiles with
-IEEE dots (``input_precision="ieee"``, so no TF32) so fp32 parity holds on a GPU too.
+Tiles (see ``_TILES``; every launchable one is listed by ``launch_configs``), checked by compiling
+each for sm_75/80/86/89/90 without a GPU (shared memory, registers, no spill stack, mma / wgmma):
+  - plain and bias epilogues (c_proj, dx, weight grads), sm_80 / sm_90: 128 x 256 x 64, 8 warps,
+    3 stages (144 KB on sm_90, 96 KB on sm_80; 188-210 registers on sm_90): the largest tile whose
+    fp32 accumulator (128 registers a thread) leaves room for the loop.
+  - GELU and GELU-gradient epilogues, sm_80 / sm_90: 128 x 128 x 64, 8 warps, 4 stages. At 128 x
+    256 they spill (the accumulator plus the pre tile or the pre store pass 255 registers).
+  - sm_86 / sm_89 (99 KB): 128 x 128 x 32, 8 warps, 4 stages; sm_75 (64 KB): the same, 2 stages.
+  - M <= 64 (decoding): 64 x 64 x 64 tiles, so a few rows still spread over many programs.
+  - fp32 operands: 64 x 64 x 32, 4 warps, on the CUDA cores with IEEE dots
+    (``input_precision="ieee"``, not TF32) so fp32 results match the fp32 reference on a GPU too.
+Program ids are grouped GROUP_M = 8 row blocks at a time, so a wave of programs shares a few A
+row panels and B column panels in L2 instead of streaming all of B per row block. The weight
+gradients have a small output and a long K (= M): 768 x 3072 is 72 tiles of 128 x 256, half of
+an H100's 132 SMs, so K is split over a second grid axis into an fp32 workspace that torch sums
+(deterministic, no atomics); the split is the smallest that fills the last wave >= 85% (5 here:
+360 programs in 3 waves, 91%), at the price of 5 x 9.4 MB of fp32 partials written and read.
 """
 
 from __future__ import annotations
@@ -432,7 +443,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *
             num_warps=t.num_warps, num_stages=t.num_stages,
         )
         if split_k > 1:
-            torch.sum(dest, dim=0, out=c) if out_dtype == torch.float32 else c.copy_(dest.sum(dim=0))
+            c.copy_(dest.sum(dim=0))  # (M, N) fp32 sum of the K slices, rounded once
     if col_sum:
         return c, (colsum.sum(dim=0) if M > 0 else torch.zeros(N, device=a.device, dtype=torch.float32))
     return c
