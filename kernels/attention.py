@@ -350,40 +350,44 @@ def _dropout_mask_kernel(
 # Tiles and launchers
 # ----------------------------------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, per architecture class, per dtype class and head size.
-# BLOCK_M counts query rows and BLOCK_N key rows in every kernel. "lowp" is fp16 and bf16 (tensor-core dots, fp32
-# accumulation); "fp32" uses IEEE FMA dots. Each entry was compiled ahead of time for its architecture (see
-# launch_configs) and checked for shared memory and register spills; the module docstring gives the numbers.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, per architecture class, for fp16/bf16 keyed by (head class,
+# dropout) -- head sizes 32 and 64 share the "64" row -- and for fp32 keyed by "fp32" ("fp32/128" for hs = 128 where
+# it differs). BLOCK_M counts query rows and BLOCK_N key rows in every kernel. fp16/bf16 dots run on tensor cores with
+# fp32 accumulation; fp32 dots are IEEE FMA loops, whose operands live in registers, hence their small tiles. Dropout
+# costs registers (Philox on every element of a score tile), so its tiles are smaller where the plain ones would
+# spill. Every entry was compiled ahead of time for its architecture (see launch_configs and the module docstring).
+_FP32 = {"fwd": {"fp32": (32, 32, 8, 1)}, "dkdv": {"fp32": (16, 16, 4, 1)},
+         "dq": {"fp32": (32, 32, 4, 1), "fp32/128": (16, 16, 4, 1)}}
 _TILES = {
     "fwd": {
-        90: {("lowp", 32): (128, 128, 8, 3), ("lowp", 64): (128, 128, 8, 3), ("lowp", 128): (128, 64, 8, 3),
-             ("fp32", 32): (64, 32, 4, 2), ("fp32", 64): (64, 32, 4, 2), ("fp32", 128): (32, 32, 4, 2)},
-        80: {("lowp", 32): (128, 64, 4, 3), ("lowp", 64): (128, 64, 4, 3), ("lowp", 128): (128, 64, 8, 3),
-             ("fp32", 32): (64, 32, 4, 2), ("fp32", 64): (64, 32, 4, 2), ("fp32", 128): (32, 32, 4, 2)},
-        86: {("lowp", 32): (128, 64, 4, 3), ("lowp", 64): (128, 64, 4, 3), ("lowp", 128): (128, 32, 8, 2),
-             ("fp32", 32): (64, 32, 4, 2), ("fp32", 64): (64, 32, 4, 2), ("fp32", 128): (32, 32, 4, 2)},
-        75: {("lowp", 32): (64, 64, 4, 2), ("lowp", 64): (64, 64, 4, 2), ("lowp", 128): (64, 32, 4, 2),
-             ("fp32", 32): (64, 32, 4, 2), ("fp32", 64): (64, 32, 4, 2), ("fp32", 128): (32, 32, 4, 2)},
+        90: {(64, False): (128, 128, 8, 3), (64, True): (128, 64, 8, 3),
+             (128, False): (128, 64, 8, 3), (128, True): (128, 64, 8, 3), **_FP32["fwd"]},
+        80: {(64, False): (128, 64, 4, 3), (64, True): (128, 64, 8, 3),
+             (128, False): (128, 64, 8, 3), (128, True): (128, 64, 8, 3), **_FP32["fwd"]},
+        86: {(64, False): (128, 64, 4, 2), (64, True): (128, 64, 8, 2),
+             (128, False): (64, 64, 4, 2), (128, True): (64, 64, 4, 2), **_FP32["fwd"]},
+        75: {(64, False): (64, 64, 4, 2), (64, True): (64, 64, 4, 2),
+             (128, False): (64, 32, 4, 2), (128, True): (64, 32, 4, 2), **_FP32["fwd"]},
     },
     "dkdv": {
-        90: {("lowp", 32): (64, 128, 8, 2), ("lowp", 64): (64, 128, 8, 2), ("lowp", 128): (32, 128, 8, 2),
-             ("fp32", 32): (32, 64, 4, 2), ("fp32", 64): (32, 64, 4, 2), ("fp32", 128): (32, 32, 4, 2)},
-        80: {("lowp", 32): (32, 128, 4, 3), ("lowp", 64): (32, 128, 4, 3), ("lowp", 128): (32, 64, 4, 2),
-             ("fp32", 32): (32, 64, 4, 2), ("fp32", 64): (32, 64, 4, 2), ("fp32", 128): (32, 32, 4, 2)},
-        86: {("lowp", 32): (32, 128, 4, 2), ("lowp", 64): (32, 128, 4, 2), ("lowp", 128): (32, 64, 4, 2),
-             ("fp32", 32): (32, 64, 4, 2), ("fp32", 64): (32, 64, 4, 2), ("fp32", 128): (32, 32, 4, 2)},
-        75: {("lowp", 32): (32, 64, 4, 2), ("lowp", 64): (32, 64, 4, 2), ("lowp", 128): (32, 64, 4, 2),
-             ("fp32", 32): (32, 64, 4, 2), ("fp32", 64): (32, 64, 4, 2), ("fp32", 128): (32, 32, 4, 2)},
+        90: {(64, False): (64, 128, 8, 2), (64, True): (32, 128, 8, 2),
+             (128, False): (32, 128, 8, 2), (128, True): (32, 64, 8, 2), **_FP32["dkdv"]},
+        80: {(64, False): (64, 128, 8, 2), (64, True): (32, 128, 8, 2),
+             (128, False): (32, 128, 8, 2), (128, True): (32, 64, 8, 2), **_FP32["dkdv"]},
+        86: {(64, False): (32, 128, 8, 2), (64, True): (32, 128, 8, 2),
+             (128, False): (32, 64, 8, 2), (128, True): (32, 64, 8, 2), **_FP32["dkdv"]},
+        75: {(64, False): (32, 64, 4, 2), (64, True): (32, 64, 4, 2),
+             (128, False): (16, 64, 4, 2), (128, True): (16, 64, 4, 2), **_FP32["dkdv"]},
     },
     "dq": {
-        90: {("lowp", 32): (128, 64, 8, 2), ("lowp", 64): (128, 64, 8, 2), ("lowp", 128): (128, 32, 8, 2),
-             ("fp32", 32): (64, 32, 4, 2), ("fp32", 64): (64, 32, 4, 2), ("fp32", 128): (32, 32, 4, 2)},
-        80: {("lowp", 32): (128, 32, 4, 3), ("lowp", 64): (128, 32, 4, 3), ("lowp", 128): (64, 32, 4, 2),
-             ("fp32", 32): (64, 32, 4, 2), ("fp32", 64): (64, 32, 4, 2), ("fp32", 128): (32, 32, 4, 2)},
-        86: {("lowp", 32): (128, 32, 4, 2), ("lowp", 64): (128, 32, 4, 2), ("lowp", 128): (64, 32, 4, 2),
-             ("fp32", 32): (64, 32, 4, 2), ("fp32", 64): (64, 32, 4, 2), ("fp32", 128): (32, 32, 4, 2)},
-        75: {("lowp", 32): (64, 32, 4, 2), ("lowp", 64): (64, 32, 4, 2), ("lowp", 128): (64, 32, 4, 2),
-             ("fp32", 32): (64, 32, 4, 2), ("fp32", 64): (64, 32, 4, 2), ("fp32", 128): (32, 32, 4, 2)},
+        90: {(64, False): (128, 64, 8, 2), (64, True): (128, 64, 8, 2),
+             (128, False): (128, 32, 8, 2), (128, True): (128, 32, 8, 2), **_FP32["dq"]},
+        80: {(64, False): (128, 64, 8, 2), (64, True): (128, 64, 8, 2),
+             (128, False): (128, 32, 8, 2), (128, True): (128, 32, 8, 2), **_FP32["dq"]},
+        86: {(64, False): (128, 64, 8, 2), (64, True): (128, 64, 8, 2),
+             (128, False): (64, 32, 4, 2), (128, True): (64, 32, 4, 2), **_FP32["dq"]},
+        75: {(64, False): (64, 32, 4, 2), (64, True): (64, 32, 4, 2),
+             (128, False): (64, 16, 4, 2), (128, True): (64, 16, 4, 2), **_FP32["dq"]},
     },
 }
 # Under the CPU interpreter: small, unequal tiles, so short test sequences still cross several blocks (full, diagonal
@@ -391,6 +395,7 @@ _TILES = {
 _INTERPRETER_TILES = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 _PREPROCESS_BLOCK_M = 64
 _MASK_BLOCK = (32, 64)
+_CUDA = torch.device("cuda")
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -407,15 +412,17 @@ def _arch_class(cc: int) -> int:
     return 75  # 64 KB per block
 
 
-def _tiles(kernel: str, dtype: torch.dtype, head: int, device: torch.device, cc: int | None):
+def _tiles(kernel: str, dtype: torch.dtype, head: int, dropout: bool, device: torch.device, cc: int | None):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one kernel; ``cc`` overrides the device's architecture."""
     if cc is None:
         if device.type != "cuda":
             return _INTERPRETER_TILES[kernel]
         major, minor = torch.cuda.get_device_capability(device)
         cc = 10 * major + minor
-    kind = "fp32" if dtype == torch.float32 else "lowp"
-    return _TILES[kernel][_arch_class(cc)][(kind, head)]
+    table = _TILES[kernel][_arch_class(cc)]
+    if dtype == torch.float32:
+        return table.get(f"fp32/{head}", table["fp32"])
+    return table[(128 if head == 128 else 64, dropout)]
 
 
 def _kernel_args(kernel) -> list[tuple[str, bool]]:
@@ -434,10 +441,8 @@ def launch_configs(cc: int) -> list[LaunchConfig]:
 
     For the static GPU-readiness report (``kernels/aot.py``): it compiles each entry for ``cc`` without a GPU.
     """
-    arch = _arch_class(cc)
     configs = []
     for dtype, dt in _DTYPES.items():
-        kind = "fp32" if dtype == torch.float32 else "lowp"
         io = {n: f"*{dt}" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
         fp32 = {n: "fp32" for n in ("qk_scale", "sm_scale", "dropout_p", "keep_scale")}
         types = {**io, **fp32, "LSE": "*fp32", "DELTA": "*fp32"}
@@ -447,8 +452,8 @@ def launch_configs(cc: int) -> list[LaunchConfig]:
                 kernel=_attn_bwd_preprocess_kernel, signature=_signature(_attn_bwd_preprocess_kernel, types),
                 constexprs={"HEAD": head, "BLOCK_M": _PREPROCESS_BLOCK_M}, num_warps=4, num_stages=1))
             for kernel, fn in (("fwd", _attn_fwd_kernel), ("dkdv", _attn_bwd_dkdv_kernel), ("dq", _attn_bwd_dq_kernel)):
-                block_m, block_n, warps, stages = _TILES[kernel][arch][(kind, head)]
                 for dropout in (False, True):
+                    block_m, block_n, warps, stages = _tiles(kernel, dtype, head, dropout, _CUDA, cc)
                     configs.append(LaunchConfig(
                         label=f"attention {kernel} {dt} HEAD={head} BLOCK_M={block_m} BLOCK_N={block_n} "
                               f"DROPOUT={int(dropout)}",
@@ -565,7 +570,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     o = torch.empty((B, Tq, nh, hs), dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, nh, Tq, hs)
     lse = torch.empty((B, nh, Tq), dtype=torch.float32, device=q.device)
-    block_m, block_n, warps, stages = _tiles("fwd", q.dtype, hs, q.device, cc)
+    block_m, block_n, warps, stages = _tiles("fwd", q.dtype, hs, dropout_p > 0.0, q.device, cc)
     grid = (triton.cdiv(Tq, block_m), B * nh)
     _attn_fwd_kernel[grid](
         q, k, v, o, lse,
@@ -611,12 +616,12 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     scalars = (nh, Tq, Tk, _shift(Tq, Tk, causal), LOG2E * sm_scale, sm_scale, int(seed), float(dropout_p),
                1.0 / (1.0 - float(dropout_p)))
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    block_m, block_n, warps, stages = _tiles("dkdv", q.dtype, hs, q.device, cc)
+    block_m, block_n, warps, stages = _tiles("dkdv", q.dtype, hs, dropout_p > 0.0, q.device, cc)
     _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, block_n), B * nh)](
         q, k, v, do, lse, delta, dk, dv, *strides, *scalars,
         HEAD=hs, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout_p > 0.0, num_warps=warps, num_stages=stages,
     )
-    block_m, block_n, warps, stages = _tiles("dq", q.dtype, hs, q.device, cc)
+    block_m, block_n, warps, stages = _tiles("dq", q.dtype, hs, dropout_p > 0.0, q.device, cc)
     _attn_bwd_dq_kernel[(triton.cdiv(Tq, block_m), B * nh)](
         q, k, v, do, lse, delta, dq, *strides, *scalars,
         HEAD=hs, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout_p > 0.0, num_warps=warps, num_stages=stages,

@@ -253,8 +253,8 @@ def test_launch_configs_cover_every_launch():
             for hs in (32, 64, 128):
                 for name, fn in (("fwd", attn._attn_fwd_kernel), ("dkdv", attn._attn_bwd_dkdv_kernel),
                                  ("dq", attn._attn_bwd_dq_kernel)):
-                    bm, bn, warps, stages = attn._tiles(name, dtype, hs, torch.device("cuda"), cc)
                     for dropout in (False, True):
+                        bm, bn, warps, stages = attn._tiles(name, dtype, hs, dropout, torch.device("cuda"), cc)
                         ce = tuple(sorted({"HEAD": hs, "BLOCK_M": bm, "BLOCK_N": bn, "DROPOUT": dropout}.items()))
                         assert (fn, dt, ce, warps, stages) in launched, (cc, name, dt, hs, dropout)
 
