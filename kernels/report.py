@@ -1,0 +1,507 @@
+"""Static GPU-readiness report: compile every Triton launch configuration ahead of time, with no GPU.
+
+Each Triton op module lists, through ``launch_configs(cc)`` (see ``kernels/aot.py``), every
+configuration its launchers may launch on compute capability ``cc``. For each architecture asked
+for, this module compiles every one of them down to a cubin with Triton's own pipeline and
+Triton's bundled ``ptxas``, then reads back:
+
+- shared memory per block: Triton's dynamic allocation plus any static shared memory of the cubin,
+  against the architecture's per-block opt-in limit (what the driver enforces at launch);
+- registers per thread, stack frame, and register spill bytes (stores / loads) as ``ptxas -v``
+  reports them (counted from the local-memory instructions of the SASS when that log is absent);
+- tensor-core instructions in the SASS: ``HMMA`` / ``IMMA`` (mma.sync, sm_75+) and ``HGMMA`` /
+  ``IGMMA`` / ``QGMMA`` (the SASS form of Hopper's ``wgmma``, sm_90a).
+
+A configuration fails when it does not compile, exceeds the shared-memory limit or spills; the
+command then exits non-zero. Usage::
+
+    python -m kernels.report                          # every op module, sm_75 sm_80 sm_86 sm_89 sm_90
+    python -m kernels.report --arch sm_80,sm_90       # some architectures
+    python -m kernels.report --module attention       # one op module alone
+    python -m kernels.report --json report.json       # also write every number as JSON
+
+Compilation runs in a pool of freshly spawned processes with ``TRITON_INTERPRET`` removed from
+their environment: a kernel defined while the interpreter was on (as under the CPU test suite) is
+an interpreted function that cannot be compiled, so each worker re-imports the op modules itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import functools
+import importlib
+import importlib.util
+import io
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+OP_MODULES = ("kernels.attention", "kernels.layer_norm", "kernels.mlp", "kernels.linear_cross_entropy")
+ARCHS = (75, 80, 86, 89, 90)
+
+# Per-block opt-in shared memory, bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin; CUDA C++ Programming
+# Guide, "Technical Specifications per Compute Capability"): 64 KB, 163 KB, 99 KB, 99 KB, 227 KB.
+SHARED_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+# SASS opcodes that run on tensor cores: mma.sync (Volta..Hopper) and wgmma (Hopper, shown as *GMMA).
+TENSOR_CORE_OPS = ("HMMA", "IMMA", "HGMMA", "IGMMA", "QGMMA")
+
+# The NVIDIA tools the report needs; Triton ships them in triton/backends/nvidia/bin.
+TOOLS = ("ptxas", "cuobjdump")
+
+# One SASS instruction line of cuobjdump: "/*0130*/  @!P1 STL.64 [R1+0x190], R194 ;".
+_SASS_LINE = re.compile(
+    r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)", re.MULTILINE
+)
+_RESOURCES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_STACK = re.compile(r"(\d+) bytes stack frame")
+_TTIR_DOT = re.compile(r"\btt\.dot(?:_scaled)?\b")
+# Bytes moved by one local-memory instruction, from its width suffix (plain STL/LDL move 32 bits).
+_WIDTH = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}
+
+
+@dataclass
+class Result:
+    """What the report found for one launch configuration on one architecture.
+
+    ``shared_dynamic`` is Triton's allocation (``metadata.shared``), ``shared_static`` the cubin's own
+    static shared memory (the driver requires their sum to fit the opt-in limit). Spills are bytes of
+    spill stores / loads per thread. ``tensor_cores`` maps SASS opcode -> instruction count. ``dots``
+    counts ``tt.dot`` ops in the kernel's Triton IR (after inlining its helpers). ``error`` is set when
+    the configuration could not be listed or compiled; the other numbers are then meaningless.
+    """
+
+    module: str
+    label: str
+    arch: int
+    kernel: str = ""
+    num_warps: int = 0
+    num_stages: int = 0
+    pointer_dtypes: list = field(default_factory=list)
+    shared_dynamic: int = 0
+    shared_static: int = 0
+    shared_limit: int = 0
+    registers: int = 0
+    stack_bytes: int = 0
+    spill_stores: int = 0
+    spill_loads: int = 0
+    spill_source: str = ""
+    tensor_cores: dict = field(default_factory=dict)
+    dots: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def shared(self) -> int:
+        """Shared memory one block needs, bytes."""
+        return self.shared_dynamic + self.shared_static
+
+    @property
+    def tensor_core_count(self) -> int:
+        return sum(self.tensor_cores.values())
+
+    @property
+    def problems(self) -> list:
+        """Why this configuration is not ready for its architecture (empty when it is)."""
+        if self.error is not None:
+            return [self.error]
+        out = []
+        if self.shared > self.shared_limit:
+            out.append(f"needs {self.shared} B of shared memory, sm_{self.arch} allows {self.shared_limit} B per block")
+        if self.spill_stores or self.spill_loads:
+            out.append(f"spills registers ({self.spill_stores} B stores / {self.spill_loads} B loads per thread)")
+        return out
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding the tools and the configurations (parent process; imports no Triton kernel compiler).
+
+
+def tool_path(name: str) -> str | None:
+    """Path of NVIDIA tool ``name``: ``TRITON_<NAME>_PATH``, then Triton's bundled copy, then ``PATH``."""
+    env = os.environ.get(f"TRITON_{name.upper().replace('-', '_')}_PATH")
+    candidates = [env] if env else []
+    spec = importlib.util.find_spec("triton")
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        candidates.append(os.path.join(root, "backends", "nvidia", "bin", name))
+    candidates.append(shutil.which(name))
+    for path in candidates:
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def missing_tools() -> list:
+    """Names of the tools (and packages) the report needs but cannot find here."""
+    missing = [] if importlib.util.find_spec("triton") is not None else ["the 'triton' package"]
+    return missing + [t for t in TOOLS if tool_path(t) is None]
+
+
+def parse_arch(text: str) -> int:
+    """``"sm_80"``, ``"80"`` or ``"8.0"`` -> 80; raises ValueError naming the supported ones."""
+    t = text.strip().lower()
+    t = t.removeprefix("sm_").removesuffix("a").replace(".", "")
+    if not t.isdigit() or int(t) not in SHARED_LIMIT:
+        supported = ", ".join(f"sm_{a}" for a in SHARED_LIMIT)
+        raise ValueError(f"kernels.report: unsupported architecture {text!r}; supported: {supported}")
+    return int(t)
+
+
+def module_name(text: str) -> str:
+    """``"attention"`` -> ``"kernels.attention"``; a dotted or other name is kept as it is."""
+    t = text.strip()
+    return f"kernels.{t}" if f"kernels.{t}" in OP_MODULES else t
+
+
+def _load_configs(module: str, cc: int) -> list:
+    """``module.launch_configs(cc)``, checked; raises with a message naming the module and the problem."""
+    from kernels.aot import LaunchConfig
+
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise RuntimeError(f"cannot import op module {module!r} ({e})") from e
+    fn = getattr(mod, "launch_configs", None)
+    if not callable(fn):
+        raise TypeError(f"op module {module!r} has no launch_configs(cc) function (see kernels/aot.py)")
+    configs = list(fn(cc))
+    if not configs:
+        raise RuntimeError(f"{module}.launch_configs({cc}) returned no configurations")
+    for c in configs:
+        if not isinstance(c, LaunchConfig):
+            raise TypeError(
+                f"{module}.launch_configs({cc}) returned a {type(c).__name__}, not a kernels.aot.LaunchConfig"
+            )
+    return configs
+
+
+def _plan(modules: Iterable, archs: Iterable) -> tuple:
+    """(jobs to compile, error results): one job per (module, arch, config index)."""
+    jobs, errors = [], []
+    for module in modules:
+        for cc in archs:
+            try:
+                configs = _load_configs(module, cc)
+            except Exception as e:  # noqa: BLE001 - any failure to list is a finding of the report, never a skip
+                msg = (
+                    str(e)
+                    if isinstance(e, (RuntimeError, TypeError))
+                    else f"{module}.launch_configs({cc}) raised {e!r}"
+                )
+                errors.append(Result(module=module, label=f"{module} (launch_configs)", arch=cc, error=msg))
+                continue
+            jobs.extend((module, cc, i, c.label) for i, c in enumerate(configs))
+    return jobs, errors
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiling one configuration (worker process; the Triton interpreter is off there).
+
+
+def _init_worker(cache_dir: str) -> None:
+    os.environ.pop("TRITON_INTERPRET", None)
+    # A fresh cache makes every compile run ptxas, whose -v log (registers, spills) Triton prints on request.
+    os.environ["TRITON_CACHE_DIR"] = cache_dir
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"triton(\.|$)")
+
+
+@functools.cache
+def _worker_configs(module: str, cc: int) -> tuple:
+    return tuple(_load_configs(module, cc))
+
+
+def _check_config(cfg, cc: int) -> list:
+    """The kernel's argument names in order; raises ValueError on a config that does not fit its kernel."""
+    kernel = cfg.kernel
+    names = list(getattr(kernel, "arg_names", None) or [])
+    if not names or not hasattr(kernel, "fn"):
+        raise ValueError(f"{cfg.label!r}: kernel {kernel!r} is not a @triton.jit function")
+    if type(kernel).__name__ == "InterpretedFunction":
+        raise ValueError(f"{cfg.label!r}: kernel was defined under TRITON_INTERPRET=1 and cannot be compiled")
+    sig, const = dict(cfg.signature), dict(cfg.constexprs)
+    given = list(sig) + list(const)
+    missing = [n for n in names if n not in sig and n not in const]
+    unknown = [n for n in given if n not in names]
+    twice = [n for n in sig if n in const]
+    if missing or unknown or twice:
+        raise ValueError(
+            f"{cfg.label!r}: signature/constexprs do not match {kernel.__name__}({', '.join(names)}):"
+            f" missing {missing}, unknown {unknown}, in both {twice}"
+        )
+    if cc < 80 and any("bf16" in _split_type(t)[0] for t in sig.values()):
+        raise ValueError(f"{cfg.label!r}: bf16 argument listed for sm_{cc}, which has no bf16 support (use fp16)")
+    return names
+
+
+def _split_type(ty: str) -> tuple:
+    """``"i32:16"`` -> (``"i32"``, True); ``"*fp16:1"`` -> (``"*fp16"``, False); ``"i32"`` -> (``"i32"``, None)."""
+    base, _, hint = str(ty).partition(":")
+    return base.strip(), (hint.strip() == "16") if hint else None
+
+
+def _aligned_by_default(kernel, index: int, ty: str) -> bool:
+    """Whether the JIT would specialize this argument as divisible by 16 when the value allows it.
+
+    Pointers from torch allocations are 16-byte aligned and the strides and sizes of GPT-2 are multiples
+    of 16, so a launch at those shapes runs the "divisible by 16" variant (the one that vectorizes and
+    software-pipelines its loads, the heaviest in shared memory). Floats are never specialized, nor are
+    arguments marked ``do_not_specialize``.
+    """
+    if not (ty.startswith("*") or ty[:1] in ("i", "u")):
+        return False
+    params = getattr(kernel, "params", None)
+    param = params[index] if params and index < len(params) else None
+    if getattr(param, "do_not_specialize", False):
+        return False
+    return not (ty.startswith("*") and getattr(param, "do_not_specialize_on_alignment", False))
+
+
+def _compile(cfg, cc: int, names: list) -> tuple:
+    """Compile ``cfg`` for ``sm_<cc>`` (``sm_90a`` for 90, as Triton picks); returns (compiled, ptxas log)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+
+    target = GPUTarget("cuda", cc, 32)
+    backend = make_backend(target)
+    divisible = backend.parse_attr("D") if hasattr(backend, "parse_attr") else [["tt.divisibility", 16]]
+    # Triton >= 3.3 wants every argument in the signature, constexprs typed "constexpr", keyed by position.
+    signature, attrs = {}, {}
+    for i, n in enumerate(names):
+        if n in cfg.constexprs:
+            signature[n] = "constexpr"
+            continue
+        ty, hint = _split_type(cfg.signature[n])
+        signature[n] = ty
+        if hint if hint is not None else _aligned_by_default(cfg.kernel, i, ty):
+            attrs[(i,)] = divisible
+    constexprs = {(names.index(n),): v for n, v in cfg.constexprs.items()}
+    src = ASTSource(fn=cfg.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(src, target=target, options=options)
+    return compiled, log.getvalue()
+
+
+def sass_opcodes(sass: str) -> dict:
+    """Count SASS instructions by opcode (without modifiers); local-memory bytes under ``"STL bytes"``/``"LDL bytes"``."""
+    counts: dict = {}
+    for op, mods in _SASS_LINE.findall(sass):
+        counts[op] = counts.get(op, 0) + 1
+        if op in ("STL", "LDL"):
+            width = next((_WIDTH[m] for m in mods.split(".") if m in _WIDTH), 4)
+            key = f"{op} bytes"
+            counts[key] = counts.get(key, 0) + width
+    return counts
+
+
+def _cuobjdump(cubin: bytes) -> str:
+    path = tool_path("cuobjdump")
+    if path is None:
+        raise RuntimeError("cuobjdump not found (looked in triton/backends/nvidia/bin and PATH)")
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        out = subprocess.run([path, "-sass", "-res-usage", f.name], check=False, capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    if out.returncode != 0:
+        raise RuntimeError(f"cuobjdump failed ({out.returncode}): {out.stderr.strip()[:500]}")
+    return out.stdout
+
+
+def _compile_one(job: tuple) -> Result:
+    module, cc, index, label = job
+    res = Result(module=module, label=label, arch=cc, shared_limit=SHARED_LIMIT[cc])
+    start = time.perf_counter()
+    try:
+        cfg = _worker_configs(module, cc)[index]
+        if cfg.label != label:
+            raise RuntimeError(f"{module}.launch_configs({cc}) is not deterministic: {label!r} became {cfg.label!r}")
+        res.kernel = getattr(cfg.kernel, "__name__", str(cfg.kernel))
+        res.num_warps, res.num_stages = cfg.num_warps, cfg.num_stages
+        types = [_split_type(t)[0] for t in cfg.signature.values()]
+        res.pointer_dtypes = sorted({t[1:] for t in types if t.startswith("*")})
+        names = _check_config(cfg, cc)
+        compiled, log = _compile(cfg, cc, names)
+        res.shared_dynamic = int(compiled.metadata.shared)
+        res.dots = len(_TTIR_DOT.findall(compiled.asm.get("ttir", "")))
+        dump = _cuobjdump(compiled.asm["cubin"])
+        usage = _RESOURCES.search(dump)
+        if usage is None:
+            raise RuntimeError("cuobjdump printed no resource usage for the cubin")
+        res.registers, res.stack_bytes, res.shared_static = int(usage[1]), int(usage[2]), int(usage[3])
+        ops = sass_opcodes(dump)
+        res.tensor_cores = {op: ops[op] for op in TENSOR_CORE_OPS if ops.get(op)}
+        spills = _PTXAS_SPILLS.search(log)
+        if spills is not None:
+            res.spill_stores, res.spill_loads, res.spill_source = int(spills[1]), int(spills[2]), "ptxas"
+            regs = _PTXAS_REGS.search(log)
+            res.registers = int(regs[1]) if regs else res.registers
+        else:  # no ptxas log from this Triton: every local-memory access of a Triton kernel is a spill
+            res.spill_stores, res.spill_loads, res.spill_source = (
+                ops.get("STL bytes", 0),
+                ops.get("LDL bytes", 0),
+                "sass",
+            )
+    except Exception as e:  # noqa: BLE001 - a config that does not compile is a finding of the report
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        res.error = f"{type(e).__name__}: " + (" | ".join(lines[:3]) if lines else repr(e))[:600]
+    res.seconds = time.perf_counter() - start
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Running the whole report.
+
+
+@contextlib.contextmanager
+def _interpreter_off():
+    """Keep TRITON_INTERPRET out of the environment the spawned workers inherit."""
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def run_report(
+    modules: Iterable = OP_MODULES,
+    archs: Iterable = ARCHS,
+    workers: int | None = None,
+    progress: Callable | None = None,
+) -> list:
+    """Compile every launch configuration of ``modules`` for every arch in ``archs``.
+
+    Args:
+        modules: importable module names, each defining ``launch_configs(cc)``.
+        archs: compute capabilities, e.g. ``(75, 80, 86, 89, 90)``.
+        workers: size of the process pool (default ``os.cpu_count()``).
+        progress: called with each ``Result`` as it completes (e.g. to print a dot).
+
+    Returns:
+        list of ``Result``: listing errors first, then one per (config, arch) in listing order.
+    """
+    modules, archs = [module_name(m) for m in modules], [parse_arch(str(a)) for a in archs]
+    jobs, results = _plan(modules, archs)
+    if not jobs:
+        return results
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    ctx = multiprocessing.get_context("spawn")  # a fork would inherit interpreted kernels
+    done: dict = {}
+    with contextlib.ExitStack() as stack:  # (one "with" of three managers needs Python >= 3.10)
+        cache = stack.enter_context(tempfile.TemporaryDirectory(prefix="kernels-report-"))
+        stack.enter_context(_interpreter_off())
+        pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(workers, ctx, _init_worker, (cache,)))
+        futures = {pool.submit(_compile_one, job): job for job in jobs}
+        for fut in concurrent.futures.as_completed(futures):
+            job = futures[fut]
+            try:
+                res = fut.result()
+            except Exception as e:  # noqa: BLE001 - the worker died (e.g. a crash inside the compiler)
+                res = Result(module=job[0], label=job[3], arch=job[1], error=f"worker failed: {e!r}")
+            done[job] = res
+            if progress is not None:
+                progress(res)
+    return results + [done[job] for job in jobs]
+
+
+def _fmt_tc(res: Result) -> str:
+    return " ".join(f"{op}:{n}" for op, n in res.tensor_cores.items()) or "-"
+
+
+def format_table(results: list) -> str:
+    """The report as a text table, one row per (config, arch), then every problem spelled out."""
+    head = ("config", "arch", "shared used/limit", "regs", "spill st/ld", "tensor cores", "status")
+    rows = []
+    for r in results:
+        if r.error is not None:
+            rows.append((r.label, f"sm_{r.arch}", "-", "-", "-", "-", "ERROR"))
+            continue
+        pct = 100.0 * r.shared / r.shared_limit
+        shared = f"{r.shared}/{r.shared_limit} ({pct:.0f}%)"
+        status = (
+            "ok"
+            if r.ok
+            else ",".join(
+                s for s, bad in (("SMEM", r.shared > r.shared_limit), ("SPILL", r.spill_stores or r.spill_loads)) if bad
+            )
+        )
+        spill = f"{r.spill_stores}/{r.spill_loads}"
+        rows.append((r.label, f"sm_{r.arch}", shared, str(r.registers), spill, _fmt_tc(r), status))
+    widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    bad = [r for r in results if not r.ok]
+    if bad:
+        lines.append("")
+        lines.append("problems:")
+        lines.extend(f"  {r.label} on sm_{r.arch}: {'; '.join(r.problems)}" for r in bad)
+    return "\n".join(lines)
+
+
+def main(argv: list | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kernels.report", description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default=",".join(f"sm_{a}" for a in ARCHS), help="comma-separated, e.g. sm_80,sm_90")
+    p.add_argument(
+        "--module",
+        action="append",
+        help="op module to check alone (attention, layer_norm, mlp, linear_cross_entropy, or a dotted module name);"
+        " repeatable or comma-separated; default: all four",
+    )
+    p.add_argument("--json", metavar="FILE", help="also write every result as JSON to FILE")
+    p.add_argument("--workers", type=int, default=None, help="compile processes (default: os.cpu_count())")
+    args = p.parse_args(argv)
+    try:
+        archs = [parse_arch(a) for a in args.arch.split(",") if a.strip()]
+    except ValueError as e:
+        p.error(str(e))
+    modules = [m for spec in args.module or [",".join(OP_MODULES)] for m in spec.split(",") if m.strip()]
+    missing = missing_tools()
+    if missing:
+        print(f"kernels.report: cannot compile for NVIDIA GPUs here, missing: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    results = run_report(
+        modules, archs, workers=args.workers, progress=lambda r: print(".", end="", file=sys.stderr, flush=True)
+    )
+    wall = time.perf_counter() - start
+    print(file=sys.stderr)
+    print(format_table(results))
+    n_bad = sum(not r.ok for r in results)
+    workers = max(1, min(args.workers or os.cpu_count() or 1, len(results)))
+    print(
+        f"\n{len(results)} configurations x architectures, {n_bad} with problems;"
+        f" {wall:.1f} s wall on {workers} worker processes ({sum(r.seconds for r in results):.1f} s of compiling)"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            rows = [dict(asdict(r), shared=r.shared, ok=r.ok, problems=r.problems) for r in results]
+            json.dump({"archs": archs, "modules": [module_name(m) for m in modules], "results": rows}, f, indent=1)
+    return 1 if n_bad else 0
+
+
+if __name__ == "__main__":
+    # Run the importable copy of this module, so the worker processes unpickle kernels.report.* names.
+    sys.exit(importlib.import_module("kernels.report").main())
