@@ -290,7 +290,9 @@ def test_launch_configs_cover_every_launch(cc):
             block_c, block_r, num_warps = ln._tile(C, backward)
             for t in ("*fp32", "*fp16", "*bf16"):
                 for flag in (False, True):
-                    assert (kernel, t, flag, block_c, block_r, num_warps, 1) in listed, (C, t, flag, backward)
+                    # bf16 needs sm_80: the launchers refuse it before, so it must not be listed there.
+                    wanted = t != "*bf16" or cc >= 80
+                    assert ((kernel, t, flag, block_c, block_r, num_warps, 1) in listed) == wanted, (C, t, flag)
     assert len(configs) == len(listed)  # no duplicates
 
 
