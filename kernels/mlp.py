@@ -48,7 +48,9 @@ each for sm_75/80/86/89/90 without a GPU (shared memory, registers, no spill sta
     fp32 accumulator (128 registers a thread) leaves room for the loop.
   - GELU and GELU-gradient epilogues, sm_80 / sm_90: 128 x 128 x 64, 8 warps, 4 stages. At 128 x
     256 they spill (the accumulator plus the pre tile or the pre store pass 255 registers).
-  - sm_86 / sm_89 (99 KB): 128 x 128 x 32, 8 warps, 4 stages; sm_75 (64 KB): the same, 2 stages.
+  - sm_86 / sm_89 (99 KB): 128 x 128 x 64, 8 warps, 3 stages (64 KB).
+  - sm_75: Triton >= 3.3 lowers every tl.dot below sm_80 to CUDA-core FMAs (no mma.sync), so
+    fp16 gets no tensor cores there; 64 x 64 x 16, 4 warps, 2 stages is what fits without spills.
   - M <= 64 (decoding): 64 x 64 x 64 tiles, so a few rows still spread over many programs.
   - fp32 operands: 64 x 64 x 32, 4 warps, on the CUDA cores with IEEE dots
     (``input_precision="ieee"``, not TF32) so fp32 results match the fp32 reference on a GPU too.
@@ -224,20 +226,21 @@ class Tiles:
 #  - 128 x 256 x 64, 8 warps: the largest tile whose fp32 accumulator (128 registers a thread)
 #    leaves room for the loop; the GELU epilogues spill at that size (fp32 acc + the pre tile or
 #    the pre store pass 255 registers), so they use 128 x 128 x 64 with 8 warps (64 acc regs).
-#  - sm_86 / sm_89 get 128 x 128 x 32, 4 stages, to stay well inside 99 KB; sm_75 2 stages in 64 KB.
-#  - fp32 runs on the CUDA cores (IEEE dots): 64 x 64 x 32 is enough to be compute-bound there.
+#  - sm_86 / sm_89: 128 x 128 x 64, 3 stages (64 KB of 99 KB; 4 stages would leave no margin).
+#  - sm_75: Triton >= 3.3 has no mma for cc < 80 and runs every dot on the CUDA cores; 64 x 64 x 16
+#    is the tile that does not spill there for fp16 and fp32 alike (x 32 spills on fp16).
+#  - fp32 runs on the CUDA cores (IEEE dots): 64 x 64 x 32, 4 warps (32 accumulators a thread).
 _LOWP_90 = {"main": Tiles(128, 256, 64, 8, 8, 3), "epilogue": Tiles(128, 128, 64, 8, 8, 4),
             "small": Tiles(64, 64, 64, 8, 4, 4)}
 _FP32 = {role: Tiles(64, 64, 32, 8, 4, 3) for role in ("main", "epilogue", "small")}
+_SM75 = {role: Tiles(64, 64, 16, 8, 4, 2) for role in ("main", "epilogue", "small")}
 _TILES = {
     90: {"lowp": _LOWP_90, "fp32": _FP32},
     80: {"lowp": _LOWP_90, "fp32": _FP32},
-    86: {"lowp": {"main": Tiles(128, 128, 32, 8, 8, 4), "epilogue": Tiles(128, 128, 32, 8, 8, 4),
+    86: {"lowp": {"main": Tiles(128, 128, 64, 8, 8, 3), "epilogue": Tiles(128, 128, 64, 8, 8, 3),
                   "small": Tiles(64, 64, 64, 8, 4, 3)},
          "fp32": _FP32},
-    75: {"lowp": {"main": Tiles(128, 128, 32, 8, 8, 2), "epilogue": Tiles(128, 128, 32, 8, 8, 2),
-                  "small": Tiles(64, 64, 32, 8, 4, 2)},
-         "fp32": {role: Tiles(64, 64, 32, 8, 4, 2) for role in ("main", "epilogue", "small")}},
+    75: {"lowp": _SM75, "fp32": _SM75},
 }
 # Under the CPU interpreter the block shape only sets how much numpy work each program does.
 _INTERPRETER_TILES = Tiles(32, 32, 32, 4, 4, 1)
