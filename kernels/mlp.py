@@ -593,5 +593,11 @@ def mlp(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor | None, w_proj: 
     b_fc = b_fc.to(dt) if b_fc is not None else None
     b_proj = b_proj.to(dt) if b_proj is not None else None
     C = x.shape[-1]
-    y = MLPFunction.apply(x.reshape(-1, C), w_fc, b_fc, w_proj, b_proj)  # (M, C)
+    x2 = x.reshape(-1, C)  # (M, C)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, w_fc, b_fc, w_proj, b_proj)):
+        y = MLPFunction.apply(x2, w_fc, b_fc, w_proj, b_proj)  # (M, C)
+    else:
+        # Inference (no_grad / inference_mode, or nothing needs a gradient): skip the autograd node, whose
+        # needs_input_grad stays True under no_grad, so the pre-activation is neither written nor kept.
+        y, _, _ = mlp_fwd(x2, w_fc, b_fc, w_proj, b_proj, save_pre=False)
     return y.reshape(x.shape)

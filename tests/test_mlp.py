@@ -90,7 +90,8 @@ def test_mlp_mixed_dtypes_grads_in_own_dtype():
         torch.testing.assert_close(g.float(), g16.float(), rtol=0, atol=0)
 
 
-def test_mlp_partial_requires_grad_and_no_grad():
+def test_mlp_partial_requires_grad_and_no_grad(monkeypatch):
+    fwd = K.mlp_fwd
     params, dy = _inputs((11, 16), 48, torch.float32)
     x, w_fc, b_fc, w_proj, b_proj = params
     w_proj = w_proj.clone().requires_grad_()  # only w_proj needs a gradient
@@ -101,10 +102,15 @@ def test_mlp_partial_requires_grad_and_no_grad():
     w_ref = w_proj.detach().clone().requires_grad_()
     (dw_ref,) = torch.autograd.grad(ref.mlp(x, w_fc, b_fc, w_ref, b_proj), [w_ref], dy)
     assert_close("mlp dw_proj (only w_proj grad)", dw, dw_ref)
-    with torch.no_grad():
-        y_ng = K.mlp(*params)
-    assert not y_ng.requires_grad
-    assert_close("mlp y (no_grad)", y_ng, ref.mlp(*params))
+    leaves = [p.clone().requires_grad_() for p in params]
+    calls = []
+    monkeypatch.setattr(K, "mlp_fwd", lambda *a, **kw: calls.append(kw) or fwd(*a, **kw))
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            y_ng = K.mlp(*leaves)
+        assert not y_ng.requires_grad
+        assert_close(f"mlp y ({ctx.__name__})", y_ng, ref.mlp(*params))
+    assert calls == [{"save_pre": False}] * 2  # inference neither writes nor keeps the pre-activation
 
 
 def test_mlp_expanded_output_grad():
