@@ -27,23 +27,32 @@ N = 16384, C = 768, e = 2):
 
 At 1.3-2 FLOP per byte every launch is memory bound (an H100's ridge is near 300 FLOP/byte), so
 the only goal is to move the fewest bytes at full bandwidth: one read of each input, one write
-of each output, statistics in registers. Nothing here was timed on a GPU yet (this was written on
-a CPU-only machine); the prediction is fwd + bwd at C = 768 within 80% of a copy of the same
-126 MB.
+of each output, statistics in registers. Nothing here has been timed on a GPU yet (it was written
+on a CPU-only machine). Prediction for the target case (H100, bf16, C = 768, 16384 rows, fwd +
+bwd): about 129 MB moved at >= 80% of copy bandwidth, and >= 1.5x ``F.layer_norm``, whose
+backward makes more passes for dweight / dbias; to be checked by the benchmark on a GPU.
 
 Launch choices (``_tile``): a program holds a tile of BLOCK_R whole rows x BLOCK_C columns
-(BLOCK_C = next power of two >= C) in registers, about 4096 elements, spread over num_warps so
-that each thread holds 16 elements (two 128-bit loads in fp16/bf16): BLOCK_R = 4096 // BLOCK_C
-rows (1 from BLOCK_C = 4096), num_warps = 8 up to BLOCK_C = 4096 and 16 at 8192. Several rows
-per program keep small-C launches (C = 64, 128) from idling most of the threads. The forward
-launches one program per tile. The backward launches about two programs per SM (16 warps per
-SM), each looping over a contiguous group of rows and keeping its dweight and dbias sums in
-registers; each writes one fp32 partial row, and ``torch.sum`` over the P partial rows finishes
-the reduction: it is one small launch over at most a few MB, already bandwidth-optimal, and a
-fixed partition with no atomics makes the gradients bitwise reproducible run to run. Both
-kernels use num_stages = 1: there is nothing to software-pipeline (no tl.dot), and it keeps
-the shared memory to the few hundred bytes of the cross-warp reductions on every arch
-(``launch_configs`` lists every launch for the GPT-2 widths and the largest block, 8192).
+(BLOCK_C = next power of two >= C) in registers. Several rows per program keep small-C launches
+(C = 64, 128) from idling most of their threads.
+
+- forward: tiles of about 4096 elements, 16 per thread (two 128-bit loads in fp16/bf16):
+  BLOCK_R = 4096 // BLOCK_C (1 from BLOCK_C = 4096), num_warps = 8 (16 at BLOCK_C = 8192); one
+  program per tile. Compiled for sm_75 .. sm_90 (``python -m kernels.report``): 48-64
+  registers, no spills, <= 16 KB of shared memory.
+- backward: tiles of about 2048 elements, 8 per thread, since it keeps twice the live values (x,
+  dy and two accumulators; 16 per thread took 128-250 registers and spilled in fp32 at 8192):
+  BLOCK_R = 2048 // BLOCK_C, num_warps = 8 (16 at BLOCK_C = 4096, 32 at 8192), 60-72 registers,
+  no spills, <= 32 KB of shared memory (layout conversions of fp16/bf16). At least 16 warps per SM
+  (two 8-warp programs per SM, P = 264 on an H100), each program looping over a contiguous group
+  of rows with its dweight / dbias sums in registers, then writing one fp32 partial row.
+  ``torch.sum`` over the P partial rows finishes the reduction: one small launch reading the 2 P C 4
+  bytes the backward wrote (together ~4% of its traffic at C = 768), already bandwidth-optimal, where a second
+  Triton kernel would only add launch configurations to compile; and a fixed partition with no
+  atomics makes the gradients bitwise reproducible run to run.
+- num_stages = 1 everywhere: there is nothing to software-pipeline (no tl.dot), and no
+  multi-buffered shared memory is wanted on sm_75's 64 KB. ``launch_configs`` lists
+  every launch for the GPT-2 widths and the largest block (8192); C > 8192 is refused.
 """
 
 from __future__ import annotations
@@ -192,16 +201,19 @@ def _layer_norm_bwd_kernel(
 
 
 def _tile(C: int, backward: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_R, num_warps) for rows of C features.
+    """(BLOCK_C, BLOCK_R, num_warps) for rows of C features (see the module docstring).
 
-    Forward: ~4096-element tiles, 16 elements per thread. Backward: ~2048-element tiles, 8 per
-    thread, since it keeps twice the live values (x, dy, two accumulators); 16 per thread there
-    costs 130-250 registers and halves the programs resident per SM.
+    Forward: ~4096-element tiles, 16 elements per thread (8 warps; 16 at BLOCK_C = 8192).
+    Backward: ~2048-element tiles, 8 per thread, since it keeps twice the live values (x, dy, two
+    accumulators); 16 per thread there costs 128-250 registers and spills at BLOCK_C = 8192.
     """
     block_c = triton.next_power_of_2(C)
     tile = _TILE // 2 if backward else _TILE
     block_r = max(1, tile // block_c)
-    num_warps = max(8, min(16, block_r * block_c // (32 * (8 if backward else 16))))
+    if backward:  # 8 elements per thread at every width: 32 warps at 8192 (16 spill in fp32 + ds)
+        num_warps = max(8, block_r * block_c // (32 * 8))
+    else:
+        num_warps = max(8, min(16, block_r * block_c // (32 * 16)))
     return block_c, block_r, num_warps
 
 
@@ -462,8 +474,8 @@ def launch_configs(cc: int) -> list[LaunchConfig]:
 
     Widths that share a block (768 and 1024; 1280 and 1600) share a launch, so the list holds
     5 blocks x 3 dtypes x {forward, forward + residual, backward, backward + ds}; before sm_80 the
-    launchers refuse bf16, so it is not listed there. The tiles do not depend on ``cc``: every
-    launch needs at most 1 KB of shared memory, 8 or 16 warps and no spills on sm_75 .. sm_90.
+    launchers refuse bf16, so it is not listed there. The tiles do not depend on ``cc``: no
+    launch spills or needs more than 32 KB of shared memory on sm_75 .. sm_90.
     """
     configs = []
     for dtype in _SUPPORTED if cc >= 80 else (torch.float32, torch.float16):  # no bf16 before sm_80
