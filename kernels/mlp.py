@@ -77,10 +77,6 @@ from kernels.registry import interpreter_enabled
 
 __all__ = ["MLPFunction", "launch_configs", "matmul", "mlp", "mlp_bwd", "mlp_fwd"]
 
-# sqrt(2 / pi) and the cubic coefficient of the tanh approximation (kernels.ref.GELU_C / GELU_A).
-_GELU_C = 0.7978845608028654
-_GELU_A = 0.044715
-
 EPILOGUES = ("none", "gelu", "gelu_grad")
 
 
@@ -194,12 +190,14 @@ def _matmul_kernel(
     elif EPILOGUE == "gelu_grad":
         z = tl.load((pre_ptr + row_c)[:, None] + col_c[None, :], mask=mask_c, other=0.0).to(tl.float32)
         s = _gelu_sigmoid(z)
-        acc = acc * (s + 2.0 * z * s * (1.0 - s) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z))
+        # c = sqrt(2 / pi) = 0.7978845608028654, 3 a = 0.134145 (kernels.ref.GELU_C, GELU_A)
+        acc = acc * (s + 2.0 * z * s * (1.0 - s) * 0.7978845608028654 * (1.0 + 0.134145 * z * z))
     if COL_SUM:
         # Rows past M hold zeros (their A rows were loaded as 0 and pre as 0), but mask anyway.
         part = tl.sum(tl.where(mask_c, acc, 0.0), axis=0)  # (BLOCK_N,)
         tl.store(colsum_ptr + pid_m.to(tl.int64) * N + offs_n, part, mask=mask_n)
-    tl.store((c_ptr + pid_k.to(tl.int64) * stride_cs + row_c)[:, None] + col_c[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask_c)
+    c_rows = c_ptr + pid_k.to(tl.int64) * stride_cs + row_c  # (BLOCK_M,) row starts in this K slice
+    tl.store(c_rows[:, None] + col_c[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask_c)
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,14 +307,17 @@ def _auto_split_k(tiles: int, K: int, sms: int) -> int:
 # The launches ``mlp_fwd`` / ``mlp_bwd`` make: (site, the strides that are 1 there, epilogue,
 # [(HAS_BIAS, STORE_PRE, COL_SUM)], output in fp32 for a split-K workspace). Triton's JIT turns an
 # integer argument equal to 1 into a constexpr, so each operand layout is its own compiled kernel.
+_NT = ("stride_ak", "stride_bk", "stride_cn")  # x @ w^T: both operands contiguous along K
+_NN = ("stride_ak", "stride_bn", "stride_cn")  # dpre @ w, dy @ w_proj: B contiguous along N
+_TN = ("stride_am", "stride_bn", "stride_cn")  # dy^T @ act, dpre^T @ x: A contiguous along M
+_OFF = (False, False, False)
 _SITES = (
-    ("c_fc fwd", ("stride_ak", "stride_bk", "stride_cn"), "gelu",
-     [(False, False, False), (True, False, False), (False, True, False), (True, True, False)], False),
-    ("c_proj fwd", ("stride_ak", "stride_bk", "stride_cn"), "none", [(False, False, False), (True, False, False)], False),
-    ("dpre", ("stride_ak", "stride_bn", "stride_cn"), "gelu_grad", [(False, False, False), (False, False, True)], False),
-    ("dx", ("stride_ak", "stride_bn", "stride_cn"), "none", [(False, False, False)], False),
-    ("dw", ("stride_am", "stride_bn", "stride_cn"), "none", [(False, False, False)], False),
-    ("dw split-k", ("stride_am", "stride_bn", "stride_cn"), "none", [(False, False, False)], True),
+    ("c_fc fwd", _NT, "gelu", [_OFF, (True, False, False), (False, True, False), (True, True, False)], False),
+    ("c_proj fwd", _NT, "none", [_OFF, (True, False, False)], False),
+    ("dpre", _NN, "gelu_grad", [_OFF, (False, False, True)], False),
+    ("dx", _NN, "none", [_OFF], False),
+    ("dw", _TN, "none", [_OFF], False),
+    ("dw split-k", _TN, "none", [_OFF], True),
 )
 
 
