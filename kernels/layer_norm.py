@@ -79,7 +79,7 @@ __all__ = [
 
 # Largest row the kernels hold in registers (a C beyond this would spill; see launch_configs).
 MAX_C = 8192
-# Elements per program tile, and per thread (TILE / (32 * num_warps)).
+# Elements of a forward tile (BLOCK_R x BLOCK_C); a backward tile holds half as many.
 _TILE = 4096
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 _TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -389,8 +389,10 @@ class LayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
+        if isinstance(x, torch.Tensor):
+            x = x.contiguous()  # once, for the kernel and the backward
         y, _, mean, rstd = layer_norm_fwd(x, weight, bias, eps)
-        ctx.save_for_backward(x.contiguous(), weight, mean, rstd)
+        ctx.save_for_backward(x, weight, mean, rstd)
         ctx.weight_dtype = weight.dtype if weight is not None else None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y

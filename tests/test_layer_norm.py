@@ -224,26 +224,26 @@ def test_add_layer_norm_one_output_used(use_y, use_s):
     ("scalar", ValueError, ["layer_norm", "x", "dimension"]),
 ])
 def test_bad_input(case, error, words):
-    x = torch.randn(5, 97)
-    w, b = torch.randn(97), torch.randn(97)
+    x = torch.randn(5, 97, device=DEVICE)
+    w, b = torch.randn(97, device=DEVICE), torch.randn(97, device=DEVICE)
     if case == "weight_shape":
-        w = torch.randn(96)
+        w = torch.randn(96, device=DEVICE)
     elif case == "bias_shape":
-        b = torch.randn(1, 97)
+        b = torch.randn(1, 97, device=DEVICE)
     elif case == "weight_device":
         w = torch.randn(97, device="meta")
     elif case == "x_float64":
         x = x.double()
     elif case == "x_int":
-        x = torch.ones(5, 97, dtype=torch.int64)
+        x = torch.ones(5, 97, dtype=torch.int64, device=DEVICE)
     elif case == "weight_int":
-        w = torch.ones(97, dtype=torch.int32)
+        w = torch.ones(97, dtype=torch.int32, device=DEVICE)
     elif case == "too_wide":
-        x, w, b = torch.randn(2, 8193), None, None
+        x, w, b = torch.randn(2, 8193, device=DEVICE), None, None
     elif case == "zero_width":
-        x, w, b = torch.randn(2, 0), None, None
+        x, w, b = torch.randn(2, 0, device=DEVICE), None, None
     elif case == "scalar":
-        x, w, b = torch.tensor(1.0), None, None
+        x, w, b = torch.tensor(1.0, device=DEVICE), None, None
     with pytest.raises(error) as info:
         ln.layer_norm(x, w, b)
     for word in words:
@@ -264,8 +264,9 @@ def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
 
 @pytest.mark.parametrize("case", ["shape", "dtype"])
 def test_add_layer_norm_bad_residual(case):
-    x = torch.randn(3, 16)
-    r = torch.randn(3, 15) if case == "shape" else torch.randn(3, 16, dtype=torch.float16)
+    x = torch.randn(3, 16, device=DEVICE)
+    r = torch.randn(3, 15 if case == "shape" else 16, device=DEVICE)
+    r = r.half() if case == "dtype" else r
     with pytest.raises((ValueError, TypeError), match=f"add_layer_norm: residual has {case}"):
         ln.add_layer_norm(x, r, None, None)
 
