@@ -351,43 +351,42 @@ def _dropout_mask_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, per architecture class, for fp16/bf16 keyed by (head class,
-# dropout) -- head sizes 32 and 64 share the "64" row -- and for fp32 keyed by "fp32" ("fp32/128" for hs = 128 where
-# it differs). BLOCK_M counts query rows and BLOCK_N key rows in every kernel. fp16/bf16 dots run on tensor cores with
+# dropout) -- head sizes 32 and 64 share the "64" row -- and for fp32 keyed by "fp32". BLOCK_M counts query rows and BLOCK_N key rows in every kernel. fp16/bf16 dots run on tensor cores with
 # fp32 accumulation; fp32 dots are IEEE FMA loops, whose operands live in registers, hence their small tiles. Dropout
 # costs registers (Philox on every element of a score tile), so its tiles are smaller where the plain ones would
 # spill. Every entry was compiled ahead of time for its architecture (see launch_configs and the module docstring).
-_FP32 = {"fwd": {"fp32": (32, 32, 8, 1)}, "dkdv": {"fp32": (16, 16, 4, 1)},
-         "dq": {"fp32": (32, 32, 4, 1), "fp32/128": (16, 16, 4, 1)}}
+_FP32 = {"fwd": (32, 32, 8, 1), "dkdv": (16, 16, 4, 1), "dq": (16, 16, 4, 1)}
 _TILES = {
     "fwd": {
         90: {(64, False): (128, 128, 8, 3), (64, True): (128, 64, 8, 3),
-             (128, False): (128, 64, 8, 3), (128, True): (128, 64, 8, 3), **_FP32["fwd"]},
+             (128, False): (128, 64, 8, 3), (128, True): (128, 64, 8, 3), "fp32": _FP32["fwd"]},
         80: {(64, False): (128, 64, 4, 3), (64, True): (128, 64, 8, 3),
-             (128, False): (128, 64, 8, 3), (128, True): (128, 64, 8, 3), **_FP32["fwd"]},
-        86: {(64, False): (128, 64, 4, 2), (64, True): (128, 64, 8, 2),
-             (128, False): (64, 64, 4, 2), (128, True): (64, 64, 4, 2), **_FP32["fwd"]},
-        75: {(64, False): (64, 64, 4, 2), (64, True): (64, 64, 4, 2),
-             (128, False): (64, 32, 4, 2), (128, True): (64, 32, 4, 2), **_FP32["fwd"]},
+             (128, False): (128, 32, 8, 3), (128, True): (128, 32, 8, 3), "fp32": _FP32["fwd"]},
+        86: {(64, False): (64, 64, 4, 2), (64, True): (64, 64, 4, 2),
+             (128, False): (64, 32, 4, 2), (128, True): (64, 32, 4, 2), "fp32": _FP32["fwd"]},
+        # Triton has no tensor-core path for tl.dot below sm_80: every dtype runs FMA dots, with the fp32 tiles.
+        75: {(64, False): _FP32["fwd"], (64, True): _FP32["fwd"],
+             (128, False): _FP32["fwd"], (128, True): _FP32["fwd"], "fp32": _FP32["fwd"]},
     },
     "dkdv": {
         90: {(64, False): (64, 128, 8, 2), (64, True): (32, 128, 8, 2),
-             (128, False): (32, 128, 8, 2), (128, True): (32, 64, 8, 2), **_FP32["dkdv"]},
+             (128, False): (32, 128, 8, 2), (128, True): (32, 64, 8, 2), "fp32": _FP32["dkdv"]},
         80: {(64, False): (64, 128, 8, 2), (64, True): (32, 128, 8, 2),
-             (128, False): (32, 128, 8, 2), (128, True): (32, 64, 8, 2), **_FP32["dkdv"]},
+             (128, False): (32, 64, 8, 2), (128, True): (32, 64, 8, 2), "fp32": _FP32["dkdv"]},
         86: {(64, False): (32, 128, 8, 2), (64, True): (32, 128, 8, 2),
-             (128, False): (32, 64, 8, 2), (128, True): (32, 64, 8, 2), **_FP32["dkdv"]},
-        75: {(64, False): (32, 64, 4, 2), (64, True): (32, 64, 4, 2),
-             (128, False): (16, 64, 4, 2), (128, True): (16, 64, 4, 2), **_FP32["dkdv"]},
+             (128, False): (32, 64, 8, 2), (128, True): (32, 64, 8, 2), "fp32": _FP32["dkdv"]},
+        75: {(64, False): _FP32["dkdv"], (64, True): _FP32["dkdv"],
+             (128, False): _FP32["dkdv"], (128, True): _FP32["dkdv"], "fp32": _FP32["dkdv"]},
     },
     "dq": {
         90: {(64, False): (128, 64, 8, 2), (64, True): (128, 64, 8, 2),
-             (128, False): (128, 32, 8, 2), (128, True): (128, 32, 8, 2), **_FP32["dq"]},
-        80: {(64, False): (128, 64, 8, 2), (64, True): (128, 64, 8, 2),
-             (128, False): (128, 32, 8, 2), (128, True): (128, 32, 8, 2), **_FP32["dq"]},
-        86: {(64, False): (128, 64, 8, 2), (64, True): (128, 64, 8, 2),
-             (128, False): (64, 32, 4, 2), (128, True): (64, 32, 4, 2), **_FP32["dq"]},
-        75: {(64, False): (64, 32, 4, 2), (64, True): (64, 32, 4, 2),
-             (128, False): (64, 16, 4, 2), (128, True): (64, 16, 4, 2), **_FP32["dq"]},
+             (128, False): (128, 32, 8, 2), (128, True): (128, 32, 8, 2), "fp32": _FP32["dq"]},
+        80: {(64, False): (128, 32, 8, 2), (64, True): (128, 32, 8, 2),
+             (128, False): (64, 32, 4, 2), (128, True): (64, 32, 4, 2), "fp32": _FP32["dq"]},
+        86: {(64, False): (128, 32, 8, 2), (64, True): (128, 32, 8, 2),
+             (128, False): (64, 32, 4, 2), (128, True): (64, 32, 4, 2), "fp32": _FP32["dq"]},
+        75: {(64, False): _FP32["dq"], (64, True): _FP32["dq"],
+             (128, False): _FP32["dq"], (128, True): _FP32["dq"], "fp32": _FP32["dq"]},
     },
 }
 # Under the CPU interpreter: small, unequal tiles, so short test sequences still cross several blocks (full, diagonal
@@ -421,7 +420,7 @@ def _tiles(kernel: str, dtype: torch.dtype, head: int, dropout: bool, device: to
         cc = 10 * major + minor
     table = _TILES[kernel][_arch_class(cc)]
     if dtype == torch.float32:
-        return table.get(f"fp32/{head}", table["fp32"])
+        return table["fp32"]
     return table[(128 if head == 128 else 64, dropout)]
 
 
