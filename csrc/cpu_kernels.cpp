@@ -185,7 +185,7 @@ GPT2K_HOT void gelu_bwd_row(const float* __restrict dact, const float* __restric
 GPT2K_HOT float ce_row(const float* x, float* g, int64_t V, int64_t t, const float* scale) {
   float mx = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : mx)
-  for (int64_t c = 0; c < V; ++c) mx = std::max(mx, x[c]);
+  for (int64_t c = 0; c < V; ++c) mx = x[c] > mx ? x[c] : mx;
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)
   for (int64_t c = 0; c < V; ++c) s += exp_f(x[c] - mx);
@@ -227,7 +227,7 @@ GPT2K_INLINE void attn_fwd_block_impl(const float* __restrict Q, const float* __
       for (int64_t j = 0; j < kBK; ++j) acc[j] += qd * kt[j];
     }
     float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < jmax; ++j) mx = std::max(mx, acc[j]);
+    for (int64_t j = 0; j < jmax; ++j) mx = acc[j] > mx ? acc[j] : mx;
     const float m_new = std::max(m[i], mx);
     const float corr = std::exp(m[i] - m_new);  // 0 on the first block (m = -inf)
     float sum = 0.0f;

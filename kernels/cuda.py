@@ -215,10 +215,15 @@ def mlp(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor | None, w_proj: 
     return out.reshape(*shape[:-1], out.shape[-1])
 
 
+_MIN_CHUNK_ROWS = 256
+
+
 def _chunk_rows(n: int, v: int, c: int) -> int:
-    # Rows per chunk so that a chunk of logits (rows, V) is about as large as h (N, C).
+    # Rows per chunk so that a chunk of logits (rows, V) is about as large as h (N, C), but at least
+    # _MIN_CHUNK_ROWS: each chunk adds a (V, C) matmul into dweight whose inner dimension is the chunk,
+    # and thin chunks make that update (a full pass over dweight) dominate.
     chunks = max(1, -(-v // max(c, 1)))
-    return max(1, -(-n // chunks))
+    return max(1, min(n, max(-(-n // chunks), _MIN_CHUNK_ROWS)))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -245,9 +250,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_h or need_w:
                 rows = ops.cross_entropy_fwd_bwd_(logits, tc, inv, ignore_index)  # logits := dloss/dlogits
                 if need_h:
-                    dh[s:s + step] = logits @ w
-                if need_w:
-                    dw += (logits.t() @ hc).float()
+                    torch.mm(logits, w, out=dh[s:s + step])
+                if need_w and logits.dtype == torch.float32:
+                    dw.addmm_(logits.t(), hc)
+                elif need_w:  # low precision: the product in that dtype, accumulated in fp32
+                    dw += torch.mm(logits.t(), hc)
             else:
                 rows = ops.cross_entropy_fwd(logits, tc, ignore_index)
             total += rows.sum()
