@@ -562,9 +562,13 @@ def _run(args, rank: int, local_rank: int, world: int) -> int:
             "data": {"train": train_batcher.state_dict(), "val": val_start},
         })
 
-    def eval_and_save() -> None:
+    def eval_and_save() -> bool:
         nonlocal last_eval_step, best_val
         val = evaluate()
+        if not math.isfinite(val):
+            say(f"gpt2 train: the validation loss is {val} at step {step}; stopping. The last good checkpoint "
+                f"({ckpt_file}, step {last_eval_step if last_eval_step is not None else '-'}) is untouched")
+            return False
         last_eval_step = step
         best_val = min(best_val, val)
         checkpoint()
@@ -572,6 +576,7 @@ def _run(args, rank: int, local_rank: int, world: int) -> int:
             metrics.log(step=step, val_loss=val)
             metrics.plot(out_dir / PLOT_NAME, title)
             say(f"eval step {step}: val loss {val:.4f} (best {best_val:.4f}) | saved {ckpt_file}")
+        return True
 
     from tqdm import tqdm
 
@@ -583,8 +588,8 @@ def _run(args, rank: int, local_rank: int, world: int) -> int:
     try:
         with _StopRequest() as stop:
             while step < opts["max_iters"]:
-                if step % opts["eval_interval"] == 0 and last_eval_step != step:
-                    eval_and_save()
+                if step % opts["eval_interval"] == 0 and last_eval_step != step and not eval_and_save():
+                    return 1
                 snap = (train_batcher.state_dict(), rng_state())
                 updating = False
                 try:
@@ -663,7 +668,8 @@ def _run(args, rank: int, local_rank: int, world: int) -> int:
                     return 0
             bar.close()
             if last_eval_step != step:
-                eval_and_save()
+                if not eval_and_save():
+                    return 1
             else:
                 checkpoint()
     finally:
