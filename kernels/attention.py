@@ -1,6 +1,52 @@
 """Causal flash attention in Triton: the ``triton`` backend of the registry op ``attention``.
 
-DOCSTRING_PLACEHOLDER
+``attention(q, k, v, causal=True, dropout_p=0.0)`` has the signature and semantics of ``kernels.ref.attention``: the
+Tq queries are the last Tq of Tk key positions (query i sits at Tk - Tq + i), the scale is 1/sqrt(hs), the softmax is
+taken in fp32 and the result comes back in q.dtype. No Tq x Tk matrix is ever stored.
+
+Forward (``_attn_fwd_kernel``, one program per (query block, batch*head)): online softmax over key blocks in base-2
+units (log2 e folded into the scale, exp2), fp32 running max / sum / accumulator, per-row log-sum-exp saved in fp32.
+Key blocks that every row of the query block sees run without masks; the causal diagonal and the ragged end of Tk run
+masked; key blocks past the diagonal are skipped. The heaviest causal query blocks are launched first.
+Backward: ``_attn_bwd_preprocess_kernel`` computes delta = rowsum(dO * O); ``_attn_bwd_dkdv_kernel`` (one program per
+key block) and ``_attn_bwd_dq_kernel`` (one per query block) recompute P from the saved log-sum-exp. Every gradient
+block has a single writer: deterministic, no atomics, at the price of recomputing QK^T and dO V^T in the dQ kernel.
+Dropout: a Philox stream per (batch, head) keyed by (seed, head index) with counter row * Tk + col, drawn inside each
+kernel (``tl.rand``); the backward redraws the same keep-mask and ``dropout_keep_mask`` materialises it for tests.
+
+Inputs are read by strides, without copies, when the feature dimension is unit-stride and each row starts on a 16-byte
+boundary (the model's q/k/v views and KV-cache slices); the kernels state this to the compiler (``tl.multiple_of``) so
+that loads vectorise identically at run time and in the ahead-of-time report. Other layouts are copied once.
+
+Work and traffic (GPT-2 small on an H100: B*nh = 96, hs = 64, bf16, causal; predictions, nothing here was measured,
+as no GPU was available to this work):
+
+    FLOPs   forward  4 B nh Tq Tk hs / 2 = 12.9 GFLOP (T = 1024), 206 GFLOP (T = 4096)
+            backward 2.5x forward = 32.2 / 515 GFLOP of useful work; these kernels execute 3.5x forward (7 matmuls
+            of T x T x hs instead of 5), the price of a dQ pass without atomics.
+    bytes   forward  read q, k, v, write o and lse: 50.7 MB (T = 1024), 203 MB (T = 4096)
+            backward read q, k, v, o, dO, lse, write dq, dk, dv (and delta): 101 MB / 406 MB
+    floors on an H100 SXM (datasheet 989 TFLOP/s dense bf16, 3.35 TB/s): forward 13 us compute vs 15 us memory at
+            T = 1024 (intensity 254 FLOP/B, near the 295 ridge), 208 us vs 61 us at T = 4096 (compute-bound).
+
+Tiles (``_TILES``; BLOCK_M query rows x BLOCK_N key rows, warps, stages). One configuration per (architecture, head
+class, dropout), at most four per kernel per architecture; each compiled ahead of time for sm_75/80/86/89/90 with
+ptxas and checked for per-block shared memory and spills (``launch_configs``):
+
+    sm_90 fwd  hs<=64: 128x128, 8 warps (two warpgroups of 64 rows, one wgmma m64n128 each), 3 stages:
+               112 KB shared, 198 registers, no spills; each K/V tile fetched is reused by 128 query rows.
+               hs=128 or dropout: 128x64, 8 warps, 3 stages (128 KB, 183 / 244 registers).
+    sm_90 dkdv 64 queries x 128 keys (hs<=64), 32 x 128 (hs=128 or dropout), 32 x 64 (hs=128 with dropout),
+               8 warps, 2 stages: dK, dV for 128 keys accumulate in registers while q/dO blocks stream.
+    sm_90 dq   128 queries x 64 keys (hs<=64), 128 x 32 (hs=128), 8 warps, 2 stages.
+    sm_80/86   the same shapes where they fit, smaller where ptxas spilled (mma.sync keeps more in registers than
+               wgmma) or where sm_86/89's 99 KB would not hold three stages.
+    sm_75      Triton has no tensor-core tl.dot below sm_80, so every dtype runs FMA dots with the fp32 tiles.
+    fp32       IEEE FMA dots (``input_precision="ieee"``, no TF32, so fp32 parity holds on a GPU): 32x32 forward,
+               16x16 backward.
+
+Known limits: one query row (cached decoding, Tq = 1) still occupies a whole BLOCK_M tile and a single program per
+head walks all Tk keys (no split over keys); dropout needs Tq * Tk < 2**31 per head.
 """
 
 from __future__ import annotations
@@ -350,11 +396,12 @@ def _dropout_mask_kernel(
 # Tiles and launchers
 # ----------------------------------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, per architecture class, for fp16/bf16 keyed by (head class,
-# dropout) -- head sizes 32 and 64 share the "64" row -- and for fp32 keyed by "fp32". BLOCK_M counts query rows and BLOCK_N key rows in every kernel. fp16/bf16 dots run on tensor cores with
-# fp32 accumulation; fp32 dots are IEEE FMA loops, whose operands live in registers, hence their small tiles. Dropout
-# costs registers (Philox on every element of a score tile), so its tiles are smaller where the plain ones would
-# spill. Every entry was compiled ahead of time for its architecture (see launch_configs and the module docstring).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and architecture class; fp16/bf16 keyed by (head class,
+# dropout), where head sizes 32 and 64 share the "64" row; fp32 keyed by "fp32". BLOCK_M counts query rows and BLOCK_N
+# key rows in every kernel. fp16/bf16 dots run on tensor cores with fp32 accumulation; fp32 dots are IEEE FMA loops
+# whose operands live in registers, hence their small tiles. Dropout costs registers (Philox on every element of a
+# score tile), so its tiles are smaller where the plain ones would spill. Every entry was compiled ahead of time for
+# its architecture and checked for shared memory and spills (see launch_configs and the module docstring).
 _FP32 = {"fwd": (32, 32, 8, 1), "dkdv": (16, 16, 4, 1), "dq": (16, 16, 4, 1)}
 _TILES = {
     "fwd": {
