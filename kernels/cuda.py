@@ -57,9 +57,12 @@ def has_cuda_kernels() -> bool:
 
 
 def _ops():
-    mod, why = _load()
-    if mod is None:
-        raise RuntimeError(f"kernels.cuda: {why}")
+    # Under torch.compile the library is already loaded (the registry asked unavailable_reason()
+    # first); skipping the check there keeps Dynamo out of the import machinery.
+    if not torch.compiler.is_compiling():
+        mod, why = _load()
+        if mod is None:
+            raise RuntimeError(f"kernels.cuda: {why}")
     return torch.ops.gpt2k
 
 
