@@ -24,8 +24,10 @@ cuda::DType dtype_of(const Tensor& t) {
     case at::kFloat: return cuda::DType::kF32;
     case at::kHalf: return cuda::DType::kF16;
     case at::kBFloat16: return cuda::DType::kBF16;
-    default: TORCH_CHECK(false, "gpt2k: unsupported dtype ", t.scalar_type());
+    default: break;
   }
+  TORCH_CHECK(false, "gpt2k: unsupported dtype ", t.scalar_type());
+  return cuda::DType::kF32;  // not reached
 }
 
 void check_launch(const char* op, cudaError_t err) {
@@ -59,6 +61,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_cuda(const Tensor& dy, const T
   check_layer_norm_bwd(dy, x, weight, mean, rstd);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = x.size(0), C = x.size(1);
+  TORCH_CHECK(cuda::colsum_parts(N) <= 65535, "gpt2k::layer_norm_bwd: argument 'x' has ", N,
+              " rows; the CUDA kernel supports at most ", 65535 * cuda::kColSumRows);
   Tensor dx = at::empty_like(x), dw = fp32_empty(x, {C}), db = fp32_empty(x, {C});
   Tensor scratch = fp32_empty(x, {cuda::layer_norm_bwd_scratch_floats(N, C)});
   check_launch("gpt2k::layer_norm_bwd",
