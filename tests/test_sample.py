@@ -1,0 +1,144 @@
+"""Generation: greedy decoding equals Hugging Face's, the cache changes nothing, streaming prints
+only whole characters, and ``gpt2 sample`` rejects bad options with one line."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from gpt2.checkpoint import save_checkpoint
+from gpt2.cli import main
+from gpt2.model import GPT, GPTConfig
+from gpt2.sample import stream_text
+from gpt2.tokenizer import encode
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A small random transformers GPT-2 saved to a folder."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=1000, n_positions=48, n_embd=64, n_layer=2, n_head=2,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # larger-than-init weights so the argmax is decided by real margins
+        for p in hf.parameters():
+            if p.dim() >= 2:
+                p.mul_(5.0)
+    d = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(d, safe_serialization=True)
+    return d
+
+
+def test_greedy_matches_transformers(hf_dir):
+    import transformers
+
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir, attn_implementation="eager").eval()
+    ours = GPT.from_pretrained(str(hf_dir), backend="torch").eval()
+    prompt = torch.randint(0, 1000, (2, 7), generator=torch.Generator().manual_seed(1))
+    want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False,
+                       pad_token_id=0)
+    got = ours.generate(prompt, 30, greedy=True)
+    assert torch.equal(got, want)
+
+
+def test_cache_and_no_cache_agree_and_generation_slides_past_the_context():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny"), backend="torch").eval()
+    prompt = torch.randint(0, 512, (3, 5))
+    cached = model.generate(prompt, 30, greedy=True, use_cache=True)
+    full = model.generate(prompt, 30, greedy=True, use_cache=False)
+    assert torch.equal(cached, full)
+    long = model.generate(prompt, 75, greedy=True)  # 80 tokens > block_size 64
+    assert long.shape == (3, 80) and torch.equal(long[:, :35], cached)
+
+
+class _Scripted(torch.nn.Module):
+    """A stand-in model whose generate_stream yields fixed tokens."""
+
+    def __init__(self, tokens):
+        super().__init__()
+        self.tokens = tokens
+        self.config = GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=1, n_embd=4)
+        self.transformer = torch.nn.ModuleDict({"wte": torch.nn.Embedding(1, 1)})
+
+    def generate_stream(self, idx, max_new_tokens, **kw):
+        for t in self.tokens[:max_new_tokens]:
+            yield torch.tensor([[t]])
+
+
+class _Recorder(io.StringIO):
+    def __init__(self):
+        super().__init__()
+        self.chunks = []
+
+    def write(self, s):
+        self.chunks.append(s)
+        return super().write(s)
+
+
+def test_streaming_prints_only_whole_characters():
+    text = " naïve café — 日本語 🙂🎭!"
+    toks = encode(text)
+    assert len(toks) > len(text.split())  # some characters span several byte-level tokens
+    out = _Recorder()
+    new = stream_text(_Scripted(toks), "A", len(toks), greedy=True, out=out)
+    assert new == toks
+    assert out.getvalue() == "A" + text
+    assert not any("\ufffd" in c for c in out.chunks)
+
+
+def _one_error_line(capsys, *needles):
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("gpt2 sample: error:")]
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("flags,needles", [
+    (["--temperature", "0"], ["--temperature must be > 0", "--greedy"]),
+    (["--temperature", "-1"], ["--temperature must be > 0"]),
+    (["--top-p", "0"], ["--top-p must be in (0, 1]"]),
+    (["--top-p", "1.5"], ["--top-p must be in (0, 1]"]),
+    (["--top-k", "-3"], ["--top-k must be >= 0"]),
+])
+def test_bad_sampling_options(hf_dir, capsys, flags, needles):
+    assert main(["sample", "--pretrained", str(hf_dir), "--device", "cpu", *flags]) == 2
+    _one_error_line(capsys, *needles)
+
+
+def test_prompt_longer_than_context(hf_dir, capsys):
+    prompt = " ".join(["word"] * 60)  # 60 tokens > n_positions 48
+    assert main(["sample", "--pretrained", str(hf_dir), "--device", "cpu", "--prompt", prompt]) == 2
+    _one_error_line(capsys, "--prompt is 60 tokens long", "context of 48")
+    assert capsys.readouterr().out == ""  # nothing printed before the error
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    assert main(["sample", "--ckpt", str(tmp_path), "--device", "cpu"]) == 2
+    _one_error_line(capsys, "no checkpoint at")
+
+
+def test_sample_from_training_checkpoint_is_reproducible(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny"), backend="torch")
+    save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "model_config": asdict(model.config),
+                                           "step": 1})
+    argv = ["sample", "--ckpt", str(tmp_path), "--device", "cpu", "--backend", "torch", "--prompt", "The",
+            "--max-new-tokens", "12", "--top-p", "0.9", "--seed", "7", "--num-samples", "2"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert first.count("--- sample") == 2 and "\nThe" in first
+    assert main(argv) == 0
+    assert capsys.readouterr().out == first
+    assert main(["sample", "--ckpt", str(tmp_path / "ckpt.pt"), "--device", "cpu", "--backend", "torch",
+                 "--prompt", "The", "--max-new-tokens", "12", "--greedy"]) == 0
+    greedy = capsys.readouterr().out
+    ids = model.eval().generate(torch.tensor([encode("The")]), 12, greedy=True)[0, 1:].tolist()
+    from gpt2.tokenizer import decode
+
+    assert greedy == "The" + decode(ids) + "\n"
