@@ -11,6 +11,9 @@ The whole file is skipped, with the reason, when the extension was not built.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -335,3 +338,28 @@ def test_torch_compile_traces_every_op():
     assert_close("compiled loss", loss_c, loss)
     for i, (g, gc) in enumerate(zip(grads, grads_c)):
         assert_close(f"compiled grad[{i}]", gc, g)
+
+
+def test_missing_extension_is_reported_not_raised():
+    """Without kernels._C, importing kernels.cuda works and the registry says why 'cuda' is unavailable."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'kernels._C':\n"
+        "            raise ImportError('blocked by the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import kernels.cuda as c\n"
+        "from kernels import registry\n"
+        "assert not c.has_cuda_kernels()\n"
+        "print(c.unavailable_reason())\n"
+        "try:\n"
+        "    registry.build_ops('cuda')\n"
+        "except registry.BackendError as e:\n"
+        "    print(e)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    reason, error = proc.stdout.strip().splitlines()
+    assert "not built" in reason and "blocked by the test" in reason and "pip install" in reason
+    assert "cuda" in error and "blocked by the test" in error
