@@ -38,12 +38,12 @@ Launch choices (``_tile``): a program holds a tile of BLOCK_R whole rows x BLOCK
 
 - forward: tiles of about 4096 elements, 16 per thread (two 128-bit loads in fp16/bf16):
   BLOCK_R = 4096 // BLOCK_C (1 from BLOCK_C = 4096), num_warps = 8 (16 at BLOCK_C = 8192); one
-  program per tile. Compiled for sm_75 .. sm_90 (``python -m kernels.report``): 48-64
-  registers, no spills, <= 16 KB of shared memory.
+  program per tile. Compiled for sm_75 .. sm_90 (``python -m kernels.report``): 40-64
+  registers, no spills, <= 17 KB of shared memory.
 - backward: tiles of about 2048 elements, 8 per thread, since it keeps twice the live values (x,
   dy and two accumulators; 16 per thread took 128-250 registers and spilled in fp32 at 8192):
-  BLOCK_R = 2048 // BLOCK_C, num_warps = 8 (16 at BLOCK_C = 4096, 32 at 8192), 60-72 registers,
-  no spills, <= 32 KB of shared memory (layout conversions of fp16/bf16). At least 16 warps per SM
+  BLOCK_R = 2048 // BLOCK_C, num_warps = 8 (16 at BLOCK_C = 4096, 32 at 8192), 58-72 registers,
+  no spills, <= 33 KB of shared memory (layout conversions of fp16/bf16). At least 16 warps per SM
   (two 8-warp programs per SM, P = 264 on an H100), each program looping over a contiguous group
   of rows with its dweight / dbias sums in registers, then writing one fp32 partial row.
   ``torch.sum`` over the P partial rows finishes the reduction: one small launch reading the 2 P C 4
@@ -477,7 +477,7 @@ def launch_configs(cc: int) -> list[LaunchConfig]:
     Widths that share a block (768 and 1024; 1280 and 1600) share a launch, so the list holds
     5 blocks x 3 dtypes x {forward, forward + residual, backward, backward + ds}; before sm_80 the
     launchers refuse bf16, so it is not listed there. The tiles do not depend on ``cc``: no
-    launch spills or needs more than 32 KB of shared memory on sm_75 .. sm_90.
+    launch spills or needs more than 33 KB of shared memory on sm_75 .. sm_90.
     """
     configs = []
     for dtype in _SUPPORTED if cc >= 80 else (torch.float32, torch.float16):  # no bf16 before sm_80
