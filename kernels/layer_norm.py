@@ -62,6 +62,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from kernels.aot import LaunchConfig
 from kernels.registry import interpreter_enabled
@@ -398,6 +399,7 @@ class LayerNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the backward kernels are not themselves differentiable
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensors
         dx, dw, db = layer_norm_bwd(dy, x, weight, mean, rstd)
@@ -436,6 +438,7 @@ class AddLayerNormFunction(torch.autograd.Function):
         return y, s
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy, ds):
         s, weight, mean, rstd = ctx.saved_tensors
         if dy is None:  # only s was used: y's path contributes nothing

@@ -165,6 +165,14 @@ def test_empty_batch():
     assert torch.equal(w.grad, torch.zeros_like(w))
 
 
+def test_double_backward_is_refused():
+    x = torch.randn(3, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(16, device=DEVICE, requires_grad=True)
+    (dx,) = torch.autograd.grad(ln.layer_norm(x, w, None).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable"):
+        dx.sum().backward()
+
+
 # ---------------------------------------------------------------------------------------------
 # Fused residual add + layer norm
 # ---------------------------------------------------------------------------------------------
