@@ -219,7 +219,8 @@ class Tiles:
 
 # arch -> operand class ("lowp" = fp16 / bf16, "fp32") -> role -> tiles. Roles: "main" for the
 # plain and bias epilogues (c_proj forward, dx, the weight gradients), "epilogue" for the GELU
-# and GELU-gradient epilogues, "small" when M <= SMALL_M (decoding). Shared memory per block:
+# and GELU-gradient epilogues, "small" for an inference forward of M <= SMALL_M rows (decoding;
+# training at such sizes keeps the large tiles, so the backward has one variant per site). Shared memory per block:
 # sm_75 64 KB, sm_80 163 KB, sm_86 / sm_89 99 KB, sm_90 227 KB.
 #  - 128 x 256 x 64, 8 warps: the largest tile whose fp32 accumulator (128 registers a thread)
 #    leaves room for the loop; the GELU epilogues spill at that size (fp32 acc + the pre tile or
@@ -260,9 +261,7 @@ def _arch(cc: int) -> int:
     return 75
 
 
-def _role(epilogue: str, M: int) -> str:
-    if M <= SMALL_M:
-        return "small"
+def _default_role(epilogue: str) -> str:
     return "main" if epilogue == "none" else "epilogue"
 
 
@@ -276,11 +275,11 @@ def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def _pick_tiles(device: torch.device, dtype: torch.dtype, epilogue: str, M: int) -> Tiles:
+def _pick_tiles(device: torch.device, dtype: torch.dtype, role: str) -> Tiles:
     if device.type != "cuda":
         return _INTERPRETER_TILES
     cc, _ = _device_info(_device_index(device))
-    return _TILES[_arch(cc)]["fp32" if dtype == torch.float32 else "lowp"][_role(epilogue, M)]
+    return _TILES[_arch(cc)]["fp32" if dtype == torch.float32 else "lowp"][role]
 
 
 def _auto_split_k(tiles: int, K: int, sms: int) -> int:
@@ -304,28 +303,29 @@ def _auto_split_k(tiles: int, K: int, sms: int) -> int:
     return best
 
 
-# The launches ``mlp_fwd`` / ``mlp_bwd`` make: (site, the strides that are 1 there, epilogue,
-# [(HAS_BIAS, STORE_PRE, COL_SUM)], output in fp32 for a split-K workspace). Triton's JIT turns an
-# integer argument equal to 1 into a constexpr, so each operand layout is its own compiled kernel.
+# The launches ``mlp_fwd`` / ``mlp_bwd`` make: (site, the strides that are 1 there, epilogue, HAS_BIAS,
+# STORE_PRE, COL_SUM, output in fp32, tile roles). Triton's JIT turns an integer argument equal to 1
+# into a constexpr, so each operand layout is its own compiled kernel. To keep that list short the
+# launchers vary as little as they can: a missing bias is passed as zeros, dpre always writes its column
+# sums, the weight gradients always land in fp32 (the split-K workspace, or the output then rounded).
 _NT = ("stride_ak", "stride_bk", "stride_cn")  # x @ w^T: both operands contiguous along K
 _NN = ("stride_ak", "stride_bn", "stride_cn")  # dpre @ w, dy @ w_proj: B contiguous along N
 _TN = ("stride_am", "stride_bn", "stride_cn")  # dy^T @ act, dpre^T @ x: A contiguous along M
-_OFF = (False, False, False)
 _SITES = (
-    ("c_fc fwd", _NT, "gelu", [_OFF, (True, False, False), (False, True, False), (True, True, False)], False),
-    ("c_proj fwd", _NT, "none", [_OFF, (True, False, False)], False),
-    ("dpre", _NN, "gelu_grad", [_OFF, (False, False, True)], False),
-    ("dx", _NN, "none", [_OFF], False),
-    ("dw", _TN, "none", [_OFF], False),
-    ("dw split-k", _TN, "none", [_OFF], True),
+    ("c_fc fwd train", _NT, "gelu", True, True, False, False, ("epilogue",)),
+    ("c_fc fwd infer", _NT, "gelu", True, False, False, False, ("epilogue", "small")),
+    ("c_proj fwd", _NT, "none", True, False, False, False, ("main", "small")),
+    ("dpre", _NN, "gelu_grad", False, False, True, False, ("epilogue",)),
+    ("dx", _NN, "none", False, False, False, False, ("main",)),
+    ("dw", _TN, "none", False, False, False, True, ("main",)),
 )
 
 
 def launch_configs(cc: int) -> list[LaunchConfig]:
     """Every launch of ``_matmul_kernel`` that ``mlp_fwd`` / ``mlp_bwd`` can make on compute capability ``cc``.
 
-    One entry per dtype x launch site (operand layout) x epilogue variant x tile role (the large
-    tiles, and the small ones used when M <= SMALL_M). Strides that are 1 at a site are listed as
+    One entry per dtype x launch site (operand layout and epilogue, see ``_SITES``) x tile role (the
+    large tiles; the small ones for an inference forward of M <= SMALL_M). Strides that are 1 at a site are listed as
     constexprs of value 1, as the JIT specializes them. The JIT also marks pointers and integers
     divisible by 16 (``tt.divisibility``); compile with those attributes to see the vectorized,
     pipelined kernel that runs. bf16 is not offered on sm_75 (no bf16 tensor cores there), where
@@ -345,30 +345,23 @@ def launch_configs(cc: int) -> list[LaunchConfig]:
     for dtype in dtypes:
         t = names[dtype]
         table = _TILES[arch]["fp32" if dtype == torch.float32 else "lowp"]
-        for site, unit, epi, variants, split in _SITES:
-            if split and dtype == torch.float32:
-                continue  # the same kernel as "dw": fp32 output either way
-            c_type = "fp32" if split else t
-            large = table["main" if epi == "none" else "epilogue"]
-            for tiles in dict.fromkeys((large, table["small"])):  # distinct, in order
-                for has_bias, store_pre, col_sum in variants:
-                    signature = {"a_ptr": f"*{t}", "b_ptr": f"*{t}", "c_ptr": f"*{c_type}", "bias_ptr": f"*{t}",
-                                 "pre_ptr": f"*{t}", "colsum_ptr": "*fp32"}
-                    signature.update({name: "i32" for name in ints if name not in unit})
-                    constexprs = {name: 1 for name in unit}
-                    constexprs.update({
-                        "EPILOGUE": epi, "HAS_BIAS": has_bias, "STORE_PRE": store_pre, "COL_SUM": col_sum,
-                        "BLOCK_M": tiles.BLOCK_M, "BLOCK_N": tiles.BLOCK_N, "BLOCK_K": tiles.BLOCK_K,
-                        "GROUP_M": tiles.GROUP_M,
-                    })
-                    flags = "".join(f" +{n}" for n, on in (("bias", has_bias), ("pre", store_pre),
-                                                            ("colsum", col_sum)) if on)
-                    out.append(LaunchConfig(
-                        label=(f"mlp {site} {epi}{flags} {t} BLOCK_M={tiles.BLOCK_M} BLOCK_N={tiles.BLOCK_N} "
-                               f"BLOCK_K={tiles.BLOCK_K}"),
-                        kernel=_matmul_kernel, signature=signature, constexprs=constexprs,
-                        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-                    ))
+        for site, unit, epi, has_bias, store_pre, col_sum, c_fp32, roles in _SITES:
+            for tiles in dict.fromkeys(table[r] for r in roles):  # distinct, in order
+                signature = {"a_ptr": f"*{t}", "b_ptr": f"*{t}", "c_ptr": "*fp32" if c_fp32 else f"*{t}",
+                             "bias_ptr": f"*{t}", "pre_ptr": f"*{t}", "colsum_ptr": "*fp32"}
+                signature.update({name: "i32" for name in ints if name not in unit})
+                constexprs = {name: 1 for name in unit}
+                constexprs.update({
+                    "EPILOGUE": epi, "HAS_BIAS": has_bias, "STORE_PRE": store_pre, "COL_SUM": col_sum,
+                    "BLOCK_M": tiles.BLOCK_M, "BLOCK_N": tiles.BLOCK_N, "BLOCK_K": tiles.BLOCK_K,
+                    "GROUP_M": tiles.GROUP_M,
+                })
+                out.append(LaunchConfig(
+                    label=(f"mlp {site} {epi} {t} BLOCK_M={tiles.BLOCK_M} BLOCK_N={tiles.BLOCK_N} "
+                           f"BLOCK_K={tiles.BLOCK_K}"),
+                    kernel=_matmul_kernel, signature=signature, constexprs=constexprs,
+                    num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                ))
     return out
 
 
@@ -379,7 +372,7 @@ def launch_configs(cc: int) -> list[LaunchConfig]:
 
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *, epilogue: str = "none",
            pre: torch.Tensor | None = None, col_sum: bool = False, out_dtype: torch.dtype | None = None,
-           split_k: int | None = None, tiles: Tiles | None = None):
+           split_k: int | None = None, role: str | None = None, tiles: Tiles | None = None):
     """C = epilogue(A @ B) with fp32 accumulation, through ``_matmul_kernel``.
 
     Operands may have any strides (pass ``w.t()`` for a transposed weight; nothing is copied).
@@ -395,7 +388,9 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *
         out_dtype: dtype of C, default a's dtype.
         split_k: split K over this many programs per tile (epilogue "none" without bias only);
             None picks one from the SM count on a GPU, 1 under the interpreter.
-        tiles: force a tile configuration (tests); default by device, dtype and M.
+        role: which tiles of ``_TILES`` to use: "main", "epilogue" or "small"; default "main" for
+            epilogue "none", else "epilogue".
+        tiles: force a tile configuration (tests); overrides ``role``.
     Returns:
         C (M, N) contiguous, or (C, colsum (N,) fp32) when ``col_sum``.
     """
@@ -414,7 +409,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *
     if pre is not None and (pre.shape != (M, N) or not pre.is_contiguous() or pre.dtype != a.dtype):
         raise ValueError(f"matmul: pre must be a contiguous ({M}, {N}) {a.dtype} tensor")
     out_dtype = out_dtype or a.dtype
-    t = tiles or _pick_tiles(a.device, a.dtype, epilogue, M)
+    t = tiles or _pick_tiles(a.device, a.dtype, role or _default_role(epilogue))
     grid_mn = triton.cdiv(M, t.BLOCK_M) * triton.cdiv(N, t.BLOCK_N)
     splittable = epilogue == "none" and bias is None and not col_sum
     if split_k is None:
@@ -446,8 +441,10 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *
             BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=t.BLOCK_K, GROUP_M=t.GROUP_M,
             num_warps=t.num_warps, num_stages=t.num_stages,
         )
-        if split_k > 1:
-            c.copy_(dest.sum(dim=0))  # (M, N) fp32 sum of the K slices, rounded once
+        if split_k > 1 and out_dtype == torch.float32:
+            torch.sum(dest, dim=0, out=c)  # (M, N) sum of the K slices
+        elif split_k > 1:
+            c.copy_(dest.sum(dim=0))  # summed in fp32, rounded once
     if col_sum:
         return c, (colsum.sum(dim=0) if M > 0 else torch.zeros(N, device=a.device, dtype=torch.float32))
     return c
@@ -463,10 +460,15 @@ def mlp_fwd(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor | None, w_pr
     Returns:
         (y (M, C), pre (M, H) or None, act (M, H) = gelu_tanh(pre)).
     """
-    M, H = x.shape[0], w_fc.shape[0]
+    (M, C), H = x.shape, w_fc.shape[0]
     pre = torch.empty((M, H), device=x.device, dtype=x.dtype) if save_pre else None
-    act = matmul(x, w_fc.t(), b_fc, epilogue="gelu", pre=pre)  # (M, H)
-    y = matmul(act, w_proj.t(), b_proj)  # (M, C)
+    # A missing bias goes in as zeros (H + C reads): one kernel variant fewer per site.
+    b_fc = b_fc if b_fc is not None else x.new_zeros(H)
+    b_proj = b_proj if b_proj is not None else x.new_zeros(C)
+    # Decoding (a few rows, no backward) takes the small tiles so the rows still spread over many programs.
+    small = not save_pre and M <= SMALL_M
+    act = matmul(x, w_fc.t(), b_fc, epilogue="gelu", pre=pre, role="small" if small else "epilogue")  # (M, H)
+    y = matmul(act, w_proj.t(), b_proj, role="small" if small else "main")  # (M, C)
     return y, pre, act
 
 
@@ -483,17 +485,18 @@ def mlp_bwd(dy: torch.Tensor, x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch
     """
     need_dx, need_dw_fc, need_db_fc, need_dw_proj, need_db_proj = needs
     dx = dw_fc = db_fc = dw_proj = db_proj = None
+    dt = dy.dtype
+    # Weight gradients go through fp32 (the split-K workspace, or written in fp32 and rounded once here).
     if need_dw_proj:
-        dw_proj = matmul(dy.t(), act)  # (C, H) = (C, M) @ (M, H)
+        dw_proj = matmul(dy.t(), act, out_dtype=torch.float32).to(dt)  # (C, H) = (C, M) @ (M, H)
     if need_db_proj:
-        db_proj = dy.sum(dim=0, dtype=torch.float32).to(dy.dtype)  # (C,)
+        db_proj = dy.sum(dim=0, dtype=torch.float32).to(dt)  # (C,)
     if need_dx or need_dw_fc or need_db_fc:
-        res = matmul(dy, w_proj, epilogue="gelu_grad", pre=pre, col_sum=need_db_fc)  # (M, H) = dpre
-        dpre, db_fc = res if need_db_fc else (res, None)
-        if db_fc is not None:
-            db_fc = db_fc.to(dy.dtype)
+        # The column sums are always taken (one kernel variant; (M / BLOCK_M, H) floats), kept if wanted.
+        dpre, colsum = matmul(dy, w_proj, epilogue="gelu_grad", pre=pre, col_sum=True)  # (M, H), (H,)
+        db_fc = colsum.to(dt) if need_db_fc else None
         if need_dw_fc:
-            dw_fc = matmul(dpre.t(), x)  # (H, C) = (H, M) @ (M, C)
+            dw_fc = matmul(dpre.t(), x, out_dtype=torch.float32).to(dt)  # (H, C) = (H, M) @ (M, C)
         if need_dx:
             dx = matmul(dpre, w_fc)  # (M, C) = (M, H) @ (H, C)
     return dx, dw_fc, db_fc, dw_proj, db_proj

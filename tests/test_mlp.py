@@ -250,8 +250,47 @@ def test_mlp_cpu_errors(monkeypatch):
 SMEM_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
+def _config_key(c):
+    strides = frozenset(n for n, v in c.constexprs.items() if n.startswith("stride") and v == 1)
+    ce = {n: v for n, v in c.constexprs.items() if not n.startswith("stride")}
+    return (c.signature["a_ptr"], c.signature["c_ptr"], strides, tuple(sorted(ce.items())), c.num_warps, c.num_stages)
+
+
+_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+def _record_launches(monkeypatch, cc):
+    """Run the launchers with the tiles of sm_<cc> and a stand-in kernel that records each launch's key."""
+    names = K._matmul_kernel.arg_names
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, num_warps, num_stages, **constexprs):
+                assert len(args) + len(constexprs) == len(names)
+                given = dict(zip(names, args))
+                assert all(given[n] != 1 for n in ("M", "N", "K")), "pick shapes where no size is 1"
+                strides = frozenset(n for n, v in given.items() if n.startswith("stride") and v == 1)
+                launches.append((_TYPES[given["a_ptr"].dtype], _TYPES[given["c_ptr"].dtype], strides,
+                                 tuple(sorted(constexprs.items())), num_warps, num_stages))
+            return launch
+
+    arch = K._arch(cc)
+    monkeypatch.setattr(K, "_matmul_kernel", Recorder())
+    monkeypatch.setattr(K, "_pick_tiles", lambda device, dtype, role: K._TILES[arch][
+        "fp32" if dtype == torch.float32 else "lowp"][role])
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if cc >= 80 else [])
+    for dtype in dtypes:
+        for M, train, bias in ((100, True, True), (100, True, False), (5, False, True), (100, False, False)):
+            (x, w_fc, b_fc, w_proj, b_proj), dy = _inputs((M, 16), 48, dtype, bias, bias)
+            _, pre, act = K.mlp_fwd(x, w_fc, b_fc, w_proj, b_proj, save_pre=train)
+            if train:
+                K.mlp_bwd(dy, x, w_fc, w_proj, pre, act)
+    return launches
+
+
 @pytest.mark.parametrize("cc", sorted(SMEM_LIMIT))
-def test_launch_configs_cover_launchers(cc):
+def test_launch_configs_are_exactly_the_launches(cc, monkeypatch):
     configs = K.launch_configs(cc)
     assert configs and all(isinstance(c, LaunchConfig) for c in configs)
     args = K._matmul_kernel.arg_names
@@ -259,21 +298,15 @@ def test_launch_configs_cover_launchers(cc):
         assert set(c.signature) | set(c.constexprs) == set(args), c.label
         assert list(c.signature) == [a for a in args if a in c.signature], c.label  # kernel order
         # the operand pipeline alone must fit; the compiler's epilogue scratch reuses it
-        tiles = (c.constexprs["BLOCK_M"] * c.constexprs["BLOCK_K"] + c.constexprs["BLOCK_K"] * c.constexprs["BLOCK_N"])
+        tile = c.constexprs["BLOCK_M"] * c.constexprs["BLOCK_K"] + c.constexprs["BLOCK_K"] * c.constexprs["BLOCK_N"]
         elem = 4 if c.signature["a_ptr"] == "*fp32" else 2
-        assert c.num_stages * tiles * elem <= SMEM_LIMIT[cc], c.label
-    # every tile config the launchers can pick here, for every dtype they accept, is listed
-    arch = K._arch(cc)
-    listed = {(c.signature["a_ptr"], c.constexprs["EPILOGUE"], c.constexprs["BLOCK_M"], c.constexprs["BLOCK_N"],
-               c.constexprs["BLOCK_K"], c.num_warps, c.num_stages) for c in configs}
-    dtypes = {"*fp32": "fp32", "*fp16": "lowp"} | ({"*bf16": "lowp"} if cc >= 80 else {})
-    for ptr, cls in dtypes.items():
-        for epi in K.EPILOGUES:
-            for M in (1, 4096):
-                t = K._TILES[arch][cls][K._role(epi, M)]
-                key = (ptr, epi, t.BLOCK_M, t.BLOCK_N, t.BLOCK_K, t.num_warps, t.num_stages)
-                assert key in listed, (cc, key)
-    assert not any(c.signature["a_ptr"] == "*bf16" for c in configs) or cc >= 80
+        assert c.num_stages * tile * elem <= SMEM_LIMIT[cc], c.label
+    assert cc >= 80 or not any(c.signature["a_ptr"] == "*bf16" for c in configs)
+    listed = {_config_key(c) for c in configs}
+    assert len(listed) == len(configs), "a configuration is listed twice"
+    launched = set(_record_launches(monkeypatch, cc))
+    assert launched - listed == set(), "launched but not listed"
+    assert listed - launched == set(), "listed but never launched"
 
 
 # ---- GPU: bf16 / fp16 at GPT-2 size
