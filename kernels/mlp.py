@@ -51,7 +51,9 @@ each for sm_75/80/86/89/90 without a GPU (shared memory, registers, no spill sta
   - sm_86 / sm_89 (99 KB): 128 x 128 x 64, 8 warps, 3 stages (64 KB).
   - sm_75: Triton >= 3.3 lowers every tl.dot below sm_80 to CUDA-core FMAs (no mma.sync), so
     fp16 gets no tensor cores there; 64 x 64 x 16, 4 warps, 2 stages is what fits without spills.
-  - M <= 64 (decoding): 64 x 64 x 64 tiles, so a few rows still spread over many programs.
+  - an inference forward of M <= 64 rows (decoding): 64 x 64 x 64 tiles, so a few rows still
+    spread over many programs. Training keeps the large tiles at any M, so each backward launch
+    site has one compiled variant (100 configurations over the five architectures in all).
   - fp32 operands: 64 x 64 x 32, 4 warps, on the CUDA cores with IEEE dots
     (``input_precision="ieee"``, not TF32) so fp32 results match the fp32 reference on a GPU too.
 Program ids are grouped GROUP_M = 8 row blocks at a time, so a wave of programs shares a few A
@@ -60,6 +62,10 @@ gradients have a small output and a long K (= M): 768 x 3072 is 72 tiles of 128 
 an H100's 132 SMs, so K is split over a second grid axis into an fp32 workspace that torch sums
 (deterministic, no atomics); the split is the smallest that fills the last wave >= 85% (5 here:
 360 programs in 3 waves, 91%), at the price of 5 x 9.4 MB of fp32 partials written and read.
+
+Not measured yet: this was written without a GPU, so the H100 targets (bf16, 16384 x 768 -> 3072
+-> 768, forward + backward at >= 1.1x eager ``kernels.ref.mlp`` and >= 1.0x it under
+torch.compile) are unverified; ``bench/bench_mlp.py`` measures them.
 """
 
 from __future__ import annotations
@@ -220,7 +226,7 @@ class Tiles:
 # arch -> operand class ("lowp" = fp16 / bf16, "fp32") -> role -> tiles. Roles: "main" for the
 # plain and bias epilogues (c_proj forward, dx, the weight gradients), "epilogue" for the GELU
 # and GELU-gradient epilogues, "small" for an inference forward of M <= SMALL_M rows (decoding;
-# training at such sizes keeps the large tiles, so the backward has one variant per site). Shared memory per block:
+# training keeps the large tiles, so the backward has one variant per site). Shared memory per block:
 # sm_75 64 KB, sm_80 163 KB, sm_86 / sm_89 99 KB, sm_90 227 KB.
 #  - 128 x 256 x 64, 8 warps: the largest tile whose fp32 accumulator (128 registers a thread)
 #    leaves room for the loop; the GELU epilogues spill at that size (fp32 acc + the pre tile or
