@@ -41,9 +41,10 @@ ptxas and checked for per-block shared memory and spills (``launch_configs``):
     sm_90 dq   128 queries x 64 keys (hs<=64), 128 x 32 (hs=128), 8 warps, 2 stages.
     sm_80/86   the same shapes where they fit, smaller where ptxas spilled (mma.sync keeps more in registers than
                wgmma) or where sm_86/89's 99 KB would not hold three stages.
-    sm_75      Triton has no tensor-core tl.dot below sm_80, so every dtype runs FMA dots with the fp32 tiles.
-    fp32       IEEE FMA dots (``input_precision="ieee"``, no TF32, so fp32 parity holds on a GPU): 32x32 forward,
-               16x16 backward.
+    sm_75      Triton has no tensor-core tl.dot below sm_80, so every dtype runs FMA dots: 32x32 forward, 16x16
+               backward, 8 warps; correct but slow (Turing is not a performance target here).
+    fp32       IEEE FMA dots (``input_precision="ieee"``, no TF32, so fp32 parity holds on a GPU): 32x32 forward
+               (8 warps), 16x16 backward (4 warps dK/dV, 8 warps dQ).
 
 Known limits: one query row (cached decoding, Tq = 1) still occupies a whole BLOCK_M tile and a single program per
 head walks all Tk keys (no split over keys); dropout needs Tq * Tk < 2**31 per head.
@@ -64,9 +65,8 @@ from kernels.aot import LaunchConfig
 __all__ = ["AttentionFunction", "attention", "attention_bwd", "attention_fwd", "dropout_keep_mask", "launch_configs"]
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
-LN2 = 0.6931471805599453  # ln(2): ln(x) = log2(x) * LN2
 HEAD_SIZES = (32, 64, 128)
-# Philox offsets are int32 element indices within one (batch, head): row * Tk + col.
+# Philox counters are int32 element indices within one (batch, head): row * Tk + col, rows padded to a block.
 _MAX_DROPOUT_ELEMS = 2**31 - 1
 
 
@@ -172,7 +172,7 @@ def _attn_fwd_kernel(
     o = acc * (keep_scale / l_i)[:, None]
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
     tl.store(tl.multiple_of(o_ptrs, [16, 16]), o.to(O.dtype.element_ty), mask=row_ok[:, None])
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # natural-log log-sum-exp of the scaled scores
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # times ln 2: the natural-log LSE of the scores
     tl.store(LSE + bh * Tq + offs_m, lse, mask=row_ok)
 
 
@@ -402,7 +402,9 @@ def _dropout_mask_kernel(
 # whose operands live in registers, hence their small tiles. Dropout costs registers (Philox on every element of a
 # score tile), so its tiles are smaller where the plain ones would spill. Every entry was compiled ahead of time for
 # its architecture and checked for shared memory and spills (see launch_configs and the module docstring).
-_FP32 = {"fwd": (32, 32, 8, 1), "dkdv": (16, 16, 4, 1), "dq": (16, 16, 4, 1)}
+_FP32 = {"fwd": (32, 32, 8, 1), "dkdv": (16, 16, 4, 1), "dq": (16, 16, 8, 1)}
+# sm_75's fp16/bf16 FMA dots hold operands and their fp32 conversions: 8 warps for the backward keep them in registers.
+_SM75 = {"fwd": (32, 32, 8, 1), "dkdv": (16, 16, 8, 1), "dq": (16, 16, 8, 1)}
 _TILES = {
     "fwd": {
         90: {(64, False): (128, 128, 8, 3), (64, True): (128, 64, 8, 3),
@@ -411,9 +413,9 @@ _TILES = {
              (128, False): (128, 32, 8, 3), (128, True): (128, 32, 8, 3), "fp32": _FP32["fwd"]},
         86: {(64, False): (64, 64, 4, 2), (64, True): (64, 64, 4, 2),
              (128, False): (64, 32, 4, 2), (128, True): (64, 32, 4, 2), "fp32": _FP32["fwd"]},
-        # Triton has no tensor-core path for tl.dot below sm_80: every dtype runs FMA dots, with the fp32 tiles.
-        75: {(64, False): _FP32["fwd"], (64, True): _FP32["fwd"],
-             (128, False): _FP32["fwd"], (128, True): _FP32["fwd"], "fp32": _FP32["fwd"]},
+        # Triton has no tensor-core path for tl.dot below sm_80: every dtype runs FMA dots, with small tiles.
+        75: {(64, False): _SM75["fwd"], (64, True): _SM75["fwd"],
+             (128, False): _SM75["fwd"], (128, True): _SM75["fwd"], "fp32": _FP32["fwd"]},
     },
     "dkdv": {
         90: {(64, False): (64, 128, 8, 2), (64, True): (32, 128, 8, 2),
@@ -422,8 +424,8 @@ _TILES = {
              (128, False): (32, 64, 8, 2), (128, True): (32, 64, 8, 2), "fp32": _FP32["dkdv"]},
         86: {(64, False): (32, 128, 8, 2), (64, True): (32, 128, 8, 2),
              (128, False): (32, 64, 8, 2), (128, True): (32, 64, 8, 2), "fp32": _FP32["dkdv"]},
-        75: {(64, False): _FP32["dkdv"], (64, True): _FP32["dkdv"],
-             (128, False): _FP32["dkdv"], (128, True): _FP32["dkdv"], "fp32": _FP32["dkdv"]},
+        75: {(64, False): _SM75["dkdv"], (64, True): _SM75["dkdv"],
+             (128, False): _SM75["dkdv"], (128, True): _SM75["dkdv"], "fp32": _FP32["dkdv"]},
     },
     "dq": {
         90: {(64, False): (128, 64, 8, 2), (64, True): (128, 64, 8, 2),
@@ -432,8 +434,8 @@ _TILES = {
              (128, False): (64, 32, 4, 2), (128, True): (64, 32, 4, 2), "fp32": _FP32["dq"]},
         86: {(64, False): (128, 32, 8, 2), (64, True): (128, 32, 8, 2),
              (128, False): (64, 32, 4, 2), (128, True): (64, 32, 4, 2), "fp32": _FP32["dq"]},
-        75: {(64, False): _FP32["dq"], (64, True): _FP32["dq"],
-             (128, False): _FP32["dq"], (128, True): _FP32["dq"], "fp32": _FP32["dq"]},
+        75: {(64, False): _SM75["dq"], (64, True): _SM75["dq"],
+             (128, False): _SM75["dq"], (128, True): _SM75["dq"], "fp32": _FP32["dq"]},
     },
 }
 # Under the CPU interpreter: small, unequal tiles, so short test sequences still cross several blocks (full, diagonal
@@ -550,17 +552,16 @@ def _check_inputs(q, k, v, causal, dropout_p) -> None:
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"attention: dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if dropout_p > 0.0 and (Tq + 128) * Tk > _MAX_DROPOUT_ELEMS:
-        raise ValueError(f"attention: dropout needs Tq * Tk < 2**31 per head, got Tq={Tq}, Tk={Tk}")
-    if q.device.type == "cuda":
-        pass
-    elif q.device.type == "cpu":
+        raise ValueError(f"attention: dropout indexes each head's (Tq + 128) x Tk weights in int32; Tq={Tq}, Tk={Tk} "
+                         "is too long")
+    if q.device.type == "cpu":
         if not _interpreting():
             raise ValueError("attention: q is a CPU tensor but the Triton interpreter is off; "
                              "set TRITON_INTERPRET=1 or use a CUDA tensor")
         if q.dtype == torch.bfloat16:
             raise TypeError("attention: bfloat16 is not supported by the Triton CPU interpreter; "
                             "use float16/float32 or a CUDA tensor")
-    else:
+    elif q.device.type != "cuda":
         raise ValueError(f"attention: tensors on device type {q.device.type!r} are not supported; use CUDA "
                          "(or CPU with TRITON_INTERPRET=1)")
     for name, t in (("q", q), ("k", k), ("v", v)):
