@@ -1,0 +1,64 @@
+"""The loss head, cross-entropy of h @ wte.T: our backends against the reference, torch.compile and Liger.
+
+h is (B, T, C) from the GPT-2 table in bench/shapes.py, the tied embedding wte is (V, C) with
+V = 50257, targets are (B, T). The reference materialises the (B*T, V) logits; a fused backend
+need not. Matmul-bound: read its TFLOP/s against the measured matmul rate.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.common import (
+    InputSet,
+    OpCase,
+    Unavailable,
+    compiled_reference,
+    is_peer,
+    registry_impl,
+    run_op_benchmark,
+)
+
+OP = "linear_cross_entropy"
+
+
+def make_inputs(shape, dtype, device, gen) -> InputSet:
+    """h (B, T, C) and wte (V, C) with gradients, targets (B, T) with a few ignored positions."""
+    V = shape.vocab_size
+    h = torch.randn(shape.B, shape.T, shape.C, device=device, generator=gen).to(dtype).requires_grad_()
+    w = (0.02 * torch.randn(V, shape.C, device=device, generator=gen)).to(dtype).requires_grad_()
+    t = torch.randint(0, V, (shape.B, shape.T), device=device, generator=gen)
+    t[:, :: 17] = -1  # ignore_index, as padding would
+    return InputSet((h, w, t), {"ignore_index": -1}, (h, w), None)
+
+
+def _liger(device: torch.device):
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError as e:
+        raise Unavailable(f"Liger-Kernel is not importable here ({e})") from None
+    if device.type != "cuda":
+        raise Unavailable("Liger-Kernel's Triton kernels need a CUDA GPU")
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=-1)
+
+    def linear_cross_entropy(h, weight, targets, ignore_index=-1):
+        return loss(weight, h.reshape(-1, h.shape[-1]), targets.reshape(-1))
+
+    return linear_cross_entropy
+
+
+def load(case: OpCase, device: torch.device):
+    if case.impl == "torch-compile":
+        return compiled_reference(OP, (case.shape, case.dtype))
+    if case.impl == "liger":
+        return _liger(device)
+    return registry_impl(OP, case.impl, device)
+
+
+def test_linear_cross_entropy(benchmark, op_case, device, ceilings, settings):
+    try:
+        fn = load(op_case, device)
+    except Unavailable as e:
+        pytest.skip(str(e))
+    run_op_benchmark(benchmark, op_case, make_inputs, fn, ceilings, settings, device, peer=is_peer(op_case.impl))

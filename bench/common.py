@@ -1,0 +1,484 @@
+"""Shared machinery of the benchmark suite: implementations, costs, ceilings and honest timing.
+
+- ``IMPL_NAMES``: every implementation benchmarked per op, registry backends and peers alike.
+  ``torch`` (the eager reference ``kernels.ref``) is the baseline every speed-up is relative to.
+- ``op_cost``: the FLOPs of the useful math and the fewest bytes an op must move (each input read
+  once, each output written once), per mode.
+- ``Ceilings``: the machine's copy bandwidth and matmul rate, measured once per session by the
+  suite itself (a large tensor copy, a large matrix product in the bench dtype).
+- ``run_op_benchmark``: times one (implementation, mode) on rotating input sets, synchronising
+  the GPU inside the timed call, and fills ``extra_info`` with the rates and % of ceilings.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+
+from bench.shapes import Shape
+
+OPS = ("attention", "layer_norm", "mlp", "linear_cross_entropy")
+MODES = ("fwd", "bwd", "fwd+bwd")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
+
+# The registry's backends, the reference under torch.compile, and the peers each op is measured against.
+REGISTRY_IMPLS = ("torch", "torch-compile", "triton", "cuda")
+IMPL_NAMES = {
+    "attention": REGISTRY_IMPLS + ("sdpa-math", "sdpa-efficient", "sdpa-flash", "sdpa-cudnn", "flash-attn"),
+    "layer_norm": REGISTRY_IMPLS + ("F.layer_norm", "liger"),
+    "mlp": REGISTRY_IMPLS,
+    "linear_cross_entropy": REGISTRY_IMPLS + ("liger",),
+}
+ALL_IMPL_NAMES = tuple(dict.fromkeys(n for names in IMPL_NAMES.values() for n in names))
+BASELINE = "torch"
+
+
+# torch >= 2.5 has torch.OutOfMemoryError; older builds only the CUDA one.
+OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def is_peer(impl: str) -> bool:
+    """True for code this project did not write (torch.compile's output included)."""
+    return impl not in ("torch", "triton", "cuda")
+
+
+class Unavailable(Exception):
+    """An implementation cannot run here; the message says why (it becomes the skip reason)."""
+
+
+def bench_device() -> torch.device:
+    """The device the suite benchmarks on: the GPU when there is one, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads)"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def last_level_cache_bytes(device: torch.device) -> int:
+    """L2 of a GPU, or the largest CPU cache level (for sizing input rotation)."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20))
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(base):
+            try:
+                with open(os.path.join(base, entry, "size")) as f:
+                    text = f.read().strip()
+            except OSError:
+                continue
+            mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+            digits = text.rstrip("KMG")
+            if digits.isdigit():
+                best = max(best, int(digits) * mult)
+    except OSError:
+        pass
+    return best or 32 * 2**20
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs and fewest bytes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Useful floating-point operations and the fewest bytes moved through memory."""
+
+    flops: float
+    bytes: float
+
+
+def op_cost(op: str, shape: Shape, mode: str, dtype: torch.dtype) -> Cost:
+    """FLOPs and fewest bytes of one call of ``op`` at ``shape`` in ``mode``.
+
+    FLOPs count the math the op needs (multiply-add = 2; a causal mask halves attention's
+    products; no recomputation). Bytes count every input read once and every output written
+    once in ``dtype`` (fp32 statistics are not counted; a fused backward may recompute them).
+    ``fwd+bwd`` is the sum of the two passes, except for the loss, whose upstream gradient is a
+    known scalar, so one fused pass can read h and W once and write dh and dW.
+    """
+    e = torch.tensor([], dtype=dtype).element_size()
+    B, T, C = shape.B, shape.T, shape.C
+    N = B * T
+    if op == "attention":
+        nh, hs = shape.n_head, shape.head_size
+        size = B * nh * T * hs  # elements of one of q, k, v, o
+        fwd = Cost(2.0 * B * nh * T * (T + 1) * hs, 4.0 * size * e)  # S = QK^T and O = PV over the causal half
+        bwd = Cost(2.5 * fwd.flops, 8.0 * size * e)  # recompute S, dV, dP, dQ, dK; read q k v o do, write dq dk dv
+        both = Cost(fwd.flops + bwd.flops, fwd.bytes + bwd.bytes)
+    elif op == "layer_norm":
+        fwd = Cost(8.0 * N * C, (2.0 * N * C + 2.0 * C) * e)  # read x, w, b; write y
+        bwd = Cost(12.0 * N * C, (3.0 * N * C + 3.0 * C) * e)  # read x, dy, w; write dx, dw, db
+        both = Cost(fwd.flops + bwd.flops, fwd.bytes + bwd.bytes)
+    elif op == "mlp":
+        H = 4 * C
+        fwd = Cost(4.0 * N * C * H, (2.0 * N * C + 2.0 * C * H + H + C) * e)  # read x, weights; write y
+        bwd = Cost(8.0 * N * C * H, (3.0 * N * C + 4.0 * C * H + H + C) * e)  # read x, dy, weights; write grads
+        both = Cost(fwd.flops + bwd.flops, fwd.bytes + bwd.bytes)
+    elif op == "linear_cross_entropy":
+        V = shape.vocab_size
+        fwd = Cost(2.0 * N * C * V, (N * C + V * C) * e + 8.0 * N)  # read h, W, targets
+        bwd = Cost(4.0 * N * C * V, 2.0 * (N * C + V * C) * e + 8.0 * N)  # read h, W, targets; write dh, dW
+        both = Cost(fwd.flops + bwd.flops, bwd.bytes)
+    else:
+        raise ValueError(f"op_cost: unknown op {op!r}; ops are {', '.join(OPS)}")
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both}[mode]
+
+
+# --------------------------------------------------------------------------------------------
+# Ceilings measured on this machine
+# --------------------------------------------------------------------------------------------
+
+
+def _times(fn: Callable[[], object], device: torch.device, reps: int) -> list[float]:
+    """Seconds of ``reps`` timed calls of ``fn`` after two warm-up calls (CUDA events on a GPU)."""
+    for _ in range(2):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+class Ceilings:
+    """Copy bandwidth and matmul rate of this machine, each measured once, on first use.
+
+    A ceiling is the best rate the machine showed: the fastest of several timed calls (on a shared
+    CPU the median would mix in other people's load).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._copy: dict | None = None
+        self._matmul: dict[torch.dtype, dict] = {}
+
+    def copy(self) -> dict:
+        """``{"gbps": ..., "bytes": ..., "how": ...}`` of a large device-to-device copy."""
+        if self._copy is None:
+            if self.device.type == "cuda":
+                nbytes = 2**30 if torch.cuda.mem_get_info(self.device)[0] > 8 * 2**30 else 2**28
+                reps = 20
+            else:
+                nbytes = max(2**28, 8 * last_level_cache_bytes(self.device))
+                reps = 5
+            gen = torch.Generator(device=self.device).manual_seed(0)
+            src = torch.randn(nbytes // 4, device=self.device, generator=gen)  # random, never zeros
+            dst = torch.empty_like(src)
+            t = min(_times(lambda: dst.copy_(src), self.device, reps))
+            moved = 2 * src.numel() * src.element_size()  # read + write
+            self._copy = {"gbps": moved / t / 1e9, "bytes": moved,
+                          "how": f"fastest of {reps} copies of {nbytes / 2**20:.0f} MiB (bytes read + written)"}
+            del src, dst
+        return self._copy
+
+    def matmul(self, dtype: torch.dtype) -> dict:
+        """``{"tflops": ..., "n": ..., "how": ...}`` of a large square matrix product in ``dtype``."""
+        if dtype not in self._matmul:
+            gen = torch.Generator(device=self.device).manual_seed(1)
+            # CPU: grow the product while the next size (8x the work) stays under ~2 s a call; the
+            # CPU's fp16 path can be 100x slower than fp32. GPU: one size that fills the chip.
+            sizes = (8192,) if self.device.type == "cuda" else (256, 512, 1024, 2048)
+            reps = 10 if self.device.type == "cuda" else 3
+            for n in sizes:
+                a = torch.randn(n, n, device=self.device, generator=gen).to(dtype)  # random, never zeros
+                b = torch.randn(n, n, device=self.device, generator=gen).to(dtype)
+                t = min(_times(functools.partial(torch.matmul, a, b), self.device, reps))
+                if 8 * t > 2.0:
+                    break
+            self._matmul[dtype] = {"tflops": 2.0 * n**3 / t / 1e12, "n": n,
+                                   "how": f"fastest of {reps} matmuls {n}x{n}x{n} in {str(dtype).replace('torch.', '')}"}
+        return self._matmul[dtype]
+
+
+# --------------------------------------------------------------------------------------------
+# Implementations
+# --------------------------------------------------------------------------------------------
+
+
+def registry_impl(op: str, backend: str, device: torch.device) -> Callable:
+    """The registry's ``backend`` code for ``op`` on ``device``, or Unavailable with the reason."""
+    import kernels
+
+    if backend == "triton" and device.type == "cpu":
+        raise Unavailable("triton runs on the CPU only under TRITON_INTERPRET=1, an interpreter far too slow "
+                          "to benchmark; benchmark it on a GPU")
+    try:
+        ops = kernels.build_ops(backend, device)
+    except (kernels.BackendError, kernels.SpecError) as e:
+        raise Unavailable(str(e)) from None
+    except ImportError as e:
+        raise Unavailable(f"backend {backend!r} failed to import: {e}") from None
+    return getattr(ops, op)
+
+
+_COMPILED: dict = {}
+
+
+def compiled_reference(op: str, key) -> Callable:
+    """``kernels.ref.<op>`` under ``torch.compile`` (static shapes), compiled once per ``key``.
+
+    Only the latest key is kept: when it changes, dynamo's caches are reset, so no shape ever
+    meets dynamo's recompile limit (past which it would silently run eager code). Donated
+    buffers are turned off, as the bwd mode replays a retained graph (they only save memory).
+    """
+    if _COMPILED.get("key") != (op, key):
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        for limit in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, limit):
+                setattr(torch._dynamo.config, limit, 64)
+        # The bwd mode replays one retained graph; compiled backwards that donate buffers refuse that.
+        import torch._functorch.config as functorch_config
+
+        from kernels.registry import _load
+
+        if hasattr(functorch_config, "donated_buffer"):
+            functorch_config.donated_buffer = False
+        _COMPILED.clear()
+        _COMPILED["key"] = (op, key)
+        _COMPILED["fn"] = torch.compile(_load(op, "torch"), dynamic=False)
+    return _COMPILED["fn"]
+
+
+# --------------------------------------------------------------------------------------------
+# Test cases
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpCase:
+    """One benchmark: an op's implementation, mode and dtype at one shape."""
+
+    op: str
+    impl: str
+    mode: str
+    dtype: str
+    shape: Shape
+
+    @property
+    def group(self) -> str:
+        # Rows of one group differ only by implementation.
+        return f"{self.op} {self.mode} {self.dtype} {self.shape.name}"
+
+    @property
+    def id(self) -> str:
+        return f"{self.shape.name}-{self.dtype}-{self.mode}-{self.impl}"
+
+
+@dataclass
+class InputSet:
+    """Arguments of one call, the tensors to differentiate and the upstream gradient."""
+
+    args: tuple
+    kwargs: dict
+    grad_inputs: tuple
+    grad_out: torch.Tensor | None = None  # None: a scalar output, differentiated with ones
+
+
+@dataclass
+class BenchSettings:
+    """Per-run knobs, from the command line (see bench/conftest.py)."""
+
+    max_time: float = 0.5  # seconds of timed rounds per benchmark
+    min_rounds: int = 3
+    max_rounds: int = 1000
+    min_round_s: float = 0.0  # GPU: launch a round of >= this many seconds before syncing
+    memory_budget: int = 2**30  # bytes of rotated input sets
+    check: bool = True  # compare each implementation's forward with the fp32 reference
+
+
+_REF_CACHE: dict = {}
+
+
+def _reference_outputs(case: OpCase, inputs: InputSet, ref_fn: Callable):
+    """The fp32 reference of the first input set and the reference in the bench dtype (cached per case)."""
+    key = (case.op, case.shape, case.dtype)
+    if _REF_CACHE.get("key") != key:
+        _REF_CACHE.clear()
+        with torch.no_grad():
+            up = tuple(a.detach().float() if torch.is_tensor(a) and a.is_floating_point() else a for a in inputs.args)
+            ref32 = ref_fn(*up, **inputs.kwargs)
+            lowp = None
+            if DTYPES[case.dtype] != torch.float32:
+                lowp = ref_fn(*(a.detach() if torch.is_tensor(a) else a for a in inputs.args), **inputs.kwargs)
+        _REF_CACHE.update(key=key, ref32=ref32, lowp=lowp)
+    return _REF_CACHE["ref32"], _REF_CACHE["lowp"]
+
+
+def _input_bytes(s: InputSet) -> int:
+    total = sum(a.numel() * a.element_size() for a in s.args if torch.is_tensor(a))
+    if s.grad_out is not None:
+        total += s.grad_out.numel() * s.grad_out.element_size()
+    return total
+
+
+def rotation_count(set_bytes: int, device: torch.device, budget: int) -> int:
+    """How many input sets to cycle through so that repeated calls do not run out of cache."""
+    want = math.ceil(2 * last_level_cache_bytes(device) / max(set_bytes, 1))
+    return max(1, min(want, budget // max(set_bytes, 1), 64))
+
+
+def run_op_benchmark(benchmark, case: OpCase, make_inputs: Callable, fn: Callable, ceilings: Ceilings,
+                     settings: BenchSettings, device: torch.device, peer: bool) -> None:
+    """Time ``fn`` (one implementation of ``case.op``) in ``case.mode`` and record rates and ceilings.
+
+    Args:
+        make_inputs: ``(shape, dtype, device, generator) -> InputSet``.
+        fn: the implementation, with the signature of ``kernels.ref.<op>``.
+        peer: True for code outside this project (SDPA, Liger, flash-attn): a RuntimeError on its
+            first call means it cannot run here and becomes a skip; for our own backends only
+            NotImplementedError / ValueError / TypeError (a documented refusal) does.
+    """
+    dtype = DTYPES[case.dtype]
+    gen = torch.Generator(device=device).manual_seed(1234)
+    from kernels.registry import _load
+
+    ref_fn = _load(case.op, "torch")
+    try:
+        first = make_inputs(case.shape, dtype, device, gen)
+        n_sets = rotation_count(_input_bytes(first), device, settings.memory_budget)
+        sets = [first] + [make_inputs(case.shape, dtype, device, gen) for _ in range(n_sets - 1)]
+    except OOM:
+        pytest.skip(f"{case.op} {case.shape.name} {case.dtype}: inputs do not fit in memory")
+
+    refusals = (NotImplementedError, ValueError, TypeError) + ((RuntimeError,) if peer else ())
+
+    # First call: does it run here at all? Then compare its forward with the fp32 reference.
+    try:
+        out0 = fn(*first.args, **first.kwargs)
+    except OOM:
+        pytest.skip(f"{case.impl} {case.op} {case.shape.name} {case.dtype}: out of memory")
+    except refusals as e:
+        pytest.skip(f"{case.impl} cannot run {case.op} {case.dtype} on {device.type}: "
+                    f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+    max_err = lowp_err = None
+    if settings.check:
+        ref32, lowp = _reference_outputs(case, first, ref_fn)
+        max_err = (out0.detach().float() - ref32.float()).abs().max().item()
+        if lowp is not None:
+            lowp_err = (lowp.float() - ref32.float()).abs().max().item()
+        if not math.isfinite(max_err):
+            pytest.fail(f"{case.impl} {case.op}: non-finite output at {case.shape.name} {case.dtype}")
+    del out0
+
+    def grads(out, s: InputSet, retain: bool):
+        g = s.grad_out if s.grad_out is not None else torch.ones_like(out)
+        return torch.autograd.grad(out, s.grad_inputs, g, retain_graph=retain)
+
+    if case.mode == "fwd":
+        # The training forward: inputs require grad, so the op saves what its backward needs.
+        def call(i):
+            s = sets[i]
+            return fn(*s.args, **s.kwargs)
+    elif case.mode == "bwd":
+        # One graph per input set, kept alive; each timed call runs the backward only.
+        try:
+            outs = [fn(*s.args, **s.kwargs) for s in sets]
+        except OOM:
+            pytest.skip(f"{case.impl} {case.op} {case.shape.name} {case.dtype}: out of memory")
+
+        def call(i):
+            return grads(outs[i], sets[i], retain=True)
+    else:
+        def call(i):
+            s = sets[i]
+            return grads(fn(*s.args, **s.kwargs), s, retain=False)
+
+    # Warm-up: every input set once (compilation, autotuning, allocator), then a probe of the speed.
+    try:
+        for i in range(max(2, len(sets))):
+            call(i % len(sets))
+        synchronize(device)
+        probe_calls = 3
+        t0 = time.perf_counter()
+        for i in range(probe_calls):
+            call(i % len(sets))
+        synchronize(device)
+        per_call = max((time.perf_counter() - t0) / probe_calls, 1e-7)
+    except OOM:
+        pytest.skip(f"{case.impl} {case.op} {case.mode} {case.shape.name} {case.dtype}: out of memory")
+
+    # A GPU round is `iterations` back-to-back calls and one synchronize inside the timed call;
+    # pytest-benchmark divides the round by `iterations`.
+    iterations = max(1, math.ceil(settings.min_round_s / per_call)) if device.type == "cuda" else 1
+    rounds = int(min(settings.max_rounds, max(settings.min_rounds, settings.max_time / (per_call * iterations))))
+    state = {"i": 0}
+
+    def target():
+        i = state["i"]
+        state["i"] = i + 1
+        call(i % len(sets))
+        if (i + 1) % iterations == 0:
+            synchronize(device)
+
+    cost = op_cost(case.op, case.shape, case.mode, dtype)
+    copy, mm = ceilings.copy(), ceilings.matmul(dtype)
+    benchmark.group = case.group
+    info = benchmark.extra_info
+    info.update(op=case.op, impl=case.impl, mode=case.mode, dtype=case.dtype, shape=case.shape.name,
+                model=case.shape.model.name, B=case.shape.B, T=case.shape.T, C=case.shape.C,
+                n_head=case.shape.n_head, device=device_name(device), baseline=BASELINE,
+                flops=cost.flops, bytes=cost.bytes,
+                ceiling_gbps=copy["gbps"], ceiling_gbps_how=copy["how"],
+                ceiling_tflops=mm["tflops"], ceiling_tflops_how=mm["how"],
+                input_sets=len(sets), iterations_per_round=iterations,
+                max_abs_err_vs_fp32_ref=max_err, ref_own_err_in_dtype=lowp_err)
+    try:
+        benchmark.pedantic(target, rounds=rounds, warmup_rounds=1, iterations=iterations)
+    except OOM:
+        pytest.skip(f"{case.impl} {case.op} {case.mode} {case.shape.name} {case.dtype}: out of memory")
+    record_rates(benchmark, cost.flops, cost.bytes, mm["tflops"], copy["gbps"])
+
+
+def record_rates(benchmark, flops: float, nbytes: float, peak_tflops: float, peak_gbps: float) -> None:
+    """Add TFLOP/s, GB/s, % of each measured ceiling and % of the roofline floor to extra_info."""
+    stats = getattr(benchmark, "stats", None)
+    if stats is None:  # --benchmark-disable: nothing was timed
+        return
+    t = stats.stats.median
+    info = benchmark.extra_info
+    tflops, gbps = flops / t / 1e12, nbytes / t / 1e9
+    floor = max(flops / (peak_tflops * 1e12), nbytes / (peak_gbps * 1e9))
+    info.update(median_s=t, tflops=tflops, gbps=gbps,
+                pct_of_peak_flops=100.0 * tflops / peak_tflops, pct_of_peak_bw=100.0 * gbps / peak_gbps,
+                floor_s=floor, pct_of_floor=100.0 * floor / t,
+                bound="compute" if flops / (peak_tflops * 1e12) >= nbytes / (peak_gbps * 1e9) else "memory")

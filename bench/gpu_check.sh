@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# One-call GPU check: build the extension, run the GPU tests, the static kernel report and the whole
+# benchmark suite, then the Markdown tables and plots; everything lands in OUTDIR, and a short
+# summary table is printed last.
+#
+#   bench/gpu_check.sh OUTDIR
+#
+# Needs nothing from the network (pip runs with --no-index; Hugging Face is set offline). Aims to
+# finish within GPU_CHECK_BUDGET seconds (default 560, for a 10-minute slot): each step gets a
+# slice of what is left and is killed past it; a failed or killed step is logged and the next runs.
+# Files in OUTDIR: env.log, build.log, tests_gpu.log, kernel_report.log, report.json, bench.log,
+# bench.json, bench_report.md (+ PNGs), tests_rest.log, summary.md, and gpu_check.tar.gz holding them all
+# (for callers that can copy back only a few files).
+#
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds), GPU_CHECK_SKIP (space-separated
+# step names to skip, e.g. "build tests_rest"), GPU_CHECK_BENCH_ARGS (extra pytest options for the
+# benchmarks, e.g. "--full" or "--bench-backends torch,triton").
+set -u
+
+if [ $# -ne 1 ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+    echo "usage: bench/gpu_check.sh OUTDIR" >&2
+    exit 2
+fi
+mkdir -p "$1" || exit 2
+OUTDIR=$(cd "$1" && pwd)
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO" || exit 2
+
+PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET:-560}
+START=$(date +%s)
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}   # parallel compilation of the extension
+unset TRITON_INTERPRET                   # real GPU kernels, never the interpreter
+
+SUMMARY=()
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+
+# run_step NAME SECONDS CMD...: run with a time limit, log to OUTDIR/NAME.log, record the outcome.
+run_step() {
+    local name=$1 limit=$2; shift 2
+    local t0 rc status note
+    case " ${GPU_CHECK_SKIP:-} " in
+        *" $name "*)
+            SUMMARY+=("| $name | skipped | 0 | named in GPU_CHECK_SKIP |")
+            echo "== $name: skipped (GPU_CHECK_SKIP)"
+            return 0 ;;
+    esac
+    if [ "$limit" -lt 10 ]; then
+        SUMMARY+=("| $name | skipped | 0 | no time left in the ${BUDGET} s budget |")
+        echo "== $name: skipped (no time left)"
+        return 0
+    fi
+    echo "== $name (limit ${limit} s): $*"
+    t0=$(date +%s)
+    timeout --kill-after=15 "$limit" "$@" > "$OUTDIR/$name.log" 2>&1
+    rc=$?
+    case $rc in
+        0) status=ok ;;
+        124|137) status="timed out" ;;
+        *) status="failed (rc $rc)" ;;
+    esac
+    # The last informative line: pytest's tally, or the log's last line.
+    note=$(grep -E "(passed|failed|skipped|error|deselected|no tests ran)" "$OUTDIR/$name.log" | tail -n 1)
+    [ -z "$note" ] && note=$(tail -n 1 "$OUTDIR/$name.log")
+    note=$(echo "$note" | tr -d '|=' | sed 's/^ *//' | cut -c1-110)
+    SUMMARY+=("| $name | $status | $(( $(date +%s) - t0 )) | $note |")
+    echo "   -> $status"
+    return 0
+}
+
+slice() {  # slice MAX RESERVE: min(MAX, time left - RESERVE)
+    local l; l=$(left)
+    l=$(( l - $2 ))
+    [ "$l" -gt "$1" ] && l=$1
+    echo $l
+}
+
+# 0. What machine this is.
+{
+    date -u +"%Y-%m-%dT%H:%M:%SZ"
+    git rev-parse HEAD 2>/dev/null
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu \
+        --format=csv 2>&1
+    "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', \
+torch.version.cuda, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name(0))" 2>&1
+    "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1
+    nvcc --version 2>&1 | tail -n 1
+} > "$OUTDIR/env.log" 2>&1
+cat "$OUTDIR/env.log"
+
+# 1. Build the C++/CUDA extension (editable install; in place if pip cannot). Failure is logged, not fatal.
+build() {
+    "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . \
+        || { echo "pip install failed; trying setup.py build_ext --inplace"; "$PY" setup.py build_ext --inplace; }
+    "$PY" -c "import kernels; why = kernels.unavailable_reason('cuda', 'cuda'); \
+print('cuda backend:', 'available' if why is None else 'unavailable: ' + why)"
+}
+run_step build "$(slice 200 330)" build
+
+# 2. The GPU tests (bf16/fp16 parity and the rest marked gpu).
+run_step tests_gpu "$(slice 150 240)" "$PY" -m pytest tests -m gpu -q -rs -p no:cacheprovider
+
+# 3. The static kernel report (compiles every launch configuration ahead of time).
+run_step kernel_report "$(slice 60 200)" "$PY" -m kernels.report --json "$OUTDIR/report.json"
+
+# 4. The benchmark suite; --bench-budget stops starting benchmarks in time for the JSON to be written.
+BENCH_LIMIT=$(slice 300 60)
+run_step bench "$BENCH_LIMIT" "$PY" -m pytest bench --benchmark-only -q -rs -p no:cacheprovider \
+    --benchmark-json "$OUTDIR/bench.json" --bench-budget $(( BENCH_LIMIT > 100 ? BENCH_LIMIT - 75 : 25 )) \
+    ${GPU_CHECK_BENCH_ARGS:-}
+
+# 5. Markdown tables and plots.
+rm -f "$OUTDIR/bench_report.md"
+if [ -s "$OUTDIR/bench.json" ]; then
+    run_step bench_report "$(slice 60 5)" "$PY" -m bench.report "$OUTDIR/bench.json" --out "$OUTDIR"
+else
+    SUMMARY+=("| bench_report | skipped | 0 | no bench.json was written |")
+fi
+
+# 6. The rest of the test suite, with whatever time is left.
+run_step tests_rest "$(slice 240 10)" "$PY" -m pytest tests -m "not gpu" -q -p no:cacheprovider
+
+# Summary: the step table, then the headline benchmark rows.
+{
+    echo "# GPU check, $(date -u +%Y-%m-%d) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)"
+    echo
+    echo "| step | status | seconds | last line |"
+    echo "|---|---|---|---|"
+    printf '%s\n' "${SUMMARY[@]}"
+    echo
+    echo "Total: $(( $(date +%s) - START )) s. Logs, JSON, bench_report.md and plots in $OUTDIR."
+    if [ -s "$OUTDIR/bench_report.md" ]; then
+        echo
+        grep -A 12 -E "^## (train_step|generate)" "$OUTDIR/bench_report.md" | grep -E "^(##|\|)" | head -n 30
+    fi
+} > "$OUTDIR/summary.md"
+tar -czf "$OUTDIR/gpu_check.tar.gz.tmp" -C "$OUTDIR" --exclude=gpu_check.tar.gz --exclude=gpu_check.tar.gz.tmp . \
+    && mv "$OUTDIR/gpu_check.tar.gz.tmp" "$OUTDIR/gpu_check.tar.gz"
+cat "$OUTDIR/summary.md"

@@ -1,0 +1,174 @@
+"""Fast checks of the benchmark suite's own machinery: shapes, options, cost model, report, GPU script.
+
+Run with ``pytest bench/test_bench_tools.py`` (``--benchmark-only`` skips them: they time nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench import cases, report
+from bench.common import IMPL_NAMES, OPS, Unavailable, op_cost
+from bench.shapes import GRIDS, MODELS, SEQ_LENS, ShapeError, parse_shape, select_shapes
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_shape_table_matches_gpt2_sizes():
+    widths = {name: (m.n_embd, m.n_head) for name, m in MODELS.items()}
+    assert widths == {"124M": (768, 12), "350M": (1024, 16), "774M": (1280, 20), "1.5B": (1600, 25)}
+    assert all(m.head_size * m.n_head == m.n_embd for m in MODELS.values())
+    assert min(SEQ_LENS) == 128 and max(SEQ_LENS) == 4096
+    full_attn = GRIDS["full"]["attention"]
+    assert {(s.model.name, s.T) for s in full_attn} == {(m, T) for m in MODELS for T in SEQ_LENS}
+
+
+def test_parse_shape_round_trips_and_rejects_bad_names():
+    s = parse_shape("350M-B2-T512")
+    assert (s.C, s.n_head, s.B, s.T, s.name) == (1024, 16, 2, 512, "350M-B2-T512")
+    for bad in ("124M-T1024", "9B-B1-T128", "124M-B0-T128", "huge"):
+        with pytest.raises(ShapeError, match="shape"):
+            parse_shape(bad)
+
+
+def test_select_shapes_skips_bad_names_and_keeps_good_ones():
+    picked = select_shapes("attention", "cpu", ["124M-B3-T97", "bogus", "1.5B", "124M"])
+    by_id = {i: (s, why) for i, s, why in picked}
+    assert by_id["124M-B3-T97"][0].T == 97
+    assert by_id["bogus"][0] is None and "'bogus'" in by_id["bogus"][1]
+    assert by_id["1.5B"][0] is None and "1.5B" in by_id["1.5B"][1]  # no 1.5B shapes in the cpu grid
+    assert {s.name for i, s, _ in picked if s is not None and s.model.name == "124M"} >= {
+        s.name for s in GRIDS["cpu"]["attention"]}
+
+
+def test_op_choices_turn_bad_values_into_named_skips():
+    choices = cases.op_choices("layer_norm", "cpu", "cpu", False, backends=["torch", "sdpa-flash", "nope"],
+                               shapes=None, dtypes=["fp32", "fp8"], modes=["fwd", "sideways"])
+    skips = {c.id: c.skip for c in choices if c.skip}
+    assert "'nope'" in skips["backend-nope"]
+    assert "'fp8'" in skips["dtype-fp8"]
+    assert "'sideways'" in skips["mode-sideways"]
+    run = [c.case for c in choices if c.case is not None]
+    # sdpa-flash is an attention peer, not a layer_norm one: dropped quietly, not reported as unknown.
+    assert {c.impl for c in run} == {"torch"} and {c.mode for c in run} == {"fwd"}
+
+
+def test_groups_differ_only_by_implementation():
+    choices = cases.op_choices("attention", "cpu", "cpu", False, None, None, None, None)
+    run = [c.case for c in choices if c.case is not None]
+    by_group: dict[str, list] = {}
+    for c in run:
+        by_group.setdefault(c.group, []).append(c)
+    for group, members in by_group.items():
+        assert len({(c.shape, c.dtype, c.mode) for c in members}) == 1, group
+        assert sorted(c.impl for c in members) == sorted(IMPL_NAMES["attention"]), group
+    assert len({c.id for c in run}) == len(run)
+
+
+def test_model_choices_skip_unknown_backends():
+    choices = cases.model_choices("cpu", False, ["cuda", "warp-drive"], None)
+    assert [c.case.backend for c in choices if c.case] == ["cuda"]
+    assert any(c.skip and "'warp-drive'" in c.skip for c in choices)
+
+
+def test_attention_flops_count_the_causal_pairs():
+    shape = parse_shape("124M-B2-T37")
+    pairs = int(torch.ones(37, 37).tril().sum())  # (query, key) pairs a causal mask keeps
+    expect = 2 * 2 * shape.B * shape.n_head * pairs * shape.head_size  # two matmuls, 2 FLOPs per MAC
+    assert op_cost("attention", shape, "fwd", torch.float16).flops == expect
+    fwd, bwd = (op_cost("attention", shape, m, torch.float16) for m in ("fwd", "bwd"))
+    assert op_cost("attention", shape, "fwd+bwd", torch.float16).flops == fwd.flops + bwd.flops
+    assert fwd.bytes == 4 * shape.B * shape.n_head * 37 * shape.head_size * 2
+
+
+def test_costs_scale_with_dtype_and_size():
+    s = parse_shape("124M-B1-T64")
+    for op in OPS:
+        c16, c32 = op_cost(op, s, "fwd", torch.bfloat16), op_cost(op, s, "fwd", torch.float32)
+        assert c32.flops == c16.flops > 0
+        assert c16.bytes < c32.bytes <= 2 * c16.bytes + 8 * s.tokens
+    mlp = op_cost("mlp", s, "fwd", torch.float32)
+    assert mlp.flops == 2 * 2 * s.tokens * s.C * 4 * s.C  # two (N x C x 4C) products
+    lce = op_cost("linear_cross_entropy", s, "fwd+bwd", torch.float32)
+    assert lce.flops == 6 * s.tokens * s.C * s.vocab_size
+    with pytest.raises(ValueError, match="unknown op"):
+        op_cost("softmax", s, "fwd", torch.float32)
+
+
+@pytest.mark.parametrize("module", ["bench_attention", "bench_layer_norm", "bench_mlp", "bench_loss"])
+def test_every_listed_implementation_loads_or_says_why(module):
+    import importlib
+
+    from bench.common import OpCase
+
+    mod = importlib.import_module(f"bench.{module}")
+    shape = GRIDS["cpu"][mod.OP][0]
+    for impl in IMPL_NAMES[mod.OP]:
+        if impl == "torch-compile":
+            continue  # compiling is the benchmark's job, and slow
+        try:
+            fn = mod.load(OpCase(mod.OP, impl, "fwd", "fp32", shape), torch.device("cpu"))
+        except Unavailable as e:
+            assert str(e), impl
+        else:
+            assert callable(fn), impl
+
+
+def _fake_results(tmp_path):
+    def entry(group, impl, median, **info):
+        base = {"op": "layer_norm", "impl": impl, "mode": "fwd", "dtype": "fp32", "shape": "124M-B1-T128",
+                "model": "124M", "B": 1, "T": 128, "baseline": "torch", "device": "test CPU",
+                "flops": 8e9, "bytes": 4e9, "ceiling_tflops": 1.0, "ceiling_gbps": 10.0}
+        base.update(info)
+        return {"group": group, "name": f"test[{impl}]", "extra_info": base,
+                "stats": {"median": median, "rounds": 5}}
+
+    g = "layer_norm fwd fp32 124M-B1-T128"
+    benches = [entry(g, "torch", 2.0), entry(g, "cuda", 0.5)]
+    for T, t_ref, t_fast in ((128, 1e-3, 5e-4), (256, 3e-3, 1e-3)):
+        ga = f"attention fwd fp32 124M-B1-T{T}"
+        benches += [entry(ga, "torch", t_ref, op="attention", T=T), entry(ga, "sdpa-math", t_fast, op="attention", T=T)]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"datetime": "2026-11-25T00:00:00", "machine_info": {}, "benchmarks": benches}))
+    return path
+
+
+def test_report_tables_and_plots(tmp_path):
+    path = _fake_results(tmp_path)
+    out = tmp_path / "out"
+    assert report.main([str(path), "--out", str(out)]) == 0
+    md = (out / "bench_report.md").read_text()
+    # cuda: 0.5 s against the reference's 2 s; 4e9 B / 0.5 s = 8 GB/s = 80% of the 10 GB/s ceiling.
+    row = next(line for line in md.splitlines() if line.startswith("| cuda "))
+    assert "4.00x" in row and "| 8 |" in row and "80.0%" in row
+    ref_row = next(line for line in md.splitlines() if line.startswith("| torch ") and "2 s" in line)
+    assert "1.00x" in ref_row
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert "attention_time_vs_T_124M_fp32.png" in pngs and "ceiling_fraction_layer_norm.png" in pngs
+    for p in pngs:
+        assert (out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_runs_as_a_script_and_rejects_foreign_json(tmp_path):
+    path = _fake_results(tmp_path)
+    script = os.path.join(HERE, "report.py")
+    ok = subprocess.run([sys.executable, script, str(path), "--out", str(tmp_path / "o"), "--no-plots"],
+                        check=False, capture_output=True, text=True, cwd=str(tmp_path))
+    assert ok.returncode == 0, ok.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    res = subprocess.run([sys.executable, script, str(bad)], check=False, capture_output=True, text=True, cwd=str(tmp_path))
+    assert res.returncode == 2 and "not a pytest-benchmark JSON" in res.stderr
+
+
+def test_gpu_check_script_parses_and_needs_an_outdir():
+    script = os.path.join(HERE, "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script], check=False).returncode == 0
+    res = subprocess.run(["bash", script], check=False, capture_output=True, text=True)
+    assert res.returncode == 2 and "usage" in res.stderr
