@@ -310,7 +310,8 @@ void attention_fwd_hs(const T* q, const T* k, const T* v, T* y, float* lse, int6
                       int D, bool causal, float scale, cudaStream_t stream) {
   constexpr int RPW = 4;
   const dim3 grid((unsigned)ceil_div(Tq, kAttnWarps * RPW), (unsigned)BH);
-  attention_fwd_kernel<T, HS, RPW><<<grid, kAttnWarps * 32, 0, stream>>>(q, k, v, y, lse, Tq, Tk, D, causal, scale);
+  GPT2K_LAUNCH(grid, kAttnWarps * 32, stream, attention_fwd_kernel<T, HS, RPW>)(
+      q, k, v, y, lse, Tq, Tk, D, causal, scale);
 }
 
 template <typename T, int HS>
@@ -319,11 +320,11 @@ void attention_bwd_hs(const T* dy, const T* q, const T* k, const T* v, const flo
                       cudaStream_t stream) {
   constexpr int RPW = 2, KPW = 2;
   const dim3 gq((unsigned)ceil_div(Tq, kAttnWarps * RPW), (unsigned)BH);
-  attention_bwd_dq_kernel<T, HS, RPW><<<gq, kAttnWarps * 32, 0, stream>>>(dy, q, k, v, lse, Dv, dq, Tq, Tk, D,
-                                                                          causal, scale);
+  GPT2K_LAUNCH(gq, kAttnWarps * 32, stream, attention_bwd_dq_kernel<T, HS, RPW>)(
+      dy, q, k, v, lse, Dv, dq, Tq, Tk, D, causal, scale);
   const dim3 gk((unsigned)ceil_div(Tk, kAttnWarps * KPW), (unsigned)BH);
-  attention_bwd_dkdv_kernel<T, HS, KPW><<<gk, kAttnWarps * 32, 0, stream>>>(dy, q, k, v, lse, Dv, dk, dv, Tq, Tk,
-                                                                            D, causal, scale);
+  GPT2K_LAUNCH(gk, kAttnWarps * 32, stream, attention_bwd_dkdv_kernel<T, HS, KPW>)(
+      dy, q, k, v, lse, Dv, dk, dv, Tq, Tk, D, causal, scale);
 }
 
 template <typename T>
@@ -353,7 +354,7 @@ cudaError_t attention_bwd_launch(const T* dy, const T* q, const T* k, const T* v
   }
   const float scale = 1.0f / sqrtf((float)D);
   float* Dv = scratch;  // (BH, Tq)
-  attention_bwd_dot_kernel<T><<<(unsigned)ceil_div(BH * Tq, kAttnWarps), kAttnWarps * 32, 0, stream>>>(
+  GPT2K_LAUNCH((unsigned)ceil_div(BH * Tq, kAttnWarps), kAttnWarps * 32, stream, attention_bwd_dot_kernel<T>)(
       dy, y, Dv, BH * Tq, (int)D);
   if (D <= 64) {
     attention_bwd_hs<T, 64>(dy, q, k, v, lse, Dv, dq, dk, dv, BH, Tq, Tk, (int)D, causal, scale, stream);

@@ -1,10 +1,20 @@
-// Shared device helpers of the gpt2k CUDA kernels: dtype conversion, warp and block reductions.
-// Plain CUDA (no torch headers), so every .cuh compiles with nvcc alone.
+// Shared device helpers of the gpt2k CUDA kernels: dtype conversion, warp and block reductions,
+// and GPT2K_LAUNCH. Plain CUDA (no torch headers), so every .cuh compiles with nvcc alone.
+//
+// GPT2K_CUDA_EMULATION (tests only, never set by the build) swaps the CUDA headers for
+// emulation/cuda_emulation.h, which runs the fp32 kernels on CPU threads so that their logic can
+// be checked on a machine without a GPU (tests/test_nvcc.py).
 #pragma once
 
+#ifdef GPT2K_CUDA_EMULATION
+#include "emulation/cuda_emulation.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+// kernel<<<grid, block, 0, stream>>>, written so that the emulation can replace it.
+#define GPT2K_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<(grid), (block), 0, (stream)>>>
+#endif
 
 #include <cstdint>
 
@@ -13,17 +23,18 @@ namespace gpt2k::cuda {
 constexpr unsigned kFullMask = 0xffffffffu;
 
 __device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
 template <>
 __device__ __forceinline__ float from_float<float>(float x) { return x; }
+#ifndef GPT2K_CUDA_EMULATION
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 template <>
 __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+#endif
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -76,7 +87,7 @@ __global__ void sum_partials_kernel(const float* __restrict__ partial,  // (part
 
 inline void sum_partials(const float* partial, float* out, int64_t parts, int64_t C, cudaStream_t stream) {
   if (C == 0) return;
-  sum_partials_kernel<<<(unsigned)ceil_div(C, 256), 256, 0, stream>>>(partial, out, parts, C);
+  GPT2K_LAUNCH((unsigned)ceil_div(C, 256), 256, stream, sum_partials_kernel)(partial, out, parts, C);
 }
 
 }  // namespace gpt2k::cuda

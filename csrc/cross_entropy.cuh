@@ -60,8 +60,8 @@ template <typename T>
 cudaError_t cross_entropy_launch(T* logits, const int64_t* targets, float* loss, const float* grad_scale, int64_t N,
                                  int64_t V, int64_t ignore_index, cudaStream_t stream) {
   if (N > 0) {
-    cross_entropy_kernel<T><<<(unsigned)N, kCeThreads, 0, stream>>>(logits, targets, loss, grad_scale, V,
-                                                                     ignore_index);
+    GPT2K_LAUNCH((unsigned)N, kCeThreads, stream, cross_entropy_kernel<T>)(
+        logits, targets, loss, grad_scale, V, ignore_index);
   }
   return cudaGetLastError();
 }

@@ -59,7 +59,7 @@ cudaError_t bias_gelu_fwd_launch(const T* h, const T* bias, T* act, int64_t N, i
   const int64_t n = N * H;
   if (n > 0) {
     const unsigned blocks = (unsigned)min(ceil_div(n, 256), (int64_t)65535 * 8);
-    bias_gelu_fwd_kernel<T><<<blocks, 256, 0, stream>>>(h, bias, act, N, H);
+    GPT2K_LAUNCH(blocks, 256, stream, bias_gelu_fwd_kernel<T>)(h, bias, act, N, H);
   }
   return cudaGetLastError();
 }
@@ -70,7 +70,7 @@ cudaError_t bias_gelu_bwd_launch(const T* dact, const T* h, const T* bias, T* dh
   const int64_t parts = colsum_parts(N);
   if (N > 0) {
     const dim3 grid((unsigned)ceil_div(H, 256), (unsigned)parts);
-    bias_gelu_bwd_kernel<T><<<grid, 256, 0, stream>>>(dact, h, bias, dh, scratch, N, H);
+    GPT2K_LAUNCH(grid, 256, stream, bias_gelu_bwd_kernel<T>)(dact, h, bias, dh, scratch, N, H);
   } else {
     cudaMemsetAsync(scratch, 0, sizeof(float) * parts * H, stream);
   }

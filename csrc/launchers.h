@@ -6,7 +6,11 @@
 // by the *_scratch_floats() functions below.
 #pragma once
 
+#ifdef GPT2K_CUDA_EMULATION
+#include "emulation/cuda_emulation.h"
+#else
 #include <cuda_runtime_api.h>
+#endif
 
 #include <cstdint>
 

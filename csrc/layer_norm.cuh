@@ -108,8 +108,8 @@ template <typename T>
 cudaError_t layer_norm_fwd_launch(const T* x, const T* w, const T* b, T* y, float* mean, float* rstd, int64_t N,
                                   int64_t C, float eps, cudaStream_t stream) {
   if (N > 0) {
-    layer_norm_fwd_kernel<T><<<(unsigned)ceil_div(N, kLnWarps), kLnWarps * 32, 0, stream>>>(x, w, b, y, mean, rstd,
-                                                                                          N, C, eps);
+    const unsigned blocks = (unsigned)ceil_div(N, kLnWarps);
+    GPT2K_LAUNCH(blocks, kLnWarps * 32, stream, layer_norm_fwd_kernel<T>)(x, w, b, y, mean, rstd, N, C, eps);
   }
   return cudaGetLastError();
 }
@@ -121,10 +121,10 @@ cudaError_t layer_norm_bwd_launch(const T* dy, const T* x, const T* w, const flo
   float* pw = scratch;
   float* pb = scratch + parts * C;
   if (N > 0) {
-    layer_norm_bwd_dx_kernel<T><<<(unsigned)ceil_div(N, kLnWarps), kLnWarps * 32, 0, stream>>>(dy, x, w, mean, rstd,
-                                                                                              dx, N, C);
+    const unsigned blocks = (unsigned)ceil_div(N, kLnWarps);
+    GPT2K_LAUNCH(blocks, kLnWarps * 32, stream, layer_norm_bwd_dx_kernel<T>)(dy, x, w, mean, rstd, dx, N, C);
     const dim3 grid((unsigned)ceil_div(C, 256), (unsigned)parts);
-    layer_norm_bwd_dwdb_kernel<T><<<grid, 256, 0, stream>>>(dy, x, mean, rstd, pw, pb, N, C);
+    GPT2K_LAUNCH(grid, 256, stream, layer_norm_bwd_dwdb_kernel<T>)(dy, x, mean, rstd, pw, pb, N, C);
   } else {
     cudaMemsetAsync(scratch, 0, sizeof(float) * 2 * parts * C, stream);
   }

@@ -1,14 +1,21 @@
-"""The extension's CUDA sources compile with nvcc alone, for every GPU generation we target.
+"""The extension's CUDA sources, checked without a GPU.
 
-``csrc/*.cu`` include only the plain CUDA kernels and launchers (``csrc/*.cuh``, no torch
-headers), so this needs the CUDA toolkit but neither a GPU nor a CUDA build of torch. One nvcc
-call per .cu file builds device code for sm_75, sm_80, sm_86, sm_89 and sm_90; the test for each
-architecture then checks that ptxas compiled every kernel for it without register spills and
-within the 48 KiB of static shared memory a block may use. Skipped when nvcc is not found.
+1. They compile with nvcc alone, for every GPU generation we target. ``csrc/*.cu`` include only
+   the plain CUDA kernels and launchers (``csrc/*.cuh``, no torch headers), so this needs the
+   CUDA toolkit but neither a GPU nor a CUDA build of torch. One nvcc call per .cu file builds
+   device code for sm_75, sm_80, sm_86, sm_89 and sm_90; the test for each architecture checks
+   that ptxas compiled every kernel for it without register spills and within the 48 KiB of
+   static shared memory a block may use. Skipped when nvcc is not found.
+2. Their logic is right: the fp32 kernels are compiled by the host C++ compiler against
+   ``csrc/emulation/cuda_emulation.h`` (threads, barriers and warp shuffles emulated on the CPU)
+   and their results compared with ``kernels.ref`` on small awkward shapes. Skipped without a
+   C++20 compiler. The fp16 / bf16 paths and real-GPU behaviour are left to the GPU tests of
+   tests/test_cuda_ext.py.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -16,6 +23,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
+
+from kernels import ref
+from kernels.testing import assert_close
 
 ARCHS = (75, 80, 86, 89, 90)
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -36,7 +47,9 @@ def _find_nvcc() -> str | None:
 
 
 NVCC = _find_nvcc()
-pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH, in $CUDA_HOME/bin or /usr/local/cuda/bin")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH, in $CUDA_HOME/bin or /usr/local/cuda/bin")
+CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+needs_cxx = pytest.mark.skipif(CXX is None, reason="no host C++ compiler (g++, c++ or clang++) for the CUDA emulation")
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +78,7 @@ def ptxas_reports(tmp_path_factory):
     return reports
 
 
+@needs_nvcc
 @pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])
 def test_cuda_sources_compile(arch, ptxas_reports):
     for name, per_arch in ptxas_reports.items():
@@ -77,3 +91,120 @@ def test_cuda_sources_compile(arch, ptxas_reports):
             assert not any(spills), f"{name}: {kernel} spills registers on sm_{arch}:\n{text}"
             smem = [int(n) for n in re.findall(r"(\d+) bytes smem", text)]
             assert all(s <= MAX_STATIC_SMEM for s in smem), f"{name}: {kernel} uses {smem} bytes of smem on sm_{arch}"
+
+
+# ----------------------------------------------------------------------------- CPU emulation of the kernels
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    """The fp32 launchers compiled for the CPU emulation, loaded with ctypes."""
+    out = tmp_path_factory.mktemp("emu") / "emulated_kernels.so"
+    cmd = [CXX, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", str(CSRC / "emulation" / "emulated_kernels.cpp"),
+           "-o", str(out)]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "barrier" in proc.stderr:
+        pytest.skip(f"{CXX} lacks C++20 <barrier>: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lib = ctypes.CDLL(str(out))
+    for name in ("emu_layer_norm_bwd_scratch", "emu_bias_gelu_bwd_scratch"):
+        getattr(lib, name).restype = ctypes.c_int64
+        getattr(lib, name).argtypes = [ctypes.c_int64, ctypes.c_int64]
+    return lib
+
+
+def _p(t):
+    return ctypes.c_void_p(t.data_ptr()) if t is not None else ctypes.c_void_p(0)
+
+
+def _i(*xs):
+    return [ctypes.c_int64(x) for x in xs]
+
+
+def _grads(fn, inputs, g):
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in inputs]
+    out = fn(*leaves)
+    diff = [t for t in leaves if t is not None]
+    return out.detach(), list(torch.autograd.grad(out, diff, g))
+
+
+@needs_cxx
+@pytest.mark.parametrize("N,C,affine", [(1, 64, True), (13, 97, True), (70, 33, False)])
+def test_emulated_layer_norm(emu, N, C, affine):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(N, C, generator=gen) * 2 + 0.5
+    w = torch.randn(C, generator=gen) if affine else None
+    b = torch.randn(C, generator=gen) if affine else None
+    dy = torch.randn(N, C, generator=gen)
+    y, mean, rstd = torch.empty(N, C), torch.empty(N), torch.empty(N)
+    assert emu.emu_layer_norm_fwd(_p(x), _p(w), _p(b), _p(y), _p(mean), _p(rstd), *_i(N, C), ctypes.c_float(1e-5)) == 0
+    y_ref, g_ref = _grads(lambda x, *p: ref.layer_norm(x, *p) if affine else ref.layer_norm(x, None, None),
+                          [x, w, b], dy)
+    assert_close("emulated layer_norm y", y, y_ref)
+    dx, dw, db = torch.empty(N, C), torch.empty(C), torch.empty(C)
+    scratch = torch.empty(emu.emu_layer_norm_bwd_scratch(N, C))
+    assert emu.emu_layer_norm_bwd(_p(dy), _p(x), _p(w), _p(mean), _p(rstd), _p(dx), _p(dw), _p(db), _p(scratch),
+                                  *_i(N, C)) == 0
+    assert_close("emulated layer_norm dx", dx, g_ref[0])
+    if affine:
+        assert_close("emulated layer_norm dw", dw, g_ref[1])
+        assert_close("emulated layer_norm db", db, g_ref[2])
+
+
+@needs_cxx
+@pytest.mark.parametrize("N,H,has_bias", [(1, 64, True), (7, 97, True), (66, 300, False)])
+def test_emulated_bias_gelu(emu, N, H, has_bias):
+    gen = torch.Generator().manual_seed(1)
+    h, dact = torch.randn(N, H, generator=gen) * 2, torch.randn(N, H, generator=gen)
+    b = torch.randn(H, generator=gen) if has_bias else None
+    act = torch.empty(N, H)
+    assert emu.emu_bias_gelu_fwd(_p(h), _p(b), _p(act), *_i(N, H)) == 0
+    pre = h + b if has_bias else h
+    assert_close("emulated gelu act", act, ref.gelu_tanh(pre))
+    dh, dbias = torch.empty(N, H), torch.empty(H)
+    scratch = torch.empty(emu.emu_bias_gelu_bwd_scratch(N, H))
+    assert emu.emu_bias_gelu_bwd(_p(dact), _p(h), _p(b), _p(dh), _p(dbias), _p(scratch), *_i(N, H)) == 0
+    expect = dact * ref.gelu_tanh_grad(pre)
+    assert_close("emulated gelu dh", dh, expect)
+    assert_close("emulated gelu dbias", dbias, expect.sum(0))
+
+
+@needs_cxx
+@pytest.mark.parametrize("BH,Tq,Tk,D,causal", [(1, 1, 1, 64, True), (2, 1, 37, 64, True), (2, 19, 45, 13, True),
+                                               (1, 33, 33, 100, True), (2, 21, 40, 32, False)])
+def test_emulated_attention(emu, BH, Tq, Tk, D, causal):
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, BH, T, D, generator=gen) for T in (Tq, Tk, Tk))
+    dy = torch.randn(1, BH, Tq, D, generator=gen)
+    y, lse = torch.empty(1, BH, Tq, D), torch.empty(BH, Tq)
+    assert emu.emu_attention_fwd(_p(q), _p(k), _p(v), _p(y), _p(lse), *_i(BH, Tq, Tk, D), ctypes.c_int(causal)) == 0
+    y_ref, g_ref = _grads(lambda q, k, v: ref.attention(q, k, v, causal=causal), [q, k, v], dy)
+    assert_close("emulated attention y", y, y_ref)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    scratch = torch.empty(BH * Tq)
+    assert emu.emu_attention_bwd(_p(dy), _p(q), _p(k), _p(v), _p(y), _p(lse), _p(dq), _p(dk), _p(dv), _p(scratch),
+                                 *_i(BH, Tq, Tk, D), ctypes.c_int(causal)) == 0
+    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), g_ref):
+        assert_close(f"emulated attention {name}", got, want)
+
+
+@needs_cxx
+@pytest.mark.parametrize("N,V", [(1, 5), (6, 1031)])
+def test_emulated_cross_entropy(emu, N, V):
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(N, V, generator=gen) * 3
+    t = torch.randint(0, V, (N,), generator=gen)
+    t[N // 2] = -1  # one ignored row
+    valid = t != -1
+    loss = torch.empty(N)
+    assert emu.emu_cross_entropy(_p(logits), _p(t), _p(loss), ctypes.c_void_p(0), *_i(N, V, -1)) == 0
+    lse = torch.logsumexp(logits, -1)
+    expect = torch.where(valid, lse - logits.gather(1, t.clamp(min=0)[:, None])[:, 0], torch.zeros(N))
+    assert_close("emulated cross-entropy loss", loss, expect)
+    grad = logits.clone()
+    scale = torch.tensor([0.5])
+    assert emu.emu_cross_entropy(_p(grad), _p(t), _p(loss), _p(scale), *_i(N, V, -1)) == 0
+    g = torch.softmax(logits, -1)
+    g[valid, t[valid]] -= 1.0
+    g[~valid] = 0.0
+    assert_close("emulated cross-entropy grad", grad, 0.5 * g)
