@@ -13,7 +13,14 @@ Triton's bundled ``ptxas``, then reads back:
   ``IGMMA`` / ``QGMMA`` (the SASS form of Hopper's ``wgmma``, sm_90a).
 
 A configuration fails when it does not compile, exceeds the shared-memory limit or spills; the
-command then exits non-zero. Usage::
+command then exits non-zero. Tensor-core counts are reported, not enforced: Triton >= 3.2 lowers
+``tl.dot`` to FMA below sm_80 (its MMA path there is deprecated), so sm_75 shows none.
+
+Each kernel is compiled as the JIT would specialize it at GPT-2 shapes: pointer and integer
+arguments divisible by 16 (torch allocations are 16-byte aligned; GPT-2's sizes and strides are
+multiples of 16). That variant vectorizes and software-pipelines its loads, so it is the heaviest in
+shared memory. A signature type may override this per argument, as Triton's AOT tool writes it:
+``"i32:16"`` (divisible by 16) or ``"i32:1"`` (no assumption). Usage::
 
     python -m kernels.report                          # every op module, sm_75 sm_80 sm_86 sm_89 sm_90
     python -m kernels.report --arch sm_80,sm_90       # some architectures
@@ -65,9 +72,7 @@ _SASS_LINE = re.compile(
     r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)", re.MULTILINE
 )
 _RESOURCES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
-_PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
-_PTXAS_STACK = re.compile(r"(\d+) bytes stack frame")
 _TTIR_DOT = re.compile(r"\btt\.dot(?:_scaled)?\b")
 # Bytes moved by one local-memory instruction, from its width suffix (plain STL/LDL move 32 bits).
 _WIDTH = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}
@@ -102,6 +107,7 @@ class Result:
     tensor_cores: dict = field(default_factory=dict)
     dots: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
     error: str | None = None
 
     @property
@@ -221,6 +227,7 @@ def _init_worker(cache_dir: str) -> None:
     os.environ["TRITON_CACHE_DIR"] = cache_dir
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     warnings.filterwarnings("ignore", category=UserWarning, module=r"triton(\.|$)")
+    import triton.compiler  # noqa: F401 - paid once here rather than inside the first job's timing
 
 
 @functools.cache
@@ -231,11 +238,11 @@ def _worker_configs(module: str, cc: int) -> tuple:
 def _check_config(cfg, cc: int) -> list:
     """The kernel's argument names in order; raises ValueError on a config that does not fit its kernel."""
     kernel = cfg.kernel
+    if type(kernel).__name__ == "InterpretedFunction":
+        raise ValueError(f"{cfg.label!r}: kernel was defined under TRITON_INTERPRET=1 and cannot be compiled")
     names = list(getattr(kernel, "arg_names", None) or [])
     if not names or not hasattr(kernel, "fn"):
         raise ValueError(f"{cfg.label!r}: kernel {kernel!r} is not a @triton.jit function")
-    if type(kernel).__name__ == "InterpretedFunction":
-        raise ValueError(f"{cfg.label!r}: kernel was defined under TRITON_INTERPRET=1 and cannot be compiled")
     sig, const = dict(cfg.signature), dict(cfg.constexprs)
     given = list(sig) + list(const)
     missing = [n for n in names if n not in sig and n not in const]
@@ -315,14 +322,16 @@ def sass_opcodes(sass: str) -> dict:
     return counts
 
 
-def _cuobjdump(cubin: bytes) -> str:
+def _cuobjdump(cubin: bytes, sass: bool) -> str:
+    """``cuobjdump -res-usage`` (and ``-sass``, which runs nvdisasm: ~0.2 CPU s) of one cubin."""
     path = tool_path("cuobjdump")
     if path is None:
         raise RuntimeError("cuobjdump not found (looked in triton/backends/nvidia/bin and PATH)")
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     try:
-        out = subprocess.run([path, "-sass", "-res-usage", f.name], check=False, capture_output=True, text=True)
+        cmd = [path, "-res-usage", *(["-sass"] if sass else []), f.name]
+        out = subprocess.run(cmd, check=False, capture_output=True, text=True)
     finally:
         os.unlink(f.name)
     if out.returncode != 0:
@@ -330,10 +339,18 @@ def _cuobjdump(cubin: bytes) -> str:
     return out.stdout
 
 
+def _cpu_time() -> float:
+    """CPU seconds used so far by this process and its finished children (ptxas, cuobjdump)."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _compile_one(job: tuple) -> Result:
     module, cc, index, label = job
     res = Result(module=module, label=label, arch=cc, shared_limit=SHARED_LIMIT[cc])
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_time()
     try:
         cfg = _worker_configs(module, cc)[index]
         if cfg.label != label:
@@ -345,29 +362,27 @@ def _compile_one(job: tuple) -> Result:
         names = _check_config(cfg, cc)
         compiled, log = _compile(cfg, cc, names)
         res.shared_dynamic = int(compiled.metadata.shared)
-        res.dots = len(_TTIR_DOT.findall(compiled.asm.get("ttir", "")))
-        dump = _cuobjdump(compiled.asm["cubin"])
+        ttir = compiled.asm.get("ttir")
+        res.dots = len(_TTIR_DOT.findall(ttir or ""))
+        spills = _PTXAS_SPILLS.search(log)
+        # Triton emits tensor-core instructions only for tt.dot: a kernel without one needs no SASS dump, unless
+        # the spills must be counted from it.
+        dump = _cuobjdump(compiled.asm["cubin"], sass=bool(res.dots) or ttir is None or spills is None)
         usage = _RESOURCES.search(dump)
         if usage is None:
             raise RuntimeError("cuobjdump printed no resource usage for the cubin")
         res.registers, res.stack_bytes, res.shared_static = int(usage[1]), int(usage[2]), int(usage[3])
         ops = sass_opcodes(dump)
         res.tensor_cores = {op: ops[op] for op in TENSOR_CORE_OPS if ops.get(op)}
-        spills = _PTXAS_SPILLS.search(log)
         if spills is not None:
             res.spill_stores, res.spill_loads, res.spill_source = int(spills[1]), int(spills[2]), "ptxas"
-            regs = _PTXAS_REGS.search(log)
-            res.registers = int(regs[1]) if regs else res.registers
         else:  # no ptxas log from this Triton: every local-memory access of a Triton kernel is a spill
-            res.spill_stores, res.spill_loads, res.spill_source = (
-                ops.get("STL bytes", 0),
-                ops.get("LDL bytes", 0),
-                "sass",
-            )
+            res.spill_stores, res.spill_loads = ops.get("STL bytes", 0), ops.get("LDL bytes", 0)
+            res.spill_source = "sass"
     except Exception as e:  # noqa: BLE001 - a config that does not compile is a finding of the report
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
         res.error = f"{type(e).__name__}: " + (" | ".join(lines[:3]) if lines else repr(e))[:600]
-    res.seconds = time.perf_counter() - start
+    res.seconds, res.cpu_seconds = time.perf_counter() - start, _cpu_time() - cpu_start
     return res
 
 
@@ -402,6 +417,9 @@ def run_report(
 
     Returns:
         list of ``Result``: listing errors first, then one per (config, arch) in listing order.
+
+    The workers are spawned processes, which re-import the caller's main module: a script that calls
+    this needs the usual ``if __name__ == "__main__":`` guard.
     """
     modules, archs = [module_name(m) for m in modules], [parse_arch(str(a)) for a in archs]
     jobs, results = _plan(modules, archs)
@@ -493,7 +511,7 @@ def main(argv: list | None = None) -> int:
     workers = max(1, min(args.workers or os.cpu_count() or 1, len(results)))
     print(
         f"\n{len(results)} configurations x architectures, {n_bad} with problems;"
-        f" {wall:.1f} s wall on {workers} worker processes ({sum(r.seconds for r in results):.1f} s of compiling)"
+        f" {wall:.1f} s wall on {workers} worker processes ({sum(r.cpu_seconds for r in results):.1f} CPU s of compiling)"
     )
     if args.json:
         with open(args.json, "w") as f:
