@@ -504,7 +504,7 @@ def launch_configs(cc: int) -> list[LaunchConfig]:
                     block_m, block_n, warps, stages = _tiles(kernel, dtype, head, dropout, _CUDA, cc)
                     configs.append(LaunchConfig(
                         label=f"attention {kernel} {dt} HEAD={head} BLOCK_M={block_m} BLOCK_N={block_n} "
-                              f"DROPOUT={int(dropout)}",
+                              f"DROPOUT={int(dropout)} warps={warps} stages={stages}",
                         kernel=fn, signature=_signature(fn, types),
                         constexprs={"HEAD": head, "BLOCK_M": block_m, "BLOCK_N": block_n, "DROPOUT": dropout},
                         num_warps=warps, num_stages=stages))
