@@ -21,6 +21,15 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 and long sequences need a CUDA GPU")
 
 
+@pytest.fixture(autouse=True)
+def _fp32_reference_is_fp32():
+    # On a GPU the fp32 reference must not run its matmuls in TF32, whatever another test module set.
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(previous)
+
+
 def _qkv(B, nh, Tq, Tk, hs, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, nh, Tq, hs, generator=g).to(DEVICE, dtype)
