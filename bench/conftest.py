@@ -7,7 +7,7 @@ Options (all optional; list options are comma-separated):
   --bench-dtypes    ``fp32``, ``fp16``, ``bf16`` (default: fp32 on the CPU, bf16 on a GPU)
   --bench-modes     ``fwd``, ``bwd``, ``fwd+bwd`` (default: all three)
   --full            the whole grid: every GPT-2 width at every T from 128 to 4096, all dtypes (for a GPU)
-  --bench-max-time  seconds of timed rounds per benchmark (default 0.5 on the CPU, 0.2 on a GPU)
+  --bench-max-time  seconds of timed rounds per benchmark (default 0.5 on the CPU, 0.1 on a GPU)
   --bench-budget    seconds for the whole run; benchmarks past it are skipped, saying so (default: none)
   --bench-no-check  skip the comparison of each forward with the fp32 reference
   --bench-threads   torch CPU threads (default: torch's own choice); recorded with every result
@@ -74,27 +74,38 @@ def pytest_generate_tests(metafunc):
 
 
 def pytest_collection_modifyitems(config, items):
-    # Headline numbers (train step, generation) first, so a run cut short by --bench-budget still has them.
-    positions = [i for i, it in enumerate(items) if getattr(it, "module", None) is not None
-                 and it.module.__name__.split(".")[-1] in _MODULE_ORDER]
+    # Run order, so that a run cut short by --bench-budget still covers every op: the headline
+    # numbers (train step, generation) first, then each op's first shape, then each op's second
+    # shape, and so on; within one shape, the parametrisation order (implementation fastest).
+    positions = [i for i, it in enumerate(items) if _module_name(it) in _MODULE_ORDER]
     ours = [items[i] for i in positions]
+    ordinals: dict[tuple[str, str], int] = {}
+    per_module: dict[str, int] = {}
+    for it in ours:
+        case = getattr(getattr(it, "callspec", None), "params", {}).get("op_case")
+        if case is not None:
+            key = (_module_name(it), case.shape.name)
+            if key not in ordinals:
+                ordinals[key] = per_module.get(key[0], 0)
+                per_module[key[0]] = ordinals[key] + 1
 
-    def rank(it):
-        return _MODULE_ORDER.index(it.module.__name__.split(".")[-1])
+    def rank(pair):
+        index, it = pair
+        name = _module_name(it)
+        case = getattr(getattr(it, "callspec", None), "params", {}).get("op_case")
+        if name in ("bench_train_step", "bench_generate"):
+            return (0, _MODULE_ORDER.index(name), 0, index)
+        shape_ordinal = ordinals[(name, case.shape.name)] if case is not None else -1
+        return (1, shape_ordinal, _MODULE_ORDER.index(name), index)
 
-    ours_sorted = sorted(ours, key=rank)  # stable: keeps the parametrisation order within a module
+    ours_sorted = [it for _, it in sorted(enumerate(ours), key=rank)]
     for pos, it in zip(positions, ours_sorted):
         items[pos] = it
 
 
-def pytest_configure(config):
-    threads = config.getoption("--bench-threads", default=None)
-    if threads is not None:
-        if threads < 1:
-            raise pytest.UsageError(f"--bench-threads must be >= 1, got {threads}")
-        import torch
-
-        torch.set_num_threads(threads)
+def _module_name(item) -> str:
+    module = getattr(item, "module", None)
+    return module.__name__.split(".")[-1] if module is not None else ""
 
 
 @pytest.fixture(scope="session")
@@ -114,7 +125,7 @@ def settings(request, device):
     config = request.config
     max_time = config.getoption("--bench-max-time")
     if device.type == "cuda":
-        return BenchSettings(max_time=0.2 if max_time is None else max_time, min_rounds=10, min_round_s=1e-3,
+        return BenchSettings(max_time=0.1 if max_time is None else max_time, min_rounds=10, min_round_s=1e-3,
                              memory_budget=4 * 2**30, check=not config.getoption("--bench-no-check"))
     # A shared CPU stalls now and then: cap the rounds so a slow spell cannot stretch one benchmark.
     return BenchSettings(max_time=0.5 if max_time is None else max_time, min_rounds=3, max_rounds=50,

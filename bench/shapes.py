@@ -122,7 +122,8 @@ GRIDS: dict[str, dict[str, list[Shape]]] = {
         "linear_cross_entropy": [Shape(MODELS["124M"], 1, 64)],
     },
     "gpu": {
-        "attention": _sweep("124M") + [Shape(MODELS["1.5B"], 16, 1024)],
+        # T = 256, 1024, 4096 keep the default GPU run within minutes; --full sweeps every T.
+        "attention": _sweep("124M", (256, 1024, 4096)) + [Shape(MODELS["1.5B"], 16, 1024)],
         "layer_norm": [Shape(MODELS["124M"], 16, 1024), Shape(MODELS["1.5B"], 16, 1024)],
         "mlp": [Shape(MODELS["124M"], 16, 1024), Shape(MODELS["1.5B"], 16, 1024)],
         "linear_cross_entropy": [Shape(MODELS["124M"], 16, 1024), Shape(MODELS["1.5B"], 16, 1024)],
