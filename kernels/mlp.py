@@ -42,9 +42,11 @@ Cost at the benchmark size (M = 16384 tokens, C = 768, H = 3072, bf16), computed
               132 SMs decide the time.
 
 Tiles (see ``_TILES``; every launchable one is listed by ``launch_configs``), checked by compiling
-each for sm_75/80/86/89/90 without a GPU (shared memory, registers, no spill stack, mma / wgmma):
+each for sm_75/80/86/89/90 without a GPU (``python -m kernels.report --module mlp``: 100
+configurations, all within shared memory, no spills, HMMA / HGMMA in every fp16 / bf16 one from
+sm_80 up):
   - plain and bias epilogues (c_proj, dx, weight grads), sm_80 / sm_90: 128 x 256 x 64, 8 warps,
-    3 stages (144 KB on sm_90, 96 KB on sm_80; 188-210 registers on sm_90): the largest tile whose
+    3 stages (145 KB on sm_90, 96 KB on sm_80; 188-210 registers on sm_90): the largest tile whose
     fp32 accumulator (128 registers a thread) leaves room for the loop.
   - GELU and GELU-gradient epilogues, sm_80 / sm_90: 128 x 128 x 64, 8 warps, 4 stages. At 128 x
     256 they spill (the accumulator plus the pre tile or the pre store pass 255 registers).
