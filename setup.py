@@ -38,30 +38,52 @@ def _extension_modules():
         link.append("-fopenmp")
     elif sys.platform == "win32":
         cxx = ["/O2", "/openmp"]
+    cpu_ext = cpp_ext.CppExtension("kernels._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     with_cuda = torch.version.cuda is not None and cpp_ext.CUDA_HOME is not None
+    ext = cpu_ext
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "7.5 8.0 8.6 8.9 9.0")
-        ext = cpp_ext.CUDAExtension(
-            "kernels._C",
-            sources + ["csrc/cuda_ops.cpp", "csrc/kernels.cu"],
-            extra_compile_args={"cxx": cxx + ["-DGPT2K_WITH_CUDA"], "nvcc": ["-O3", "-lineinfo"]},
-            extra_link_args=link,
-        )
+        try:
+            ext = cpp_ext.CUDAExtension(
+                "kernels._C",
+                sources + ["csrc/cuda_ops.cpp", "csrc/kernels.cu"],
+                extra_compile_args={"cxx": cxx + ["-DGPT2K_WITH_CUDA"], "nvcc": ["-O3", "-lineinfo"]},
+                extra_link_args=link,
+            )
+        except Exception as e:  # noqa: BLE001 - e.g. the toolkit's library folder is missing
+            print(f"gpt2-kernels: cannot set up the CUDA build ({e}); building the CPU kernels only", file=sys.stderr)
     else:
         why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA toolkit (CUDA_HOME) was found"
         print(f"gpt2-kernels: {why}; building the extension with its CPU kernels only", file=sys.stderr)
-        ext = cpp_ext.CppExtension("kernels._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
     class OptionalBuildExt(cpp_ext.BuildExtension):
-        """Build the extension if possible; a failed build leaves the package installable without it."""
+        """Build the extension if possible: CUDA + CPU, else CPU only, else nothing (the package still installs)."""
 
         def run(self):
+            inplace = self.inplace  # setuptools clears it while building and restores it only on success
             try:
                 super().run()
+                return
             except Exception as e:  # noqa: BLE001 - compiler missing, compile error, ...
-                print(f"gpt2-kernels: WARNING: building the C++/CUDA extension kernels._C failed ({e!r}); the "
-                      "package is installed without it, so the 'cuda' backend is unavailable "
-                      "(`gpt2 info` says why).", file=sys.stderr)
+                error = e
+            built = self.extensions[0] if self.extensions else cpu_ext
+            if built.sources != cpu_ext.sources:
+                print(f"gpt2-kernels: WARNING: building kernels._C with its CUDA kernels failed ({error!r}); "
+                      "retrying with the CPU kernels only.", file=sys.stderr)
+                # The same Extension object (setuptools has annotated it), made a CppExtension.
+                for attr in ("sources", "include_dirs", "library_dirs", "libraries", "runtime_library_dirs",
+                             "define_macros", "extra_compile_args", "extra_link_args", "language"):
+                    setattr(built, attr, getattr(cpu_ext, attr))
+                self.compiler = None  # the first run left a configured compiler object; start afresh
+                self.inplace = inplace
+                try:
+                    super().run()
+                    return
+                except Exception as e:  # noqa: BLE001
+                    error = e
+            print(f"gpt2-kernels: WARNING: building the C++/CUDA extension kernels._C failed ({error!r}); the "
+                  "package is installed without it, so the 'cuda' backend is unavailable "
+                  "(`gpt2 info` says why).", file=sys.stderr)
 
     return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}
 
