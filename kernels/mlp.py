@@ -283,6 +283,11 @@ def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+def _sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA device; None elsewhere (no split-K under the interpreter)."""
+    return _device_info(_device_index(device))[1] if device.type == "cuda" else None
+
+
 def _pick_tiles(device: torch.device, dtype: torch.dtype, role: str) -> Tiles:
     if device.type != "cuda":
         return _INTERPRETER_TILES
@@ -380,7 +385,7 @@ def launch_configs(cc: int) -> list[LaunchConfig]:
 
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *, epilogue: str = "none",
            pre: torch.Tensor | None = None, col_sum: bool = False, out_dtype: torch.dtype | None = None,
-           split_k: int | None = None, role: str | None = None, tiles: Tiles | None = None):
+           split_k: int | None = 1, role: str | None = None, tiles: Tiles | None = None):
     """C = epilogue(A @ B) with fp32 accumulation, through ``_matmul_kernel``.
 
     Operands may have any strides (pass ``w.t()`` for a transposed weight; nothing is copied).
@@ -395,7 +400,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *
         col_sum: also return the fp32 column sums of C (before rounding to the output dtype).
         out_dtype: dtype of C, default a's dtype.
         split_k: split K over this many programs per tile (epilogue "none" without bias only);
-            None picks one from the SM count on a GPU, 1 under the interpreter.
+            None picks one from the SM count on a GPU (1 under the interpreter). Only the weight
+            gradients ask for it, so they are the only launches whose output is an fp32 workspace.
         role: which tiles of ``_TILES`` to use: "main", "epilogue" or "small"; default "main" for
             epilogue "none", else "epilogue".
         tiles: force a tile configuration (tests); overrides ``role``.
@@ -421,10 +427,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *
     grid_mn = triton.cdiv(M, t.BLOCK_M) * triton.cdiv(N, t.BLOCK_N)
     splittable = epilogue == "none" and bias is None and not col_sum
     if split_k is None:
-        split_k = 1
-        if splittable and a.device.type == "cuda":
-            _, sms = _device_info(_device_index(a.device))
-            split_k = _auto_split_k(grid_mn, K, sms)
+        sms = _sm_count(a.device)
+        split_k = _auto_split_k(grid_mn, K, sms) if splittable and sms else 1
     if split_k < 1 or (split_k > 1 and not splittable):
         raise ValueError(f"matmul: split_k={split_k} needs epilogue 'none' without bias or column sums")
     k_split = triton.cdiv(triton.cdiv(max(K, 1), split_k), t.BLOCK_K) * t.BLOCK_K
@@ -496,7 +500,7 @@ def mlp_bwd(dy: torch.Tensor, x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch
     dt = dy.dtype
     # Weight gradients go through fp32 (the split-K workspace, or written in fp32 and rounded once here).
     if need_dw_proj:
-        dw_proj = matmul(dy.t(), act, out_dtype=torch.float32).to(dt)  # (C, H) = (C, M) @ (M, H)
+        dw_proj = matmul(dy.t(), act, out_dtype=torch.float32, split_k=None).to(dt)  # (C, H) = (C, M) @ (M, H)
     if need_db_proj:
         db_proj = dy.sum(dim=0, dtype=torch.float32).to(dt)  # (C,)
     if need_dx or need_dw_fc or need_db_fc:
@@ -504,7 +508,7 @@ def mlp_bwd(dy: torch.Tensor, x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch
         dpre, colsum = matmul(dy, w_proj, epilogue="gelu_grad", pre=pre, col_sum=True)  # (M, H), (H,)
         db_fc = colsum.to(dt) if need_db_fc else None
         if need_dw_fc:
-            dw_fc = matmul(dpre.t(), x, out_dtype=torch.float32).to(dt)  # (H, C) = (H, M) @ (M, C)
+            dw_fc = matmul(dpre.t(), x, out_dtype=torch.float32, split_k=None).to(dt)  # (H, C) = (H, M) @ (M, C)
         if need_dx:
             dx = matmul(dpre, w_fc)  # (M, C) = (M, H) @ (H, C)
     return dx, dw_fc, db_fc, dw_proj, db_proj

@@ -262,7 +262,7 @@ _TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16
 def _record_launches(monkeypatch, cc):
     """Run the launchers with the tiles of sm_<cc> and a stand-in kernel that records each launch's key."""
     names = K._matmul_kernel.arg_names
-    launches = []
+    launches, splits = [], []
 
     class Recorder:
         def __getitem__(self, grid):
@@ -273,19 +273,25 @@ def _record_launches(monkeypatch, cc):
                 strides = frozenset(n for n, v in given.items() if n.startswith("stride") and v == 1)
                 launches.append((_TYPES[given["a_ptr"].dtype], _TYPES[given["c_ptr"].dtype], strides,
                                  tuple(sorted(constexprs.items())), num_warps, num_stages))
+                splits.append(grid[1])
             return launch
 
     arch = K._arch(cc)
     monkeypatch.setattr(K, "_matmul_kernel", Recorder())
     monkeypatch.setattr(K, "_pick_tiles", lambda device, dtype, role: K._TILES[arch][
         "fp32" if dtype == torch.float32 else "lowp"][role])
+    monkeypatch.setattr(K, "_sm_count", lambda device: 132)  # as on an H100, so the weight grads split K
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if cc >= 80 else [])
     for dtype in dtypes:
-        for M, train, bias in ((100, True, True), (100, True, False), (5, False, True), (100, False, False)):
-            (x, w_fc, b_fc, w_proj, b_proj), dy = _inputs((M, 16), 48, dtype, bias, bias)
+        # 1100 rows, H = 1040: K long enough that a product asking for auto split-K would split (only
+        # the weight gradients may); 5 rows: decoding.
+        cases = ((1100, 1040, True, True), (100, 48, True, False), (5, 48, False, True), (100, 48, False, False))
+        for M, H, train, bias in cases:
+            (x, w_fc, b_fc, w_proj, b_proj), dy = _inputs((M, 16), H, dtype, bias, bias)
             _, pre, act = K.mlp_fwd(x, w_fc, b_fc, w_proj, b_proj, save_pre=train)
             if train:
                 K.mlp_bwd(dy, x, w_fc, w_proj, pre, act)
+    assert max(splits) > 1, "no launch split K"
     return launches
 
 
