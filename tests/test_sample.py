@@ -16,6 +16,16 @@ from gpt2.sample import stream_text
 from gpt2.tokenizer import encode
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny shapes gain nothing from a second thread, and on a busy CI machine OpenMP's spinning
+    # threads make them many times slower; restore the setting for other modules' tests.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A small random transformers GPT-2 saved to a folder."""

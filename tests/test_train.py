@@ -26,6 +26,16 @@ from gpt2.model import GPT, GPTConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny shapes gain nothing from a second thread, and on a busy CI machine OpenMP's spinning
+    # threads make them many times slower; restore the setting for other modules' tests.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_shard(path: Path, n: int = 20_000, vocab: int = 512, seed: int = 0) -> Path:
     """A .bin shard of a random order-1 Markov chain: each token has 4 possible successors."""
     rng = np.random.default_rng(seed)
@@ -47,7 +57,7 @@ def shard(tmp_path_factory) -> Path:
 def tiny_args(shard: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--preset", "tiny", "--data", str(shard), "--backend", "torch", "--device", "cpu",
             "--batch-size", "4", "--block-size", "32", "--max-iters", "12", "--warmup-iters", "2",
-            "--lr", "3e-3", "--min-lr", "3e-4", "--eval-interval", "4", "--eval-iters", "2", "--log-interval", "4",
+            "--lr", "3e-3", "--min-lr", "3e-4", "--eval-interval", "8", "--eval-iters", "2", "--log-interval", "4",
             "--sample-tokens", "0", "--out-dir", str(out), *extra]
 
 
@@ -114,7 +124,7 @@ def test_train_writes_checkpoint_metrics_plot_and_learns(shard, tmp_path, capsys
     assert [r["step"] for r in steps] == list(range(1, 17))
     assert all({"loss", "lr", "tokens_per_s"} <= set(r) for r in steps)
     evals = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
-    assert [s for s, _ in evals] == [0, 4, 8, 12, 16]
+    assert [s for s, _ in evals] == [0, 8, 16]
     assert evals[-1][1] < evals[0][1] - 0.05  # it learns
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -131,7 +141,8 @@ def test_grad_accum_matches_one_big_batch(shard, tmp_path):
 
 def test_resume_is_bit_exact(shard, tmp_path, capsys):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    common = ("--max-iters", "20", "--dropout", "0.1")  # dropout: the torch RNG must resume too
+    # With dropout, the torch RNG must resume exactly too.
+    common = ("--max-iters", "20", "--dropout", "0.1", "--eval-interval", "10")
     assert main(tiny_args(shard, straight, *common)) == 0
     assert main(tiny_args(shard, split, *common, "--stop-at", "10")) == 0
     assert torch.load(split / "ckpt.pt", weights_only=True)["step"] == 10
@@ -147,7 +158,7 @@ def test_resume_is_bit_exact(shard, tmp_path, capsys):
     b = torch.load(split / "ckpt.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     val = [r for r in read_metrics(split) if "val_loss" in r]
-    assert [r["step"] for r in val] == [0, 4, 8, 12, 16, 20]
+    assert [r["step"] for r in val] == [0, 10, 20]
 
 
 def test_nan_loss_stops_without_touching_checkpoint(shard, tmp_path, capsys):
@@ -165,7 +176,7 @@ def test_ctrl_c_saves_and_resume_continues(shard, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "gpt2", *tiny_args(shard, out, "--max-iters", "100000", "--log-interval", "1",
                                                      "--eval-interval", "100000")]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         for line in proc.stdout:  # wait until training is under way
