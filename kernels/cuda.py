@@ -237,7 +237,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ops = _ops()
         c = h.shape[-1]
         h2 = h.reshape(-1, c).contiguous()  # (N, C)
-        t = targets.reshape(-1).contiguous()  # (N,)
+        t = targets.reshape(-1).to(torch.int64).contiguous()  # (N,)
         w = weight if weight.dtype == h.dtype else weight.to(h.dtype)
         n = h2.shape[0]
         n_valid = (t != ignore_index).sum()
@@ -277,8 +277,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          ignore_index: int = -1) -> torch.Tensor:
     """Mean cross-entropy of ``h @ weight.T`` over the non-ignored targets, never holding all logits.
 
-    Rows are processed in chunks whose logits are about the size of ``h``; for each chunk torch
-    computes the logits, the extension turns them in place into the gradient
+    Rows are processed in chunks whose logits are about the size of ``h`` (at least 256 rows, so
+    that the per-chunk dweight update stays a real matmul); for each chunk torch computes the logits, the extension turns them in place into the gradient
     (softmax - onehot) / n_valid and returns the per-row losses, and torch folds the gradient
     into dh and dweight. If every target is ignored the loss and the gradients are 0.
 
