@@ -280,7 +280,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     Rows are processed in chunks whose logits are about the size of ``h`` (at least 256 rows, so
     that the per-chunk dweight update stays a real matmul); for each chunk torch computes the
     logits, the extension turns them in place into the gradient (softmax - onehot) / n_valid and
-    returns the per-row losses, and torch folds the gradient into dh and dweight. If every target is ignored the loss and the gradients are 0.
+    returns the per-row losses, and torch folds the gradient into dh and dweight. If every target
+    is ignored the loss and the gradients are 0.
 
     Args:
         h: (..., C) final hidden states.
