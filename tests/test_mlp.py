@@ -33,7 +33,7 @@ def _inputs(x_shape, H, dtype, bias_fc=True, bias_proj=True, seed=0):
 
 
 def _run(fn, params, dy):
-    """Forward and the gradient of every input that exists, all in fp32-or-own dtype."""
+    """Forward output and the gradient of each input (None where the input is None)."""
     leaves = [p.detach().clone().requires_grad_() if p is not None else None for p in params]
     y = fn(*leaves)
     grads = torch.autograd.grad(y, [p for p in leaves if p is not None], dy)
@@ -183,6 +183,21 @@ def test_matmul_epilogues(dtype, tiles):
     assert_close("matmul gelu_grad", c, d32, d_lp)
     assert colsum.dtype == torch.float32
     assert_close("matmul gelu_grad colsum", colsum, d32.sum(0))  # fp32 sums of the fp32 tile values
+
+
+def test_matmul_gelu_saturation():
+    """GELU and its derivative in the epilogues over [-40, 40]: the exp2 cap keeps the tails finite and exact."""
+    z = torch.linspace(-40.0, 40.0, 97, device=DEVICE)
+    a = torch.zeros(97, 16, device=DEVICE)
+    a[:, 0] = z  # A @ B = z in every column
+    b = torch.zeros(16, 24, device=DEVICE)
+    b[0] = 1.0
+    zz = z[:, None].expand(97, 24)
+    assert_close("matmul gelu tails", K.matmul(a, b, epilogue="gelu"), ref.gelu_tanh(zz))
+    ones = torch.ones(16, 24, device=DEVICE) / 16  # A @ B = z / 16, times gelu'(pre)
+    pre = zz.contiguous()
+    c, _ = K.matmul(a, ones, epilogue="gelu_grad", pre=pre, col_sum=True)
+    assert_close("matmul gelu_grad tails", c, (z / 16)[:, None] * ref.gelu_tanh_grad(zz))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
