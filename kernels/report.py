@@ -137,7 +137,7 @@ class Result:
 
 
 # ----------------------------------------------------------------------------------------------
-# Finding the tools and the configurations (parent process; imports no Triton kernel compiler).
+# Finding the tools and listing the configurations (parent process).
 
 
 def tool_path(name: str) -> str | None:
@@ -182,12 +182,15 @@ def _load_configs(module: str, cc: int) -> list:
 
     try:
         mod = importlib.import_module(module)
-    except ImportError as e:
-        raise RuntimeError(f"cannot import op module {module!r} ({e})") from e
+    except Exception as e:  # ImportError, or whatever the module raises while importing
+        raise RuntimeError(f"cannot import op module {module!r} ({type(e).__name__}: {e})") from e
     fn = getattr(mod, "launch_configs", None)
     if not callable(fn):
         raise TypeError(f"op module {module!r} has no launch_configs(cc) function (see kernels/aot.py)")
-    configs = list(fn(cc))
+    try:
+        configs = list(fn(cc))
+    except Exception as e:
+        raise RuntimeError(f"{module}.launch_configs({cc}) raised {type(e).__name__}: {e}") from e
     if not configs:
         raise RuntimeError(f"{module}.launch_configs({cc}) returned no configurations")
     for c in configs:
@@ -205,13 +208,8 @@ def _plan(modules: Iterable, archs: Iterable) -> tuple:
         for cc in archs:
             try:
                 configs = _load_configs(module, cc)
-            except Exception as e:  # noqa: BLE001 - any failure to list is a finding of the report, never a skip
-                msg = (
-                    str(e)
-                    if isinstance(e, (RuntimeError, TypeError))
-                    else f"{module}.launch_configs({cc}) raised {e!r}"
-                )
-                errors.append(Result(module=module, label=f"{module} (launch_configs)", arch=cc, error=msg))
+            except (RuntimeError, TypeError) as e:  # a failure to list is a finding of the report, never a skip
+                errors.append(Result(module=module, label=f"{module} (launch_configs)", arch=cc, error=str(e)))
                 continue
             jobs.extend((module, cc, i, c.label) for i, c in enumerate(configs))
     return jobs, errors
