@@ -58,21 +58,21 @@ DEFAULTS: dict = {
     "backend": "auto",
     "device": "auto",
     "dtype": "auto",
-    "batch_size": 16,
+    "batch_size": 8,
     "block_size": None,  # None: the model's context
     "grad_accum": 1,
-    "max_iters": 200,
-    "lr": 3e-3,
+    "max_iters": 500,
+    "lr": 6e-3,
     "min_lr": 3e-4,
-    "warmup_iters": 20,
+    "warmup_iters": 10,
     "weight_decay": 0.1,
     "beta1": 0.9,
     "beta2": 0.95,
     "grad_clip": 1.0,
     "dropout": 0.0,
-    "eval_interval": 50,
+    "eval_interval": 100,
     "eval_iters": 8,
-    "log_interval": 10,
+    "log_interval": 25,
     "seed": 1337,
     "out_dir": "out",
     "resume": False,
@@ -403,8 +403,7 @@ def run(args) -> int:
     import torch.distributed as dist
 
     rank, local_rank, world = env
-    device_pref = getattr(args, "device", "auto")
-    use_nccl = device_pref != "cpu" and torch.cuda.is_available()
+    use_nccl = resolve_options(args)["device"] != "cpu" and torch.cuda.is_available()
     if use_nccl:
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend="nccl" if use_nccl else "gloo")
