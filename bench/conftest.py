@@ -108,6 +108,16 @@ def _module_name(item) -> str:
     return module.__name__.split(".")[-1] if module is not None else ""
 
 
+def pytest_configure(config):
+    threads = config.getoption("--bench-threads", default=None)
+    if threads is not None:
+        if threads < 1:
+            raise pytest.UsageError(f"--bench-threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def device():
     """The device under benchmark: the GPU when there is one, else the CPU."""

@@ -172,3 +172,10 @@ def test_gpu_check_script_parses_and_needs_an_outdir():
     assert subprocess.run(["bash", "-n", script], check=False).returncode == 0
     res = subprocess.run(["bash", script], check=False, capture_output=True, text=True)
     assert res.returncode == 2 and "usage" in res.stderr
+
+
+def test_bad_thread_count_is_a_usage_error():
+    res = subprocess.run([sys.executable, "-m", "pytest", HERE, "--collect-only", "-q", "-p", "no:cacheprovider",
+                          "--bench-threads", "0"], check=False, capture_output=True, text=True,
+                         cwd=os.path.dirname(HERE))
+    assert res.returncode != 0 and "--bench-threads must be >= 1, got 0" in res.stderr + res.stdout
