@@ -86,8 +86,9 @@ __all__ = [
 _OP = "linear_cross_entropy"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TL_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_MAX_BLOCK_V = 4096
-_MIN_BLOCK_V = 128
+# One block width for every V: the kernel loops over V in BLOCK_V steps and masks the tail, so a
+# single compiled variant per dtype serves any vocabulary (and keeps the AOT report small).
+_BLOCK_V = 2048
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,9 +160,7 @@ def _linear_cross_entropy_fwd_kernel(
 
 def _block_params(V: int) -> tuple[int, int, int]:
     """(BLOCK_V, num_warps, num_stages) the launcher uses for V classes."""
-    block_v = min(_MAX_BLOCK_V, max(_MIN_BLOCK_V, triton.next_power_of_2(V)))
-    num_warps = 4 if block_v <= 1024 else 8
-    return block_v, num_warps, 2
+    return _BLOCK_V, 8, 2
 
 
 def default_chunk_rows(n_rows: int, n_channels: int) -> int:
@@ -426,14 +425,12 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
 def launch_configs(cc: int) -> list[LaunchConfig]:
     """Every kernel configuration the launcher may launch on compute capability ``cc``.
 
-    The kernel is a memory-bound row reduction with no shared-memory tiles; BLOCK_V is V's next
-    power of two clamped to [128, 4096], so these are all the choices for any V; bf16 only from
-    sm_80 on.
+    The kernel is a memory-bound row reduction with no shared-memory tiles; BLOCK_V is the same
+    for every V, so these are all the choices; bf16 only from sm_80 on.
     """
     dtypes = _DTYPES if cc >= 80 else (torch.float32, torch.float16)  # bf16 needs sm_80+ (the wrapper refuses it)
     configs = []
-    block_v = _MIN_BLOCK_V
-    while block_v <= _MAX_BLOCK_V:
+    for block_v in (_BLOCK_V,):
         _, num_warps, num_stages = _block_params(block_v)
         for dtype in dtypes:
             for grad in (True, False):
@@ -450,6 +447,5 @@ def launch_configs(cc: int) -> list[LaunchConfig]:
                     num_warps=num_warps,
                     num_stages=num_stages,
                 ))
-        block_v *= 2
     return configs
 
