@@ -42,7 +42,7 @@ Cost at the benchmark size (M = 16384 tokens, C = 768, H = 3072, bf16), computed
               132 SMs decide the time.
 
 Tiles (see ``_TILES``; every launchable one is listed by ``launch_configs``), checked by compiling
-each for sm_75/80/86/89/90 without a GPU (``python -m kernels.report --module mlp``: 100
+each for sm_75/80/86/89/90 without a GPU (``python -m kernels.report --module mlp``: 128
 configurations, all within shared memory, no spills, HMMA / HGMMA in every fp16 / bf16 one from
 sm_80 up):
   - plain and bias epilogues (c_proj, dx, weight grads), sm_80 / sm_90: 128 x 256 x 64, 8 warps,
@@ -55,7 +55,7 @@ sm_80 up):
     fp16 gets no tensor cores there; 64 x 64 x 16, 4 warps, 2 stages is what fits without spills.
   - an inference forward of M <= 64 rows (decoding): 64 x 64 x 64 tiles, so a few rows still
     spread over many programs. Training keeps the large tiles at any M, so each backward launch
-    site has one compiled variant (100 configurations over the five architectures in all).
+    site has one compiled variant (128 configurations over the five architectures in all).
   - fp32 operands: 64 x 64 x 32, 4 warps, on the CUDA cores with IEEE dots
     (``input_precision="ieee"``, not TF32) so fp32 results match the fp32 reference on a GPU too.
 Program ids are grouped GROUP_M = 8 row blocks at a time, so a wave of programs shares a few A
@@ -338,8 +338,9 @@ def launch_configs(cc: int) -> list[LaunchConfig]:
     """Every launch of ``_matmul_kernel`` that ``mlp_fwd`` / ``mlp_bwd`` can make on compute capability ``cc``.
 
     One entry per dtype x launch site (operand layout and epilogue, see ``_SITES``) x tile role (the
-    large tiles; the small ones for an inference forward of M <= SMALL_M). Strides that are 1 at a site are listed as
-    constexprs of value 1, as the JIT specializes them. The JIT also marks pointers and integers
+    large tiles; the small ones for an inference forward of M <= SMALL_M, also with M = 1). Sizes and
+    strides that are 1 at a site are listed as constexprs of value 1, as the JIT specializes them (a
+    training step of a single row would specialize too and is not listed). The JIT also marks pointers and integers
     divisible by 16 (``tt.divisibility``); compile with those attributes to see the vectorized,
     pipelined kernel that runs. bf16 is not offered on sm_75 (no bf16 tensor cores there), where
     ``mlp`` refuses it.
@@ -359,19 +360,23 @@ def launch_configs(cc: int) -> list[LaunchConfig]:
         t = names[dtype]
         table = _TILES[arch]["fp32" if dtype == torch.float32 else "lowp"]
         for site, unit, epi, has_bias, store_pre, col_sum, c_fp32, roles in _SITES:
-            for tiles in dict.fromkeys(table[r] for r in roles):  # distinct, in order
+            # distinct tiles, in order; a small-tile site also runs with one row (sampling a single
+            # token), where the JIT makes M a constexpr 1 as well
+            variants = dict.fromkeys((table[r], ones) for r in roles for ones in
+                                     ((unit, (unit + ("M",))) if r == "small" else (unit,)))
+            for tiles, ones in variants:
                 signature = {"a_ptr": f"*{t}", "b_ptr": f"*{t}", "c_ptr": "*fp32" if c_fp32 else f"*{t}",
                              "bias_ptr": f"*{t}", "pre_ptr": f"*{t}", "colsum_ptr": "*fp32"}
-                signature.update({name: "i32" for name in ints if name not in unit})
-                constexprs = {name: 1 for name in unit}
+                signature.update({name: "i32" for name in ints if name not in ones})
+                constexprs = {name: 1 for name in ones}
                 constexprs.update({
                     "EPILOGUE": epi, "HAS_BIAS": has_bias, "STORE_PRE": store_pre, "COL_SUM": col_sum,
                     "BLOCK_M": tiles.BLOCK_M, "BLOCK_N": tiles.BLOCK_N, "BLOCK_K": tiles.BLOCK_K,
                     "GROUP_M": tiles.GROUP_M,
                 })
                 out.append(LaunchConfig(
-                    label=(f"mlp {site} {epi} {t} BLOCK_M={tiles.BLOCK_M} BLOCK_N={tiles.BLOCK_N} "
-                           f"BLOCK_K={tiles.BLOCK_K}"),
+                    label=(f"mlp {site}{' M=1' if 'M' in ones else ''} {epi} {t} BLOCK_M={tiles.BLOCK_M} "
+                           f"BLOCK_N={tiles.BLOCK_N} BLOCK_K={tiles.BLOCK_K}"),
                     kernel=_matmul_kernel, signature=signature, constexprs=constexprs,
                     num_warps=tiles.num_warps, num_stages=tiles.num_stages,
                 ))

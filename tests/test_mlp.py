@@ -265,10 +265,14 @@ def test_mlp_cpu_errors(monkeypatch):
 SMEM_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
+_INT_ARGS = ("M", "N", "K", "k_split", "stride_am", "stride_ak", "stride_bk", "stride_bn",
+             "stride_cs", "stride_cm", "stride_cn")
+
+
 def _config_key(c):
-    strides = frozenset(n for n, v in c.constexprs.items() if n.startswith("stride") and v == 1)
-    ce = {n: v for n, v in c.constexprs.items() if not n.startswith("stride")}
-    return (c.signature["a_ptr"], c.signature["c_ptr"], strides, tuple(sorted(ce.items())), c.num_warps, c.num_stages)
+    ones = frozenset(n for n in _INT_ARGS if n in c.constexprs and c.constexprs[n] == 1)
+    ce = {n: v for n, v in c.constexprs.items() if n not in _INT_ARGS}
+    return (c.signature["a_ptr"], c.signature["c_ptr"], ones, tuple(sorted(ce.items())), c.num_warps, c.num_stages)
 
 
 _TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
@@ -284,9 +288,8 @@ def _record_launches(monkeypatch, cc):
             def launch(*args, num_warps, num_stages, **constexprs):
                 assert len(args) + len(constexprs) == len(names)
                 given = dict(zip(names, args))
-                assert all(given[n] != 1 for n in ("M", "N", "K")), "pick shapes where no size is 1"
-                strides = frozenset(n for n, v in given.items() if n.startswith("stride") and v == 1)
-                launches.append((_TYPES[given["a_ptr"].dtype], _TYPES[given["c_ptr"].dtype], strides,
+                ones = frozenset(n for n in _INT_ARGS if given[n] == 1)  # what the JIT makes constexpr 1
+                launches.append((_TYPES[given["a_ptr"].dtype], _TYPES[given["c_ptr"].dtype], ones,
                                  tuple(sorted(constexprs.items())), num_warps, num_stages))
                 splits.append(grid[1])
             return launch
@@ -299,8 +302,9 @@ def _record_launches(monkeypatch, cc):
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if cc >= 80 else [])
     for dtype in dtypes:
         # 1100 rows, H = 1040: K long enough that a product asking for auto split-K would split (only
-        # the weight gradients may); 5 rows: decoding.
-        cases = ((1100, 1040, True, True), (100, 48, True, False), (5, 48, False, True), (100, 48, False, False))
+        # the weight gradients may); 5 rows and 1 row: decoding.
+        cases = ((1100, 1040, True, True), (100, 48, True, False), (5, 48, False, True), (1, 48, False, True),
+                 (100, 48, False, False))
         for M, H, train, bias in cases:
             (x, w_fc, b_fc, w_proj, b_proj), dy = _inputs((M, 16), H, dtype, bias, bias)
             _, pre, act = K.mlp_fwd(x, w_fc, b_fc, w_proj, b_proj, save_pre=train)
