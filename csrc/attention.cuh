@@ -8,12 +8,12 @@
 // CUDA cores only, no tensor cores: the point is a correct, readable baseline beside the Triton
 // kernels, any T (masked tails), head size <= 128, fp32 / fp16 / bf16 in and out.
 //
-// FLOPs and bytes for B heads-batch BH, Tq = Tk = T, head size D (causal halves the FLOPs):
-//   forward: QK^T 2 T^2 D + PV 2 T^2 D = 4 BH T^2 D (x 1/2);  bytes >= BH (4 T D elements + 4 T fp32 lse)
-//   backward: recomputes QK^T twice (dq and dk/dv kernels) and dO V^T twice, plus dV, dK, dQ:
-//   14 BH T^2 D (x 1/2);  bytes >= BH (8 T D elements + 8 T fp32).
-// GPT-2 small (BH = 12 B, T = 1024, D = 64): 3.2 GFLOP per sequence forward (causal) against
-// ~6 MB of bf16 traffic, ~500 FLOP/byte: compute bound, so these CUDA-core kernels are far
+// FLOPs and fewest bytes for BH = B nh heads, Tq = Tk = T, head size D (causal halves the FLOPs):
+//   forward: QK^T 2 T^2 D + PV 2 T^2 D = 4 BH T^2 D (x 1/2); bytes: BH (4 T D elements: q, k, v, y; + T fp32 lse)
+//   backward: QK^T and dO V^T recomputed in both the dq and the dk/dv kernel, plus dV, dK, dQ:
+//   14 BH T^2 D (x 1/2); bytes: BH (8 T D elements: q, k, v, y, dy in, dq, dk, dv out; + 3 T fp32).
+// GPT-2 small (BH = 12 B, T = 1024, D = 64): 1.6 GFLOP per sequence forward (causal) against
+// ~6.3 MB of bf16 traffic, ~250 FLOP/byte: compute bound, so these CUDA-core kernels are far
 // from the tensor-core peak; that is what the Triton backend is for.
 #pragma once
 
