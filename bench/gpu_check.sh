@@ -14,7 +14,8 @@
 #
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds), GPU_CHECK_SKIP (space-separated
 # step names to skip, e.g. "build tests_rest"), GPU_CHECK_BENCH_ARGS (extra pytest options for the
-# benchmarks, e.g. "--full" or "--bench-backends torch,triton").
+# benchmarks, e.g. "--full" or "--bench-backends torch,triton"), GPU_CHECK_REPORT_ARGS (extra options
+# for python -m kernels.report, e.g. "--arch sm_90").
 set -u
 
 if [ $# -ne 1 ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
@@ -35,7 +36,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}   # parallel compilation of the extension
 unset TRITON_INTERPRET                   # real GPU kernels, never the interpreter
 
-SUMMARY=()
+STEPS="$OUTDIR/.steps"   # one summary row per step (a file, so background steps can add theirs)
+: > "$STEPS"
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 
 # run_step NAME SECONDS CMD...: run with a time limit, log to OUTDIR/NAME.log, record the outcome.
@@ -44,12 +46,12 @@ run_step() {
     local t0 rc status note
     case " ${GPU_CHECK_SKIP:-} " in
         *" $name "*)
-            SUMMARY+=("| $name | skipped | 0 | named in GPU_CHECK_SKIP |")
+            echo "| $name | skipped | 0 | named in GPU_CHECK_SKIP |" >> "$STEPS"
             echo "== $name: skipped (GPU_CHECK_SKIP)"
             return 0 ;;
     esac
     if [ "$limit" -lt 10 ]; then
-        SUMMARY+=("| $name | skipped | 0 | no time left in the ${BUDGET} s budget |")
+        echo "| $name | skipped | 0 | no time left in the ${BUDGET} s budget |" >> "$STEPS"
         echo "== $name: skipped (no time left)"
         return 0
     fi
@@ -66,7 +68,7 @@ run_step() {
     note=$(grep -E "(passed|failed|skipped|error|deselected|no tests ran)" "$OUTDIR/$name.log" | tail -n 1)
     [ -z "$note" ] && note=$(tail -n 1 "$OUTDIR/$name.log")
     note=$(echo "$note" | tr -d '|=' | sed 's/^ *//' | cut -c1-110)
-    SUMMARY+=("| $name | $status | $(( $(date +%s) - t0 )) | $note |")
+    echo "| $name | $status | $(( $(date +%s) - t0 )) | $note |" >> "$STEPS"
     echo "   -> $status"
     return 0
 }
@@ -100,11 +102,14 @@ print('cuda backend:', 'available' if why is None else 'unavailable: ' + why)"
 }
 run_step build "$(slice 200 330)" build
 
-# 2. The GPU tests (bf16/fp16 parity and the rest marked gpu).
+# 2 and 3 side by side: the static kernel report (compiles every launch configuration ahead of time,
+# CPU only) in the background while the GPU tests (bf16/fp16 parity and the rest marked gpu) run.
+# Both are done before any benchmark starts, so neither disturbs the timings.
+run_step kernel_report "$(slice 150 240)" "$PY" -m kernels.report --json "$OUTDIR/report.json" \
+    ${GPU_CHECK_REPORT_ARGS:-} &
+REPORT_PID=$!
 run_step tests_gpu "$(slice 150 240)" "$PY" -m pytest tests -m gpu -q -rs -p no:cacheprovider
-
-# 3. The static kernel report (compiles every launch configuration ahead of time).
-run_step kernel_report "$(slice 60 200)" "$PY" -m kernels.report --json "$OUTDIR/report.json"
+wait "$REPORT_PID"
 
 # 4. The benchmark suite; --bench-budget stops starting benchmarks in time for the JSON to be written.
 BENCH_LIMIT=$(slice 300 60)
@@ -117,7 +122,7 @@ rm -f "$OUTDIR/bench_report.md"
 if [ -s "$OUTDIR/bench.json" ]; then
     run_step bench_report "$(slice 60 5)" "$PY" -m bench.report "$OUTDIR/bench.json" --out "$OUTDIR"
 else
-    SUMMARY+=("| bench_report | skipped | 0 | no bench.json was written |")
+    echo "| bench_report | skipped | 0 | no bench.json was written |" >> "$STEPS"
 fi
 
 # 6. The rest of the test suite, with whatever time is left.
@@ -125,11 +130,12 @@ run_step tests_rest "$(slice 240 10)" "$PY" -m pytest tests -m "not gpu" -q -p n
 
 # Summary: the step table, then the headline benchmark rows.
 {
-    echo "# GPU check, $(date -u +%Y-%m-%d) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)"
+    GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+    echo "# GPU check, $(date -u +%Y-%m-%d) on ${GPU_NAME:-no GPU found (nvidia-smi did not answer)}"
     echo
     echo "| step | status | seconds | last line |"
     echo "|---|---|---|---|"
-    printf '%s\n' "${SUMMARY[@]}"
+    cat "$STEPS"
     echo
     echo "Total: $(( $(date +%s) - START )) s. Logs, JSON, bench_report.md and plots in $OUTDIR."
     if [ -s "$OUTDIR/bench_report.md" ]; then
@@ -137,6 +143,7 @@ run_step tests_rest "$(slice 240 10)" "$PY" -m pytest tests -m "not gpu" -q -p n
         grep -A 12 -E "^## (train_step|generate)" "$OUTDIR/bench_report.md" | grep -E "^(##|\|)" | head -n 30
     fi
 } > "$OUTDIR/summary.md"
-tar -czf "$OUTDIR/gpu_check.tar.gz.tmp" -C "$OUTDIR" --exclude=gpu_check.tar.gz --exclude=gpu_check.tar.gz.tmp . \
+tar -czf "$OUTDIR/gpu_check.tar.gz.tmp" -C "$OUTDIR" --exclude=gpu_check.tar.gz --exclude=gpu_check.tar.gz.tmp \
+    --exclude=.steps . \
     && mv "$OUTDIR/gpu_check.tar.gz.tmp" "$OUTDIR/gpu_check.tar.gz"
 cat "$OUTDIR/summary.md"
