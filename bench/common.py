@@ -123,6 +123,14 @@ def op_cost(op: str, shape: Shape, mode: str, dtype: torch.dtype) -> Cost:
     once in ``dtype`` (fp32 statistics are not counted; a fused backward may recompute them).
     ``fwd+bwd`` is the sum of the two passes, except for the loss, whose upstream gradient is a
     known scalar, so one fused pass can read h and W once and write dh and dW.
+
+    Args:
+        op: one of ``OPS``.
+        shape: the GPT-2 shape (B, T and the model's C, n_head; V for the loss).
+        mode: ``fwd``, ``bwd`` or ``fwd+bwd``.
+        dtype: the element type of inputs and outputs (targets are int64).
+    Returns:
+        Cost(flops, bytes) of one call.
     """
     e = torch.tensor([], dtype=dtype).element_size()
     B, T, C = shape.B, shape.T, shape.C
