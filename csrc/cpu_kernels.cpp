@@ -3,9 +3,9 @@
 // Layout of every op: a templated driver converts a row (or a block) of T into an fp32 scratch
 // buffer, runs an fp32 inner function, and converts back. The inner functions are plain loops
 // over contiguous fp32 arrays that the compiler vectorises; on x86-64 with GCC they are also
-// compiled a second time for AVX2+FMA (x86-64-v3) and picked at load time (target_clones), so
-// one binary is fast on new machines and still runs on old ones. Rows / heads are spread over
-// threads with at::parallel_for; reductions over rows (dweight, dbias) go through fixed-size
+// compiled a second time for AVX2+FMA (arch=haswell, a name older GCCs know too) and picked at
+// load time (target_clones), so one binary is fast on new machines and still runs on old ones.
+// Rows / heads are spread over threads with at::parallel_for; reductions over rows (dweight, dbias) go through fixed-size
 // per-chunk partial sums, so results do not depend on the thread count.
 #include "cpu_kernels.h"
 
@@ -22,7 +22,7 @@
 #include <vector>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define GPT2K_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define GPT2K_HOT __attribute__((target_clones("arch=haswell", "default")))
 #else
 #define GPT2K_HOT
 #endif
