@@ -33,6 +33,15 @@ CPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+@pytest.fixture(autouse=True)
+def _fp32_reference_is_fp32():
+    # On a GPU the fp32 reference must not run its matmuls in TF32, whatever another module set.
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(previous)
+
+
 def _run(fn, inputs, grad_out_seed=0):
     """fn(*inputs) and the gradient of every floating input w.r.t. a fixed random projection of the output."""
     leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) if t is not None else None for t in inputs]
