@@ -10,7 +10,9 @@ Options (all optional; list options are comma-separated):
   --bench-max-time  seconds of timed rounds per benchmark (default 0.5 on the CPU, 0.1 on a GPU)
   --bench-budget    seconds for the whole run; benchmarks past it are skipped, saying so (default: none)
   --bench-no-check  skip the comparison of each forward with the fp32 reference
-  --bench-threads   torch CPU threads (default: torch's own choice); recorded with every result
+  --bench-threads   torch CPU threads, or ``auto`` (the default): one thread when the 1-minute load
+                    average exceeds the core count (a shared CPU), else torch's choice; recorded
+                    with every result
 
 A bad value skips (naming it) rather than stopping the run. Triton is not benchmarked on the CPU:
 there it runs only under its interpreter, which is far too slow to be worth timing.
@@ -18,6 +20,7 @@ there it runs only under its interpreter, which is far too slow to be worth timi
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -40,7 +43,8 @@ def pytest_addoption(parser):
     group.addoption("--full", action="store_true", default=False, help="run the whole grid of GPT-2 shapes")
     group.addoption("--bench-max-time", type=float, default=None, help="seconds of timed rounds per benchmark")
     group.addoption("--bench-budget", type=float, default=None, help="seconds for the whole benchmark run")
-    group.addoption("--bench-threads", type=int, default=None, help="torch.set_num_threads for the run (CPU)")
+    group.addoption("--bench-threads", default="auto",
+                    help="torch CPU threads: a number, or 'auto' (default: one thread when the CPU is oversubscribed)")
     group.addoption("--bench-no-check", action="store_true", default=False,
                     help="do not compare each forward with the fp32 reference")
 
@@ -110,12 +114,49 @@ def _module_name(item) -> str:
 
 def pytest_configure(config):
     threads = config.getoption("--bench-threads", default=None)
-    if threads is not None:
+    if threads is None:
+        return
+    if threads == "auto":
+        threads, why = auto_threads()
+        if threads is None:
+            return
+    else:
+        try:
+            threads = int(threads)
+        except ValueError:
+            raise pytest.UsageError(f"--bench-threads takes a positive integer or 'auto', got {threads!r}") from None
         if threads < 1:
             raise pytest.UsageError(f"--bench-threads must be >= 1, got {threads}")
-        import torch
+        why = f"--bench-threads {threads}"
+    import torch
 
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
+    config._bench_threads_why = why
+
+
+def auto_threads() -> tuple[int | None, str]:
+    """One torch thread when the CPU is oversubscribed, else torch's own choice (None).
+
+    With more runnable processes than cores, every parallel region of a small op waits until all of
+    its threads are scheduled; on a shared 2-core machine this made generation 6x to 60x slower.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return None, "a GPU run: torch's default CPU threads"
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None, "load average unknown: torch's default threads"
+    if load > cores:
+        return 1, f"1-minute load average {load:.1f} > {cores} cores: one torch thread (--bench-threads auto)"
+    return None, f"1-minute load average {load:.1f} <= {cores} cores: torch's default threads"
+
+
+def pytest_report_header(config):
+    why = getattr(config, "_bench_threads_why", None)
+    return [f"bench: {why}"] if why else []
 
 
 @pytest.fixture(scope="session")
