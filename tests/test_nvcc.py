@@ -54,10 +54,13 @@ needs_cxx = pytest.mark.skipif(CXX is None, reason="no host C++ compiler (g++, c
 
 @pytest.fixture(scope="module")
 def ptxas_reports(tmp_path_factory):
-    """{source name: {arch: [(kernel, ptxas info lines)]}} from one nvcc call per .cu file."""
+    """({source name: {arch: [(kernel, ptxas info lines)]}}, [archs this nvcc cannot target]), one nvcc call per .cu."""
     assert SOURCES, f"no .cu files in {CSRC}"
     out_dir = tmp_path_factory.mktemp("nvcc")
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
+    # Architectures this nvcc no longer (or not yet) knows are reported as skipped, not failed.
+    listed = subprocess.run([NVCC, "--list-gpu-code"], check=False, capture_output=True, text=True, timeout=60)
+    known = {int(a) for a in re.findall(r"sm_(\d+)", listed.stdout)} if listed.returncode == 0 else set(ARCHS)
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS if a in known]
     reports = {}
     for src in SOURCES:
         # Host code at nvcc's default -O0 (only the device code matters here); ptxas optimises at -O3.
@@ -75,13 +78,16 @@ def ptxas_reports(tmp_path_factory):
             elif current is not None and ("ptxas info" in line or "spill" in line):
                 per_arch[current[1]][-1][1].append(line)
         reports[src.name] = per_arch
-    return reports
+    return reports, sorted(set(ARCHS) - known)
 
 
 @needs_nvcc
 @pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])
 def test_cuda_sources_compile(arch, ptxas_reports):
-    for name, per_arch in ptxas_reports.items():
+    reports, unsupported = ptxas_reports
+    if arch in unsupported:
+        pytest.skip(f"this nvcc ({NVCC}) cannot target sm_{arch}")
+    for name, per_arch in reports.items():
         kernels = per_arch[arch]
         assert kernels, f"{name}: ptxas compiled no kernel for sm_{arch}"
         for kernel, lines in kernels:
