@@ -61,7 +61,7 @@ DEFAULTS: dict = {
     "batch_size": 8,
     "block_size": None,  # None: the model's context
     "grad_accum": 1,
-    "max_iters": 500,
+    "max_iters": 700,
     "lr": 6e-3,
     "min_lr": 3e-4,
     "warmup_iters": 10,
