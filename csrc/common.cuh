@@ -2,8 +2,8 @@
 // and GPT2K_LAUNCH. Plain CUDA (no torch headers), so every .cuh compiles with nvcc alone.
 //
 // GPT2K_CUDA_EMULATION (tests only, never set by the build) swaps the CUDA headers for
-// emulation/cuda_emulation.h, which runs the fp32 kernels on CPU threads so that their logic can
-// be checked on a machine without a GPU (tests/test_nvcc.py).
+// emulation/cuda_emulation.h, which runs the kernels on CPU threads so that their logic can be
+// checked on a machine without a GPU (tests/test_nvcc.py).
 #pragma once
 
 #ifdef GPT2K_CUDA_EMULATION
@@ -23,18 +23,17 @@ namespace gpt2k::cuda {
 constexpr unsigned kFullMask = 0xffffffffu;
 
 __device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
 template <>
 __device__ __forceinline__ float from_float<float>(float x) { return x; }
-#ifndef GPT2K_CUDA_EMULATION
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 template <>
 __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-#endif
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

@@ -104,7 +104,7 @@ def test_cuda_sources_compile(arch, ptxas_reports):
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    """The fp32 launchers compiled for the CPU emulation, loaded with ctypes."""
+    """The launchers compiled for the CPU emulation, loaded with ctypes."""
     out = tmp_path_factory.mktemp("emu") / "emulated_kernels.so"
     cmd = [CXX, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", str(CSRC / "emulation" / "emulated_kernels.cpp"),
            "-o", str(out)]
@@ -119,6 +119,17 @@ def emu(tmp_path_factory):
     return lib
 
 
+DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def _cases(shapes, low):
+    """Every shape in fp32; shapes[low] (an awkward one) also in fp16 and bf16, to keep the emulation quick."""
+    cases = [pytest.param(*shape, torch.float32, id=f"{shape}-fp32") for shape in shapes]
+    for dtype, tag in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+        cases.append(pytest.param(*shapes[low], dtype, id=f"{shapes[low]}-{tag}"))
+    return cases
+
+
 def _p(t):
     return ctypes.c_void_p(t.data_ptr()) if t is not None else ctypes.c_void_p(0)
 
@@ -127,90 +138,117 @@ def _i(*xs):
     return [ctypes.c_int64(x) for x in xs]
 
 
+def _fn(lib, name, dtype):
+    return getattr(lib, f"emu_{name}_{DTYPES[dtype]}")
+
+
 def _grads(fn, inputs, g):
-    leaves = [t.clone().requires_grad_() if t is not None else None for t in inputs]
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
     out = fn(*leaves)
     diff = [t for t in leaves if t is not None]
-    return out.detach(), list(torch.autograd.grad(out, diff, g))
+    return out.detach(), list(torch.autograd.grad(out, diff, g.to(out.dtype)))
+
+
+def _check(name, got, fn, inputs, g, index=None):
+    """Compare got with fn on inputs (fp32: the same inputs; fp16 / bf16: ref32 on the upcast inputs
+    and ref_lowp on the inputs themselves). index=None compares the output, else that gradient."""
+    def pick(res):
+        return res[0] if index is None else res[1][index]
+
+    lowp = next(t for t in inputs if t is not None).dtype
+    up = [t.float() if t is not None else None for t in inputs]
+    ref32 = pick(_grads(fn, up, g.float()))
+    if lowp == torch.float32:
+        assert_close(name, got, ref32)
+    else:
+        assert_close(name, got.to(lowp), ref32, pick(_grads(fn, inputs, g)))
 
 
 @needs_cxx
-@pytest.mark.parametrize("N,C,affine", [(1, 64, True), (13, 97, True), (70, 33, False)])
-def test_emulated_layer_norm(emu, N, C, affine):
+@pytest.mark.parametrize("N,C,affine,dtype", _cases([(1, 64, True), (13, 97, True), (70, 33, False)], low=1))
+def test_emulated_layer_norm(emu, N, C, affine, dtype):
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(N, C, generator=gen) * 2 + 0.5
-    w = torch.randn(C, generator=gen) if affine else None
-    b = torch.randn(C, generator=gen) if affine else None
-    dy = torch.randn(N, C, generator=gen)
-    y, mean, rstd = torch.empty(N, C), torch.empty(N), torch.empty(N)
-    assert emu.emu_layer_norm_fwd(_p(x), _p(w), _p(b), _p(y), _p(mean), _p(rstd), *_i(N, C), ctypes.c_float(1e-5)) == 0
-    y_ref, g_ref = _grads(lambda x, *p: ref.layer_norm(x, *p) if affine else ref.layer_norm(x, None, None),
-                          [x, w, b], dy)
-    assert_close("emulated layer_norm y", y, y_ref)
-    dx, dw, db = torch.empty(N, C), torch.empty(C), torch.empty(C)
+    x = (torch.randn(N, C, generator=gen) * 2 + 0.5).to(dtype)
+    w = torch.randn(C, generator=gen).to(dtype) if affine else None
+    b = torch.randn(C, generator=gen).to(dtype) if affine else None
+    dy = torch.randn(N, C, generator=gen).to(dtype)
+    y, mean, rstd = torch.empty(N, C, dtype=dtype), torch.empty(N), torch.empty(N)
+    assert _fn(emu, "layer_norm_fwd", dtype)(_p(x), _p(w), _p(b), _p(y), _p(mean), _p(rstd), *_i(N, C),
+                                             ctypes.c_float(1e-5)) == 0
+    fn = (lambda x, w, b: ref.layer_norm(x, w, b)) if affine else (lambda x: ref.layer_norm(x, None, None))
+    inputs = [x, w, b] if affine else [x]
+    _check("emulated layer_norm y", y, fn, inputs, dy)
+    dx, dw, db = torch.empty(N, C, dtype=dtype), torch.empty(C), torch.empty(C)
     scratch = torch.empty(emu.emu_layer_norm_bwd_scratch(N, C))
-    assert emu.emu_layer_norm_bwd(_p(dy), _p(x), _p(w), _p(mean), _p(rstd), _p(dx), _p(dw), _p(db), _p(scratch),
-                                  *_i(N, C)) == 0
-    assert_close("emulated layer_norm dx", dx, g_ref[0])
+    assert _fn(emu, "layer_norm_bwd", dtype)(_p(dy), _p(x), _p(w), _p(mean), _p(rstd), _p(dx), _p(dw), _p(db),
+                                             _p(scratch), *_i(N, C)) == 0
+    _check("emulated layer_norm dx", dx, fn, inputs, dy, 0)
     if affine:
-        assert_close("emulated layer_norm dw", dw, g_ref[1])
-        assert_close("emulated layer_norm db", db, g_ref[2])
+        _check("emulated layer_norm dw", dw, fn, inputs, dy, 1)
+        _check("emulated layer_norm db", db, fn, inputs, dy, 2)
 
 
 @needs_cxx
-@pytest.mark.parametrize("N,H,has_bias", [(1, 64, True), (7, 97, True), (66, 300, False)])
-def test_emulated_bias_gelu(emu, N, H, has_bias):
+@pytest.mark.parametrize("N,H,has_bias,dtype", _cases([(1, 64, True), (7, 97, True), (66, 300, False)], low=1))
+def test_emulated_bias_gelu(emu, N, H, has_bias, dtype):
     gen = torch.Generator().manual_seed(1)
-    h, dact = torch.randn(N, H, generator=gen) * 2, torch.randn(N, H, generator=gen)
-    b = torch.randn(H, generator=gen) if has_bias else None
-    act = torch.empty(N, H)
-    assert emu.emu_bias_gelu_fwd(_p(h), _p(b), _p(act), *_i(N, H)) == 0
-    pre = h + b if has_bias else h
-    assert_close("emulated gelu act", act, ref.gelu_tanh(pre))
-    dh, dbias = torch.empty(N, H), torch.empty(H)
+    h, dact = (torch.randn(N, H, generator=gen) * 2).to(dtype), torch.randn(N, H, generator=gen).to(dtype)
+    b = torch.randn(H, generator=gen).to(dtype) if has_bias else None
+    act = torch.empty(N, H, dtype=dtype)
+    assert _fn(emu, "bias_gelu_fwd", dtype)(_p(h), _p(b), _p(act), *_i(N, H)) == 0
+    fn = (lambda h, b: ref.gelu_tanh(h + b)) if has_bias else ref.gelu_tanh
+    inputs = [h, b] if has_bias else [h]
+    _check("emulated gelu act", act, fn, inputs, dact)
+    dh, dbias = torch.empty(N, H, dtype=dtype), torch.empty(H)
     scratch = torch.empty(emu.emu_bias_gelu_bwd_scratch(N, H))
-    assert emu.emu_bias_gelu_bwd(_p(dact), _p(h), _p(b), _p(dh), _p(dbias), _p(scratch), *_i(N, H)) == 0
-    expect = dact * ref.gelu_tanh_grad(pre)
-    assert_close("emulated gelu dh", dh, expect)
-    assert_close("emulated gelu dbias", dbias, expect.sum(0))
+    assert _fn(emu, "bias_gelu_bwd", dtype)(_p(dact), _p(h), _p(b), _p(dh), _p(dbias), _p(scratch), *_i(N, H)) == 0
+    _check("emulated gelu dh", dh, fn, inputs, dact, 0)
+    if has_bias:
+        _check("emulated gelu dbias", dbias, fn, inputs, dact, 1)
 
 
 @needs_cxx
-@pytest.mark.parametrize("BH,Tq,Tk,D,causal", [(1, 1, 1, 64, True), (2, 1, 37, 64, True), (2, 19, 45, 13, True),
-                                               (1, 33, 33, 100, True), (2, 21, 40, 32, False)])
-def test_emulated_attention(emu, BH, Tq, Tk, D, causal):
+@pytest.mark.parametrize("BH,Tq,Tk,D,causal,dtype", _cases([(1, 1, 1, 64, True), (2, 1, 37, 64, True),
+                                                              (2, 19, 45, 13, True), (1, 33, 33, 100, True),
+                                                              (2, 21, 40, 32, False)], low=2))
+def test_emulated_attention(emu, BH, Tq, Tk, D, causal, dtype):
     gen = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(1, BH, T, D, generator=gen) for T in (Tq, Tk, Tk))
-    dy = torch.randn(1, BH, Tq, D, generator=gen)
-    y, lse = torch.empty(1, BH, Tq, D), torch.empty(BH, Tq)
-    assert emu.emu_attention_fwd(_p(q), _p(k), _p(v), _p(y), _p(lse), *_i(BH, Tq, Tk, D), ctypes.c_int(causal)) == 0
-    y_ref, g_ref = _grads(lambda q, k, v: ref.attention(q, k, v, causal=causal), [q, k, v], dy)
-    assert_close("emulated attention y", y, y_ref)
+    q, k, v = (torch.randn(1, BH, T, D, generator=gen).to(dtype) for T in (Tq, Tk, Tk))
+    dy = torch.randn(1, BH, Tq, D, generator=gen).to(dtype)
+    y, lse = torch.empty(1, BH, Tq, D, dtype=dtype), torch.empty(BH, Tq)
+    assert _fn(emu, "attention_fwd", dtype)(_p(q), _p(k), _p(v), _p(y), _p(lse), *_i(BH, Tq, Tk, D),
+                                            ctypes.c_int(causal)) == 0
+    def fn(q, k, v):
+        return ref.attention(q, k, v, causal=causal)
+
+    _check("emulated attention y", y, fn, [q, k, v], dy)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     scratch = torch.empty(BH * Tq)
-    assert emu.emu_attention_bwd(_p(dy), _p(q), _p(k), _p(v), _p(y), _p(lse), _p(dq), _p(dk), _p(dv), _p(scratch),
-                                 *_i(BH, Tq, Tk, D), ctypes.c_int(causal)) == 0
-    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), g_ref):
-        assert_close(f"emulated attention {name}", got, want)
+    assert _fn(emu, "attention_bwd", dtype)(_p(dy), _p(q), _p(k), _p(v), _p(y), _p(lse), _p(dq), _p(dk), _p(dv),
+                                            _p(scratch), *_i(BH, Tq, Tk, D), ctypes.c_int(causal)) == 0
+    for i, (name, got) in enumerate(zip(("dq", "dk", "dv"), (dq, dk, dv))):
+        _check(f"emulated attention {name}", got, fn, [q, k, v], dy, i)
 
 
 @needs_cxx
-@pytest.mark.parametrize("N,V", [(1, 5), (6, 1031)])
-def test_emulated_cross_entropy(emu, N, V):
+@pytest.mark.parametrize("N,V,dtype", _cases([(1, 5), (6, 1031)], low=1))
+def test_emulated_cross_entropy(emu, N, V, dtype):
     gen = torch.Generator().manual_seed(3)
-    logits = torch.randn(N, V, generator=gen) * 3
+    logits = (torch.randn(N, V, generator=gen) * 3).to(dtype)
     t = torch.randint(0, V, (N,), generator=gen)
     t[N // 2] = -1  # one ignored row
     valid = t != -1
     loss = torch.empty(N)
-    assert emu.emu_cross_entropy(_p(logits), _p(t), _p(loss), ctypes.c_void_p(0), *_i(N, V, -1)) == 0
-    lse = torch.logsumexp(logits, -1)
-    expect = torch.where(valid, lse - logits.gather(1, t.clamp(min=0)[:, None])[:, 0], torch.zeros(N))
+    assert _fn(emu, "cross_entropy", dtype)(_p(logits), _p(t), _p(loss), ctypes.c_void_p(0), *_i(N, V, -1)) == 0
+    x = logits.float()  # the kernel computes in fp32 from exactly these values
+    lse = torch.logsumexp(x, -1)
+    expect = torch.where(valid, lse - x.gather(1, t.clamp(min=0)[:, None])[:, 0], torch.zeros(N))
     assert_close("emulated cross-entropy loss", loss, expect)
     grad = logits.clone()
     scale = torch.tensor([0.5])
-    assert emu.emu_cross_entropy(_p(grad), _p(t), _p(loss), _p(scale), *_i(N, V, -1)) == 0
-    g = torch.softmax(logits, -1)
+    assert _fn(emu, "cross_entropy", dtype)(_p(grad), _p(t), _p(loss), _p(scale), *_i(N, V, -1)) == 0
+    g = torch.softmax(x, -1)
     g[valid, t[valid]] -= 1.0
     g[~valid] = 0.0
-    assert_close("emulated cross-entropy grad", grad, 0.5 * g)
+    g = 0.5 * g
+    assert_close("emulated cross-entropy grad", grad, g, g.to(dtype))
