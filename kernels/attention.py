@@ -441,7 +441,7 @@ _TILES = {
 # Under the CPU interpreter: small, unequal tiles, so short test sequences still cross several blocks (full, diagonal
 # and ragged) in every kernel. num_warps and num_stages mean nothing there.
 _INTERPRETER_TILES = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
-_PREPROCESS_BLOCK_M = 64
+_PREPROCESS_BLOCK_M = 32  # 64 rows of fp32 hs=128 spilled on sm_75
 _MASK_BLOCK = (32, 64)
 _CUDA = torch.device("cuda")
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -491,6 +491,8 @@ def launch_configs(cc: int) -> list[LaunchConfig]:
     """
     configs = []
     for dtype, dt in _DTYPES.items():
+        if dtype == torch.bfloat16 and cc < 80:
+            continue  # refused by _check_inputs: no bf16 before sm_80
         io = {n: f"*{dt}" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
         fp32 = {n: "fp32" for n in ("qk_scale", "sm_scale", "dropout_p", "keep_scale")}
         types = {**io, **fp32, "LSE": "*fp32", "DELTA": "*fp32"}
@@ -561,6 +563,8 @@ def _check_inputs(q, k, v, causal, dropout_p) -> None:
         if q.dtype == torch.bfloat16:
             raise TypeError("attention: bfloat16 is not supported by the Triton CPU interpreter; "
                             "use float16/float32 or a CUDA tensor")
+    elif q.device.type == "cuda" and q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device) < (8, 0):
+        raise TypeError("attention: bfloat16 needs a GPU of compute capability 8.0 or newer; use float16 on this one")
     elif q.device.type != "cuda":
         raise ValueError(f"attention: tensors on device type {q.device.type!r} are not supported; use CUDA "
                          "(or CPU with TRITON_INTERPRET=1)")
