@@ -34,8 +34,9 @@ class, dropout), at most four per kernel per architecture; each compiled ahead o
 ptxas and checked for per-block shared memory and spills (``launch_configs``):
 
     sm_90 fwd  hs<=64: 128x128, 8 warps (two warpgroups of 64 rows, one wgmma m64n128 each), 3 stages:
-               112 KB shared, 198 registers, no spills; each K/V tile fetched is reused by 128 query rows.
-               hs=128 or dropout: 128x64, 8 warps, 3 stages (128 KB, 183 / 244 registers).
+               113 KB shared, 194 registers, no spills; each K/V tile fetched is reused by 128 query rows.
+               hs=128 or dropout: 128x64, 8 warps, 3 stages (hs=128: 129 KB, 183 registers, 244 with dropout;
+               hs=64 with dropout: 65 KB, 255 registers, no spills).
     sm_90 dkdv 64 queries x 128 keys (hs<=64), 32 x 128 (hs=128 or dropout), 32 x 64 (hs=128 with dropout),
                8 warps, 2 stages: dK, dV for 128 keys accumulate in registers while q/dO blocks stream.
     sm_90 dq   128 queries x 64 keys (hs<=64), 128 x 32 (hs=128), 8 warps, 2 stages.
