@@ -53,6 +53,7 @@ head walks all Tk keys (no split over keys); dropout needs Tq * Tk < 2**31 per h
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
@@ -596,6 +597,11 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return tuple(stride if size > 1 else 0 for size, stride in zip(t.shape[:3], t.stride()[:3]))
 
 
+def _on(device: torch.device):
+    # Triton launches on the current CUDA device: make it the tensors' one.
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _shift(Tq: int, Tk: int, causal: bool) -> int:
     # Query row i sees keys j <= i + shift: its absolute position Tk - Tq + i when causal; every key otherwise.
     return Tk - Tq if causal else Tk
@@ -624,13 +630,14 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     lse = torch.empty((B, nh, Tq), dtype=torch.float32, device=q.device)
     block_m, block_n, warps, stages = _tiles("fwd", q.dtype, hs, dropout_p > 0.0, q.device, cc)
     grid = (triton.cdiv(Tq, block_m), B * nh)
-    _attn_fwd_kernel[grid](
-        q, k, v, o, lse,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        nh, Tq, Tk, _shift(Tq, Tk, causal), LOG2E / math.sqrt(hs), int(seed), float(dropout_p),
-        1.0 / (1.0 - float(dropout_p)),
-        HEAD=hs, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout_p > 0.0, num_warps=warps, num_stages=stages,
-    )
+    with _on(q.device):
+        _attn_fwd_kernel[grid](
+            q, k, v, o, lse,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            nh, Tq, Tk, _shift(Tq, Tk, causal), LOG2E / math.sqrt(hs), int(seed), float(dropout_p),
+            1.0 / (1.0 - float(dropout_p)),
+            HEAD=hs, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout_p > 0.0, num_warps=warps, num_stages=stages,
+        )
     return o, lse
 
 
@@ -657,10 +664,11 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         raise ValueError(f"attention: lse must be a contiguous float32 ({B}, {nh}, {Tq}) tensor")
     q, k, v, o, do = _aligned(q), _aligned(k), _aligned(v), _aligned(o), _aligned(do.to(q.dtype))
     delta = torch.empty((B, nh, Tq), dtype=torch.float32, device=q.device)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(Tq, _PREPROCESS_BLOCK_M), B * nh)](
-        o, do, delta, *_strides(o), *_strides(do), nh, Tq, HEAD=hs, BLOCK_M=_PREPROCESS_BLOCK_M, num_warps=4,
-        num_stages=1,
-    )
+    with _on(q.device):
+        _attn_bwd_preprocess_kernel[(triton.cdiv(Tq, _PREPROCESS_BLOCK_M), B * nh)](
+            o, do, delta, *_strides(o), *_strides(do), nh, Tq, HEAD=hs, BLOCK_M=_PREPROCESS_BLOCK_M, num_warps=4,
+            num_stages=1,
+        )
     dq = torch.empty((B, nh, Tq, hs), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, nh, Tk, hs), dtype=q.dtype, device=q.device)
     dv = torch.empty((B, nh, Tk, hs), dtype=q.dtype, device=q.device)
@@ -668,16 +676,17 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     scalars = (nh, Tq, Tk, _shift(Tq, Tk, causal), LOG2E * sm_scale, sm_scale, int(seed), float(dropout_p),
                1.0 / (1.0 - float(dropout_p)))
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    block_m, block_n, warps, stages = _tiles("dkdv", q.dtype, hs, dropout_p > 0.0, q.device, cc)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, block_n), B * nh)](
-        q, k, v, do, lse, delta, dk, dv, *strides, *scalars,
-        HEAD=hs, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout_p > 0.0, num_warps=warps, num_stages=stages,
-    )
-    block_m, block_n, warps, stages = _tiles("dq", q.dtype, hs, dropout_p > 0.0, q.device, cc)
-    _attn_bwd_dq_kernel[(triton.cdiv(Tq, block_m), B * nh)](
-        q, k, v, do, lse, delta, dq, *strides, *scalars,
-        HEAD=hs, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout_p > 0.0, num_warps=warps, num_stages=stages,
-    )
+    with _on(q.device):
+        block_m, block_n, warps, stages = _tiles("dkdv", q.dtype, hs, dropout_p > 0.0, q.device, cc)
+        _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, block_n), B * nh)](
+            q, k, v, do, lse, delta, dk, dv, *strides, *scalars,
+            HEAD=hs, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout_p > 0.0, num_warps=warps, num_stages=stages,
+        )
+        block_m, block_n, warps, stages = _tiles("dq", q.dtype, hs, dropout_p > 0.0, q.device, cc)
+        _attn_bwd_dq_kernel[(triton.cdiv(Tq, block_m), B * nh)](
+            q, k, v, do, lse, delta, dq, *strides, *scalars,
+            HEAD=hs, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout_p > 0.0, num_warps=warps, num_stages=stages,
+        )
     return dq, dk, dv
 
 
@@ -693,11 +702,17 @@ def dropout_keep_mask(seed: int, B: int, nh: int, Tq: int, Tk: int, dropout_p: f
     Returns:
         (B, nh, Tq, Tk) bool, True where the attention weight is kept.
     """
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"attention: dropout_p must be a float in [0, 1), got {dropout_p!r}")
     mask = torch.empty((B, nh, Tq, Tk), dtype=torch.int8, device=device)
+    if mask.device.type == "cpu" and not _interpreting():
+        raise ValueError("attention: dropout_keep_mask on the CPU needs the Triton interpreter; "
+                         "set TRITON_INTERPRET=1 or use a CUDA device")
     bm, bn = _MASK_BLOCK
-    _dropout_mask_kernel[(triton.cdiv(Tq, bm), triton.cdiv(Tk, bn), B * nh)](
-        mask, Tq, Tk, int(seed), float(dropout_p), BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1,
-    )
+    with _on(mask.device):
+        _dropout_mask_kernel[(triton.cdiv(Tq, bm), triton.cdiv(Tk, bn), B * nh)](
+            mask, Tq, Tk, int(seed), float(dropout_p), BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1,
+        )
     return mask.bool()
 
 
