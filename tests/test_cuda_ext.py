@@ -33,6 +33,16 @@ CPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny shapes: OpenMP's spinning threads only slow them down on a busy CI machine.
+    # test_results_do_not_depend_on_thread_count runs the kernels on several threads.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def _fp32_reference_is_fp32():
     # On a GPU the fp32 reference must not run its matmuls in TF32, whatever another module set.
@@ -177,6 +187,35 @@ def test_attention_dropout_falls_back_to_reference():
     with pytest.warns(UserWarning, match="no dropout"):
         y = ext.attention(q, q, q, dropout_p=0.5)
     assert y.shape == q.shape
+
+
+def test_results_do_not_depend_on_thread_count():
+    """Every op gives bitwise the same result on 1 and on 3 threads (fixed-size partial sums)."""
+    g = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(301, 67, generator=g), torch.randn(67, generator=g), torch.randn(67, generator=g)
+    q, k, v = (torch.randn(2, 3, 97, 16, generator=g) for _ in range(3))
+    logits, t = torch.randn(37, 101, generator=g), torch.randint(0, 101, (37,), generator=g)
+    ops = torch.ops.gpt2k
+
+    def run_all():
+        y, mean, rstd = ops.layer_norm_fwd(x, w, b, 1e-5)
+        out = [y, *ops.layer_norm_bwd(x, x, w, mean, rstd), ops.bias_gelu_fwd(x, b)]
+        out += ops.bias_gelu_bwd(x, x, b)
+        ya, lse = ops.attention_fwd(q, k, v, True, 0.0)
+        out += [ya, lse, *ops.attention_bwd(q, q, k, v, ya, lse, True)]
+        grad = logits.clone()
+        out += [ops.cross_entropy_fwd_bwd_(grad, t, torch.tensor([0.1]), -1), grad]
+        return out
+
+    one = run_all()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        three = run_all()
+    finally:
+        torch.set_num_threads(previous)
+    for i, (a, b3) in enumerate(zip(one, three)):
+        assert torch.equal(a, b3), f"output {i} differs between 1 and 3 threads"
 
 
 def test_registry_builds_cuda_backend_on_cpu():
