@@ -137,7 +137,7 @@ class Result:
 
 
 # ----------------------------------------------------------------------------------------------
-# Finding the tools and listing the configurations (parent process).
+# Finding the tools and naming things (parent process, which never imports the op modules).
 
 
 def tool_path(name: str) -> str | None:
@@ -201,18 +201,12 @@ def _load_configs(module: str, cc: int) -> list:
     return configs
 
 
-def _plan(modules: Iterable, archs: Iterable) -> tuple:
-    """(jobs to compile, error results): one job per (module, arch, config index)."""
-    jobs, errors = [], []
-    for module in modules:
-        for cc in archs:
-            try:
-                configs = _load_configs(module, cc)
-            except (RuntimeError, TypeError) as e:  # a failure to list is a finding of the report, never a skip
-                errors.append(Result(module=module, label=f"{module} (launch_configs)", arch=cc, error=str(e)))
-                continue
-            jobs.extend((module, cc, i, c.label) for i, c in enumerate(configs))
-    return jobs, errors
+def _list_one(module: str, cc: int) -> tuple:
+    """(labels of ``module.launch_configs(cc)``, None), or (None, why it cannot be listed). Runs in a worker."""
+    try:
+        return [c.label for c in _worker_configs(module, cc)], None
+    except (RuntimeError, TypeError) as e:  # a failure to list is a finding of the report, never a skip
+        return None, str(e)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,16 +414,22 @@ def run_report(
     this needs the usual ``if __name__ == "__main__":`` guard.
     """
     modules, archs = [module_name(m) for m in modules], [parse_arch(str(a)) for a in archs]
-    jobs, results = _plan(modules, archs)
-    if not jobs:
-        return results
-    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    workers = max(1, workers or os.cpu_count() or 1)
     ctx = multiprocessing.get_context("spawn")  # a fork would inherit interpreted kernels
-    done: dict = {}
+    results, done = [], {}
     with contextlib.ExitStack() as stack:  # (one "with" of three managers needs Python >= 3.10)
         cache = stack.enter_context(tempfile.TemporaryDirectory(prefix="kernels-report-"))
         stack.enter_context(_interpreter_off())
         pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(workers, ctx, _init_worker, (cache,)))
+        # The configurations are listed in a worker too: an op module may pick other tiles under the interpreter.
+        listed = {(m, cc): pool.submit(_list_one, m, cc) for m in modules for cc in archs}
+        jobs = []
+        for (module, cc), fut in listed.items():
+            labels, error = fut.result()
+            if error is not None:
+                results.append(Result(module=module, label=f"{module} (launch_configs)", arch=cc, error=error))
+            else:
+                jobs.extend((module, cc, i, label) for i, label in enumerate(labels))
         futures = {pool.submit(_compile_one, job): job for job in jobs}
         for fut in concurrent.futures.as_completed(futures):
             job = futures[fut]
