@@ -145,6 +145,7 @@ def test_bf16_config_on_sm75_is_refused(toy):
     assert not r.ok
 
 
+@needs_tools
 def test_missing_module_and_missing_launch_configs_are_errors(tmp_path):
     results = report.run_report(["kernels.no_such_op", "kernels.testing"], [80])
     by_module = {r.module: r for r in results}
