@@ -16,21 +16,21 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 import kernels
 
 PRESETS: dict[str, dict] = {
     # The four OpenAI GPT-2 sizes (124M, 350M, 774M, 1558M parameters).
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    "gpt2": {"n_layer": 12, "n_head": 12, "n_embd": 768},
+    "gpt2-medium": {"n_layer": 24, "n_head": 16, "n_embd": 1024},
+    "gpt2-large": {"n_layer": 36, "n_head": 20, "n_embd": 1280},
+    "gpt2-xl": {"n_layer": 48, "n_head": 25, "n_embd": 1600},
     # For tests: small enough for the Triton interpreter, head size 32 (a size every backend takes).
-    "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=512),
+    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "vocab_size": 512},
     # The main job's default: GPT-2's vocabulary, sized to train on a 2-core CPU in minutes.
-    "shakespeare": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
+    "shakespeare": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128},
 }
 
 
@@ -70,7 +70,7 @@ class GPTConfig:
         return -(-self.vocab_size // 64) * 64
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+    def from_preset(cls, name: str, **overrides) -> GPTConfig:
         """A preset by name (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``, ``tiny``,
         ``shakespeare``), with keyword overrides."""
         if name not in PRESETS:
@@ -209,13 +209,13 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig, backend: str = "auto"):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, config.bias),
-        ))
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(config.padded_vocab_size, config.n_embd),
+            "wpe": nn.Embedding(config.block_size, config.n_embd),
+            "drop": nn.Dropout(config.dropout),
+            "h": nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            "ln_f": LayerNorm(config.n_embd, config.bias),
+        })
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied input and output embeddings
         self.apply(self._init_weights)
@@ -240,7 +240,7 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ backends
 
-    def set_backend(self, spec: str) -> "GPT":
+    def set_backend(self, spec: str) -> GPT:
         """Swap the kernel backend (parameters untouched). Returns self."""
         device = self.transformer.wte.weight.device
         self.ops = kernels.build_ops(spec, device)
@@ -295,7 +295,7 @@ class GPT(nn.Module):
         start = kv_cache.pos if kv_cache is not None else 0
         self._check_idx(idx, start)
         ops = self._ops_for(idx.device)
-        B, T = idx.shape
+        T = idx.shape[1]
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
@@ -420,7 +420,7 @@ class GPT(nn.Module):
     _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str, backend: str = "auto", dropout: float = 0.0) -> "GPT":
+    def from_pretrained(cls, name_or_dir: str, backend: str = "auto", dropout: float = 0.0) -> GPT:
         """Load a Hugging Face GPT-2 checkpoint folder (config.json with model.safetensors or
         pytorch_model.bin), or a hub name such as ``gpt2`` when the network and huggingface_hub allow.
 

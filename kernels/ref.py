@@ -16,7 +16,7 @@ import math
 
 import torch
 
-__all__ = ["layer_norm", "attention", "mlp", "linear_cross_entropy", "gelu_tanh", "gelu_tanh_grad"]
+__all__ = ["attention", "gelu_tanh", "gelu_tanh_grad", "layer_norm", "linear_cross_entropy", "mlp"]
 
 # sqrt(2 / pi), the constant of the tanh approximation of GELU that GPT-2 uses.
 GELU_C = math.sqrt(2.0 / math.pi)

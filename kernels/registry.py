@@ -144,7 +144,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     return default or "auto", overrides
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _announce(message: str) -> None:
     # Said once per distinct choice, however many models are built.
     print(message, file=sys.stderr)

@@ -35,8 +35,8 @@ def _describe(name: str, y: torch.Tensor, ref: torch.Tensor, lowp_err: float | N
         f"  max abs diff {max_abs:.3e}, max rel diff {max_rel:.3e}, allowed {bound:.3e}",
         f"  first mismatched index {first}"
         + (f": got {yf[first].item():.6g}, expected {rf[first].item():.6g}" if first is not None else ""),
-        f"  NaN in result {torch.isnan(yf).sum().item()}, inf in result {torch.isinf(yf).sum().item()},"
-        f" NaN in reference {torch.isnan(rf).sum().item()}",
+        (f"  NaN in result {torch.isnan(yf).sum().item()}, inf in result {torch.isinf(yf).sum().item()},"
+         f" NaN in reference {torch.isnan(rf).sum().item()}"),
     ]
     if lowp_err is not None:
         lines.append(f"  the reference's own error in {y.dtype}: {lowp_err:.3e}")

@@ -34,7 +34,7 @@ def test_prepare_writes_shards_that_load(tmp_path, capsys):
 
 def test_bad_input_is_one_line_and_nonzero(tmp_path):
     r = subprocess.run([sys.executable, "-m", "gpt2", "prepare", str(tmp_path / "missing.txt"), "--out",
-                        str(tmp_path / "o")], capture_output=True, text=True)
+                        str(tmp_path / "o")], capture_output=True, text=True, check=False)
     assert r.returncode != 0
     assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
     assert "Traceback" not in r.stderr

@@ -189,7 +189,7 @@ def test_save_pretrained_loads_in_transformers(hf_dir, tmp_path):
 
 
 def test_pytorch_model_bin_is_read(hf_dir, tmp_path):
-    d, hm = hf_dir
+    _, hm = hf_dir
     hm.config.save_pretrained(tmp_path)
     torch.save(hm.state_dict(), tmp_path / "pytorch_model.bin")
     m = GPT.from_pretrained(str(tmp_path), backend="torch").eval()
