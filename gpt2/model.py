@@ -273,7 +273,7 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
         if self.check_inputs and idx.numel():
-            lo, hi = int(idx.min()), int(idx.max())
+            lo, hi = (int(v) for v in torch.aminmax(idx))  # one pass, one sync
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, "
                                  f"{self.config.vocab_size})")
