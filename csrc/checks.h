@@ -17,7 +17,11 @@ void check_layer_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const std::
                           const at::Tensor& mean, const at::Tensor& rstd);
 void check_bias_gelu_fwd(const at::Tensor& h, const std::optional<at::Tensor>& bias);
 void check_bias_gelu_bwd(const at::Tensor& dact, const at::Tensor& h, const std::optional<at::Tensor>& bias);
-void check_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double dropout_p);
+// strided_kv: k and v may also be views whose heads are contiguous (T, hs) blocks evenly spaced (a
+// KV cache's first T positions), not only contiguous tensors. The CPU forward takes those.
+void check_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double dropout_p,
+                         bool strided_kv = false);
+int64_t uniform_head_stride(const at::Tensor& t);
 void check_attention_bwd(const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const at::Tensor& y, const at::Tensor& lse);
 void check_cross_entropy(const char* op, const at::Tensor& logits, const at::Tensor& targets,

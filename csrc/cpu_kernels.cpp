@@ -2,9 +2,11 @@
 //
 // Layout of every op: a templated driver converts a row (or a block) of T into an fp32 scratch
 // buffer, runs an fp32 inner function, and converts back. The inner functions are plain loops
-// over contiguous fp32 arrays that the compiler vectorises; on x86-64 with GCC they are also
-// compiled a second time for AVX2+FMA (arch=haswell, a name older GCCs know too) and picked at
-// load time (target_clones), so one binary is fast on new machines and still runs on old ones.
+// over contiguous fp32 arrays that the compiler vectorises; on x86-64 with GCC >= 11 they are also
+// compiled for the x86-64-v3 (AVX2 + FMA) and x86-64-v4 (AVX-512) levels and picked at load time
+// by CPU feature (target_clones), so one binary is fast on new machines and still runs on old ones.
+// (Not "arch=haswell": GCC dispatches an arch= clone on the CPU's model name, so an AMD or a newer
+// Intel CPU with AVX2 would silently get the SSE2 build.)
 // Rows / heads are spread over threads with at::parallel_for; reductions over rows (dweight, dbias) go through fixed-size
 // per-chunk partial sums, so results do not depend on the thread count.
 #include "cpu_kernels.h"
@@ -20,8 +22,9 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define GPT2K_HOT __attribute__((target_clones("arch=haswell", "default")))
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
+#define GPT2K_MULTIVERSION 1
+#define GPT2K_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define GPT2K_HOT
 #endif
@@ -33,6 +36,22 @@
 #endif
 
 namespace gpt2k::cpu {
+
+// Which build of the GPT2K_HOT functions the loader picked on this CPU. The three versions below are
+// dispatched by the same resolver as the target_clones above, so they report what the kernels run.
+// (Callers in other files see one plain declaration, which would bind to the default version, so
+// the versions are local and simd_level() calls them here, where the dispatcher is visible.)
+#if defined(GPT2K_MULTIVERSION)
+namespace {
+__attribute__((target("default"))) const char* simd_level_impl() { return "sse2"; }
+__attribute__((target("arch=x86-64-v3"))) const char* simd_level_impl() { return "avx2"; }
+__attribute__((target("arch=x86-64-v4"))) const char* simd_level_impl() { return "avx512"; }
+}  // namespace
+const char* simd_level() { return simd_level_impl(); }
+#else
+const char* simd_level() { return "native"; }
+#endif
+
 namespace {
 
 constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
@@ -45,8 +64,11 @@ constexpr int64_t kBK = 64;       // attention: keys per block
 // vectorise: exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln(2) / 2, exp(r) by a degree-6
 // polynomial (Cephes' coefficients). Inputs below -87 give ~1e-38 instead of 0, which no sum of
 // probabilities here can notice.
+// The clamps are plain selects, not std::min / std::max: GCC does not inline those (default-target)
+// functions into the x86-64-v3 / v4 clones, and the call then stops the loops from vectorising.
 GPT2K_INLINE float exp_f(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
   const float t = x * 1.44269504088896341f;
   const int n = static_cast<int>(t + (t >= 0.0f ? 0.5f : -0.5f));
   const float nf = static_cast<float>(n);
@@ -219,7 +241,8 @@ GPT2K_INLINE void attn_fwd_block_impl(const float* __restrict Q, const float* __
                                       int64_t Dd, bool causal, int64_t qpos0, int64_t kb) {
   const int64_t D = DFIX > 0 ? DFIX : Dd;
   for (int64_t i = 0; i < nq; ++i) {
-    const int64_t jmax = causal ? std::min(nk, qpos0 + i - kb + 1) : nk;
+    const int64_t jlim = qpos0 + i - kb + 1;
+    const int64_t jmax = causal && jlim < nk ? jlim : nk;
     if (jmax <= 0) continue;
     float* __restrict s = S + i * kBK;
     const float* __restrict qi = Q + i * D;
@@ -234,7 +257,7 @@ GPT2K_INLINE void attn_fwd_block_impl(const float* __restrict Q, const float* __
     }
     float mx = -std::numeric_limits<float>::infinity();
     for (int64_t j = 0; j < jmax; ++j) mx = acc[j] > mx ? acc[j] : mx;
-    const float m_new = std::max(m[i], mx);
+    const float m_new = m[i] > mx ? m[i] : mx;
     const float corr = std::exp(m[i] - m_new);  // 0 on the first block (m = -inf)
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -280,7 +303,8 @@ GPT2K_INLINE void attn_bwd_block_impl(const float* __restrict Q, const float* __
                                       bool causal, int64_t qpos0, int64_t kb) {
   const int64_t D = DFIX > 0 ? DFIX : Dd;
   for (int64_t i = 0; i < nq; ++i) {
-    const int64_t jmax = causal ? std::min(nk, qpos0 + i - kb + 1) : nk;
+    const int64_t jlim = qpos0 + i - kb + 1;
+    const int64_t jmax = causal && jlim < nk ? jlim : nk;
     if (jmax <= 0) continue;
     const float* __restrict qi = Q + i * D;
     const float* __restrict doi = dO + i * D;
@@ -463,7 +487,7 @@ void cross_entropy(T* logits, const int64_t* targets, float* loss, const float* 
 
 template <typename T>
 void attention_fwd(const T* q, const T* k, const T* v, T* y, float* lse, int64_t BH, int64_t Tq, int64_t Tk,
-                   int64_t D, bool causal) {
+                   int64_t D, bool causal, int64_t kv_head_stride) {
   const int64_t nqb = (Tq + kBQ - 1) / kBQ;
   const int64_t off = Tk - Tq;  // absolute position of query 0
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -473,8 +497,8 @@ void attention_fwd(const T* q, const T* k, const T* v, T* y, float* lse, int64_t
       const int64_t bh = task / nqb, i0 = (task % nqb) * kBQ;
       const int64_t nq = std::min(kBQ, Tq - i0);
       const T* qh = q + (bh * Tq + i0) * D;
-      const T* kh = k + bh * Tk * D;
-      const T* vh = v + bh * Tk * D;
+      const T* kh = k + bh * kv_head_stride;
+      const T* vh = v + bh * kv_head_stride;
       for (int64_t e = 0; e < nq * D; ++e) Qf[e] = static_cast<float>(qh[e]) * scale;
       std::fill(O.begin(), O.end(), 0.0f);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
@@ -549,7 +573,7 @@ void attention_bwd(const T* dy, const T* q, const T* k, const T* v, const T* y, 
   template void bias_gelu_bwd<T>(const T*, const T*, const T*, T*, float*, int64_t, int64_t);                   \
   template void cross_entropy<T>(T*, const int64_t*, float*, const float*, int64_t, int64_t, int64_t);          \
   template void attention_fwd<T>(const T*, const T*, const T*, T*, float*, int64_t, int64_t, int64_t, int64_t,  \
-                                 bool);                                                                         \
+                                 bool, int64_t);                                                                \
   template void attention_bwd<T>(const T*, const T*, const T*, const T*, const T*, const float*, T*, T*, T*,    \
                                  int64_t, int64_t, int64_t, int64_t, bool);
 

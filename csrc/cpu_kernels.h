@@ -9,6 +9,11 @@
 
 namespace gpt2k::cpu {
 
+// The instruction set the hot loops were dispatched to on this CPU: "avx512" (x86-64-v4), "avx2"
+// (x86-64-v3, AVX2 + FMA), "sse2" (the baseline build), or "native" where the compiler builds one
+// version only (not GCC on x86-64 Linux).
+const char* simd_level();
+
 // LayerNorm over rows of length C. w, b may be null (no scale / no shift).
 template <typename T>
 void layer_norm_fwd(const T* x,    // (N, C) input
@@ -50,11 +55,12 @@ void bias_gelu_bwd(const T* dact,   // (N, H) upstream gradient
 // positions. Blocked over keys with an online softmax: no Tq x Tk matrix is ever stored.
 template <typename T>
 void attention_fwd(const T* q,     // (BH, Tq, D) queries
-                   const T* k,     // (BH, Tk, D) keys
-                   const T* v,     // (BH, Tk, D) values
+                   const T* k,     // BH heads of (Tk, D) keys, head h at k + h * kv_head_stride
+                   const T* v,     // BH heads of (Tk, D) values, laid out as k
                    T* y,           // (BH, Tq, D) output
                    float* lse,     // (BH, Tq) fp32 log-sum-exp of the scaled scores
-                   int64_t BH, int64_t Tq, int64_t Tk, int64_t D, bool causal);
+                   int64_t BH, int64_t Tq, int64_t Tk, int64_t D, bool causal,
+                   int64_t kv_head_stride);  // Tk * D when k, v are contiguous; larger for a KV cache's view
 
 template <typename T>
 void attention_bwd(const T* dy,         // (BH, Tq, D) upstream gradient

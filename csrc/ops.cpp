@@ -146,17 +146,42 @@ void check_bias_gelu_bwd(const Tensor& dact, const Tensor& h, const optional<Ten
   check_param(op, "bias", bias, h, h.size(1));
 }
 
-void check_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, double dropout_p) {
+// The distance in elements between consecutive (batch, head) blocks of a (B, nh, T, hs) tensor whose
+// heads are each a contiguous (T, hs) block, evenly spaced: a contiguous tensor (Tk * hs), or a key /
+// value cache's view of its first T positions. -1 for any other layout.
+int64_t uniform_head_stride(const Tensor& t) {
+  const int64_t B = t.size(0), H = t.size(1), T = t.size(2), D = t.size(3);
+  if ((D > 1 && t.stride(3) != 1) || (T > 1 && t.stride(2) != D)) return -1;
+  if (B * H <= 1) return T * D;
+  const int64_t hs = H > 1 ? t.stride(1) : t.stride(0);
+  if (H > 1 && B > 1 && t.stride(0) != H * hs) return -1;
+  return hs >= T * D ? hs : -1;  // heads must not overlap
+}
+
+void check_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, double dropout_p,
+                         bool strided_kv) {
   const char* op = "gpt2k::attention_fwd";
   TORCH_CHECK(dropout_p == 0.0, op, ": dropout_p = ", dropout_p, " is not supported; the extension implements "
               "attention without dropout only (dropout_p == 0)");
   check_dim(op, "q", q, 4, "(B, nh, Tq, hs)");
   check_float(op, "q", q);
   check_contiguous(op, "q", q);
-  check_like(op, "k", k, "q", q);
-  check_like(op, "v", v, "q", q);
   check_dim(op, "k", k, 4, "(B, nh, Tk, hs)");
   check_dim(op, "v", v, 4, "(B, nh, Tk, hs)");
+  if (strided_kv) {  // heads may be spaced apart (a KV cache's view), each head's (Tk, hs) rows contiguous
+    check_device(op, "k", k, "q", q);
+    check_device(op, "v", v, "q", q);
+    for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"k", k}, {"v", v}}) {
+      TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": argument '", name, "' has dtype ",
+                  dtype_name(t.scalar_type()), " but 'q' has ", dtype_name(q.scalar_type()), "; they must match");
+      TORCH_CHECK(uniform_head_stride(t) >= 0, op, ": argument '", name, "' must be contiguous, or a view whose "
+                  "heads are contiguous (T, hs) blocks evenly spaced (got strides ", t.strides(), " for shape ",
+                  t.sizes(), "); kernels.cuda makes its inputs contiguous before calling the op");
+    }
+  } else {
+    check_like(op, "k", k, "q", q);
+    check_like(op, "v", v, "q", q);
+  }
   TORCH_CHECK(q.size(3) > 0, op, ": argument 'q' must have a head size > 0, got shape ", q.sizes());
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3), op,
               ": argument 'k' must have shape (B, nh, Tk, hs) with q's B, nh and hs ", q.sizes(), ", got ",
@@ -164,12 +189,16 @@ void check_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, doub
   TORCH_CHECK(v.sizes() == k.sizes(), op, ": argument 'v' must have k's shape ", k.sizes(), ", got ", v.sizes());
   TORCH_CHECK(k.size(2) >= q.size(2), op, ": argument 'k' has ", k.size(2), " positions, fewer than q's ",
               q.size(2), "; the queries must be the last Tq <= Tk positions");
+  if (strided_kv) {
+    TORCH_CHECK(uniform_head_stride(k) == uniform_head_stride(v), op, ": arguments 'k' and 'v' must have the same "
+                "layout, got strides ", k.strides(), " and ", v.strides());
+  }
 }
 
 void check_attention_bwd(const Tensor& dy, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& y,
                          const Tensor& lse) {
   const char* op = "gpt2k::attention_bwd";
-  check_attention_fwd(q, k, v, 0.0);
+  check_attention_fwd(q, k, v, 0.0, false);
   check_like(op, "dy", dy, "q", q);
   check_like(op, "y", y, "q", q);
   TORCH_CHECK(dy.sizes() == q.sizes(), op, ": argument 'dy' must have q's shape ", q.sizes(), ", got ", dy.sizes());
@@ -268,14 +297,16 @@ std::tuple<Tensor, Tensor> bias_gelu_bwd_cpu(const Tensor& dact, const Tensor& h
 
 std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
                                              double dropout_p) {
-  check_attention_fwd(q, k, v, dropout_p);
+  // k and v may be a KV cache's view (heads spaced block_size apart): decoding then reads the cache
+  // in place instead of copying every layer's keys and values at every step.
+  check_attention_fwd(q, k, v, dropout_p, /*strided_kv=*/true);
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Tk = k.size(2), D = q.size(3);
   Tensor y = at::empty_like(q);
   Tensor lse = at::empty({B, H, Tq}, q.options().dtype(at::kFloat));
   dispatch_float(q, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     cpu::attention_fwd<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), y.data_ptr<T>(), lse.data_ptr<float>(),
-                          B * H, Tq, Tk, D, causal);
+                          B * H, Tq, Tk, D, causal, uniform_head_stride(k));
   });
   return {y, lse};
 }
@@ -364,7 +395,9 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
   const int with_cuda = 0;
 #endif
   // WITH_CUDA tells kernels.cuda whether CUDA kernels were compiled in (registered under the CUDA key).
-  if (module != nullptr && PyModule_AddIntConstant(module, "WITH_CUDA", with_cuda) != 0) {
+  // CPU_SIMD: which build of the CPU kernels this CPU runs (see gpt2k::cpu::simd_level).
+  if (module != nullptr && (PyModule_AddIntConstant(module, "WITH_CUDA", with_cuda) != 0 ||
+                            PyModule_AddStringConstant(module, "CPU_SIMD", gpt2k::cpu::simd_level()) != 0)) {
     Py_DECREF(module);
     return nullptr;
   }

@@ -292,6 +292,21 @@ class GPT(nn.Module):
             layer, so the (B, T, V) logits are never built; without, ``(logits, None)`` with logits
             (B, T, vocab_size) in fp32.
         """
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} does not match idx shape {tuple(idx.shape)}")
+        x, ops = self._hidden(idx, kv_cache)
+        head = self.lm_head.weight[: self.config.vocab_size]  # (V, C): padded rows never count
+        if targets is not None:
+            dt = _act_dtype(x)
+            loss = ops.linear_cross_entropy(x.to(dt), head.to(dt), targets, -1)
+            return None, loss
+        if last_only:
+            x = x[:, -1:, :]
+        logits = F.linear(x, head).float()  # (B, T, V)
+        return logits, None
+
+    def _hidden(self, idx: torch.Tensor, kv_cache: KVCache | None):
+        """The final layer-normed hidden states (B, T, C) of idx, and the ops that computed them."""
         start = kv_cache.pos if kv_cache is not None else 0
         self._check_idx(idx, start)
         ops = self._ops_for(idx.device)
@@ -302,18 +317,7 @@ class GPT(nn.Module):
             x = block(x, ops, kv_cache, i)
         if kv_cache is not None:
             kv_cache.pos += T
-        x = self.transformer.ln_f(x, ops)
-        head = self.lm_head.weight[: self.config.vocab_size]  # (V, C): padded rows never count
-        if targets is not None:
-            if targets.shape != idx.shape:
-                raise ValueError(f"targets shape {tuple(targets.shape)} does not match idx shape {tuple(idx.shape)}")
-            dt = _act_dtype(x)
-            loss = ops.linear_cross_entropy(x.to(dt), head.to(dt), targets, -1)
-            return None, loss
-        if last_only:
-            x = x[:, -1:, :]
-        logits = F.linear(x, head).float()  # (B, T, V)
-        return logits, None
+        return self.transformer.ln_f(x, ops), ops
 
     # ------------------------------------------------------------------ accounting
 
@@ -359,23 +363,50 @@ class GPT(nn.Module):
         bs = self.config.block_size
         if idx.shape[1] > bs:
             raise ValueError(f"the prompt has {idx.shape[1]} tokens, longer than the context of {bs}")
+        if max_new_tokens == 0:
+            return
         seq = idx
-        cache = self.new_kv_cache(idx.shape[0]) if use_cache else None
         feed = idx
+        # Each step runs under inference mode, which skips autograd's dispatch (and the custom ops'
+        # Python autograd wrappers): a cached step of a small model is mostly such overhead. The mode
+        # is entered per step, never across a yield, so the caller's code between tokens runs as
+        # it would anyway; the cache lives only inside those steps, and each token is handed out
+        # as an ordinary tensor.
+        with torch.inference_mode():
+            cache = self.new_kv_cache(idx.shape[0]) if use_cache else None
+        logits_of = self._last_logits_fn(idx.device)
         for _ in range(max_new_tokens):
-            if cache is not None:
-                if cache.pos + feed.shape[1] > bs:
-                    # Slide: restart the cache on the last half-context, so refills are amortised.
-                    cache.pos = 0
-                    feed = seq[:, -(bs // 2 + 1):] if bs > 1 else seq[:, -1:]
-                logits, _ = self(feed, kv_cache=cache, last_only=True)
-            else:
-                logits, _ = self(seq[:, -bs:], last_only=True)
-            logits = logits[:, -1, :]  # (B, V)
-            nxt = self._choose(logits, temperature, top_k, top_p, generator, greedy)  # (B, 1)
+            with torch.inference_mode():
+                if cache is not None:
+                    if cache.pos + feed.shape[1] > bs:
+                        # Slide: restart the cache on the last half-context, so refills are amortised.
+                        cache.pos = 0
+                        feed = seq[:, -(bs // 2 + 1):] if bs > 1 else seq[:, -1:]
+                    x, _ = self._hidden(feed, cache)
+                else:
+                    x, _ = self._hidden(seq[:, -bs:], None)
+                logits = logits_of(x[:, -1, :])  # (B, V) fp32
+                nxt = self._choose(logits, temperature, top_k, top_p, generator, greedy)  # (B, 1)
+            nxt = nxt.clone()  # an ordinary tensor, usable anywhere (an inference tensor is not)
             seq = torch.cat([seq, nxt], dim=1)
             feed = nxt
             yield nxt
+
+    def _last_logits_fn(self, device: torch.device):
+        """A function from last-position hidden states (B, C) to fp32 logits (B, V), for decoding.
+
+        On a CPU the head is copied once, transposed to (C, V): one token's logits are then a
+        row-vector times a row-major matrix, which the CPU BLAS runs about 2.7x faster than the
+        same product against the (V, C) weight (measured on the 2-core EPYC, shakespeare preset).
+        The copy is made in the dtype the matmul will run in (autocast's, if on), so no step
+        casts the (V, C) weight again.
+        """
+        head = self.lm_head.weight[: self.config.vocab_size]  # (V, C)
+        if device.type != "cpu":
+            return lambda h: F.linear(h, head).float()
+        dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else head.dtype
+        head_t = head.detach().t().to(dt).contiguous()  # (C, V)
+        return lambda h: torch.matmul(h.to(dt), head_t).float()
 
     @staticmethod
     def _choose(logits, temperature, top_k, top_p, generator, greedy):

@@ -27,7 +27,7 @@ import torch
 
 from kernels import ref
 
-__all__ = ["attention", "has_cuda_kernels", "layer_norm", "linear_cross_entropy", "mlp", "unavailable_reason"]
+__all__ = ["attention", "cpu_simd_level", "has_cuda_kernels", "layer_norm", "linear_cross_entropy", "mlp", "unavailable_reason"]
 
 _BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler; nvcc for CUDA kernels)"
 
@@ -54,6 +54,16 @@ def has_cuda_kernels() -> bool:
     """True when the extension was built with its CUDA kernels (a CUDA torch and nvcc at build time)."""
     mod, _ = _load()
     return bool(mod is not None and getattr(mod, "WITH_CUDA", 0))
+
+
+def cpu_simd_level() -> str | None:
+    """The instruction set the extension's CPU loops run with here, or None without the extension.
+
+    ``"avx512"`` or ``"avx2"`` on a modern x86-64 CPU, ``"sse2"`` on an old one (the baseline build),
+    ``"native"`` where the compiler built a single version (not GCC on x86-64 Linux).
+    """
+    mod, _ = _load()
+    return None if mod is None else getattr(mod, "CPU_SIMD", "unknown")
 
 
 def _ops():
@@ -143,7 +153,9 @@ def _register() -> None:
 
     def attn_backward(ctx, dy, _dlse):
         q, k, v, y, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.gpt2k.attention_bwd(dy.contiguous(), q, k, v, y, lse, ctx.causal)
+        # The CPU forward may have read k, v in place (a cache's view); the backward wants them dense.
+        dq, dk, dv = torch.ops.gpt2k.attention_bwd(dy.contiguous(), q, k.contiguous(), v.contiguous(), y, lse,
+                                                   ctx.causal)
         return dq, dk, dv, None, None
 
     torch.library.register_autograd(lib + "attention_fwd", attn_backward, setup_context=attn_setup)
@@ -193,8 +205,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
                       f"dropout_p={dropout_p}", stacklevel=2)
         return ref.attention(q, k, v, causal=causal, dropout_p=dropout_p)
     ops = _ops()
-    y, _lse = ops.attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), bool(causal), 0.0)
+    if k.device.type == "cpu" and _heads_evenly_spaced(k) and _heads_evenly_spaced(v) and k.stride() == v.stride():
+        pass  # the CPU op reads a KV cache's view in place; copying it would cost O(context) per step
+    else:
+        k, v = k.contiguous(), v.contiguous()
+    y, _lse = ops.attention_fwd(q.contiguous(), k, v, bool(causal), 0.0)
     return y
+
+
+def _heads_evenly_spaced(t: torch.Tensor) -> bool:
+    """(B, nh, T, hs) whose heads are contiguous (T, hs) blocks evenly spaced, e.g. ``cache[..., :T, :]``.
+
+    The layouts the CPU ``attention_fwd`` takes besides contiguous ones (see uniform_head_stride in
+    csrc/ops.cpp, which checks them again).
+    """
+    B, H, T, D = t.shape
+    s = t.stride()
+    return t.is_contiguous() or (s[3] == 1 and s[2] == D and (B == 1 or s[0] == H * s[1]) and s[1] >= T * D)
 
 
 def mlp(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor | None, w_proj: torch.Tensor,
@@ -244,33 +271,78 @@ class _LinearCrossEntropy(torch.autograd.Function):
         inv = (1.0 / n_valid.clamp(min=1).to(torch.float32)).reshape(1)  # 1 / (number of counted targets)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh = torch.empty_like(h2) if need_h else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        # dweight is written by the first chunk's product and accumulated into by the rest: no zero-fill
+        # pass over (V, C).
+        dw = torch.empty(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         step = _chunk_rows(n, w.shape[0], c)
+        # One (step, V) logits buffer for every chunk: a fresh one per chunk would be page-faulted in
+        # again each time on a CPU (allocations this large are mmap'd and returned on free).
+        buf = torch.empty((min(step, n), w.shape[0]), dtype=h2.dtype, device=h.device)
         for s in range(0, n, step):
             hc, tc = h2[s:s + step], t[s:s + step]
-            logits = hc @ w.t()  # (rows, V), freed at the end of the iteration
+            logits = torch.mm(hc, w.t(), out=buf[: hc.shape[0]])  # (rows, V)
             if need_h or need_w:
                 rows = ops.cross_entropy_fwd_bwd_(logits, tc, inv, ignore_index)  # logits := dloss/dlogits
                 if need_h:
                     torch.mm(logits, w, out=dh[s:s + step])
                 if need_w and logits.dtype == torch.float32:
-                    dw.addmm_(logits.t(), hc)
+                    if s == 0:
+                        torch.mm(logits.t(), hc, out=dw)
+                    else:
+                        dw.addmm_(logits.t(), hc)
                 elif need_w:  # low precision: the product in that dtype, accumulated in fp32
-                    dw += torch.mm(logits.t(), hc)
+                    if s == 0:
+                        dw.copy_(torch.mm(logits.t(), hc))
+                    else:
+                        dw += torch.mm(logits.t(), hc)
             else:
                 rows = ops.cross_entropy_fwd(logits, tc, ignore_index)
             total += rows.sum()
-        ctx.save_for_backward(dh, dw)
+        if dw is not None and n == 0:  # no rows, no chunk wrote it
+            dw.zero_()
+        del buf
+        # Kept as attributes, not saved tensors, so that a backward which frees the graph can hand
+        # them on without a copy (see backward).
+        ctx.dh, ctx.dw = dh, dw
         ctx.h_shape, ctx.w_dtype = h.shape, weight.dtype
         return total * inv[0]
 
     @staticmethod
     def backward(ctx, grad):
-        dh, dw = ctx.saved_tensors
-        gh = (dh * grad.to(dh.dtype)).reshape(ctx.h_shape) if dh is not None else None
-        gw = (dw * grad).to(ctx.w_dtype) if dw is not None else None
+        dh, dw = ctx.dh, ctx.dw
+        if _graph_is_freed_after_this_backward():
+            # Nobody can run this backward again: scale the buffers in place and let them go, so the
+            # gradients are these tensors themselves (autograd takes them as .grad without a copy).
+            # A new (V, C) tensor here would cost a second pass over fresh memory, which on a CPU is
+            # about a third of the whole op at GPT-2 small widths.
+            ctx.dh = ctx.dw = None
+            # loss.backward() seeds 1.0: then there is nothing to scale (asked only on a CPU, where
+            # reading the value costs no device sync).
+            if not (grad.device.type == "cpu" and grad.item() == 1.0):
+                dh = dh.mul_(grad.to(dh.dtype)) if dh is not None else None
+                dw = dw.mul_(grad) if dw is not None else None
+            gh = dh.reshape(ctx.h_shape) if dh is not None else None
+            gw = dw.to(ctx.w_dtype) if dw is not None else None
+        else:  # retain_graph=True: keep the unscaled buffers for the next backward
+            gh = (dh * grad.to(dh.dtype)).reshape(ctx.h_shape) if dh is not None else None
+            gw = (dw * grad).to(ctx.w_dtype) if dw is not None else None
         return gh, gw, None, None
+
+
+def _graph_is_freed_after_this_backward() -> bool:
+    """True inside a backward run with retain_graph=False (the usual ``loss.backward()``).
+
+    Uses torch's private ``_get_current_graph_task_keep_graph``; where it is missing, or while
+    torch.compile traces, answers False, which is always safe (the caller then copies).
+    """
+    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if probe is None or torch.compiler.is_compiling():
+        return False
+    try:
+        return not probe()
+    except RuntimeError:  # not inside a backward
+        return False
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-__all__ = ["attention", "gelu_tanh", "gelu_tanh_grad", "layer_norm", "linear_cross_entropy", "mlp"]
+__all__ = ["attention", "cross_entropy", "gelu_tanh", "gelu_tanh_grad", "layer_norm", "linear_cross_entropy", "mlp"]
 
 # sqrt(2 / pi), the constant of the tanh approximation of GELU that GPT-2 uses.
 GELU_C = math.sqrt(2.0 / math.pi)
@@ -143,7 +143,21 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     Returns:
         A 0-dim fp32 tensor (fp64 for fp64 inputs).
     """
-    logits = _f32(torch.nn.functional.linear(h, weight))  # (..., V)
+    return cross_entropy(torch.nn.functional.linear(h, weight), targets, ignore_index)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
+    """Mean cross-entropy of ``logits`` over the targets that are not ignored (the loss head after
+    its matmul; ``linear_cross_entropy`` is this on ``h @ weight.T``).
+
+    Args:
+        logits: (..., V), any float dtype; the log-sum-exp is taken in fp32.
+        targets: (...) int64 class ids in [0, V), or ``ignore_index``.
+        ignore_index: target value that contributes nothing.
+    Returns:
+        A 0-dim fp32 tensor (fp64 for fp64 inputs); 0 if every target is ignored.
+    """
+    logits = _f32(logits)
     logits = logits.reshape(-1, logits.shape[-1])  # (N, V)
     t = targets.reshape(-1)  # (N,)
     valid = t != ignore_index

@@ -167,6 +167,29 @@ def test_linear_cross_entropy(lead, C, V, n_ignored, dtype):
         assert loss.item() == 0.0
 
 
+def test_linear_cross_entropy_gradient_buffers():
+    """The loss head forms its gradients in the forward and hands them on in the backward: scaled by
+    the upstream gradient, equal to the reference's whether the graph is kept or freed, and zero
+    (not uninitialised memory) when there are no rows."""
+    h, w = _randn(37, 24), _randn(53, 24, seed=1, scale=0.2)
+    t = torch.randint(0, 53, (37,), generator=torch.Generator().manual_seed(3))
+    t[::5] = -1
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    want = torch.autograd.grad(3.0 * ref.linear_cross_entropy(hh, ww, t), (hh, ww))
+    loss = ext.linear_cross_entropy(hh, ww, t)
+    kept = torch.autograd.grad(3.0 * loss, (hh, ww), retain_graph=True)  # buffers kept, copies scaled
+    freed = torch.autograd.grad(3.0 * loss, (hh, ww))  # last use: scaled in place
+    for name, a, b, c in zip(("dh", "dweight"), kept, freed, want):
+        assert_close(f"{name} (graph kept)", a, c)
+        assert torch.equal(a, b), name
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ext.linear_cross_entropy(hh, ww, t).backward()  # seed 1.0: no scaling pass at all
+    assert_close("dweight via .backward()", ww.grad, want[1] / 3.0)
+    h0, w0 = _randn(0, 24).requires_grad_(), w.clone().requires_grad_()
+    ext.linear_cross_entropy(h0, w0, torch.zeros(0, dtype=torch.long)).backward()
+    assert torch.equal(w0.grad, torch.zeros_like(w0))
+
+
 def test_cross_entropy_ignore_index_value():
     h, w = _randn(4, 8), _randn(11, 8, seed=1)
     t = torch.tensor([3, 7, 7, 0])
@@ -180,6 +203,29 @@ def test_noncontiguous_inputs():
     assert_close("layer_norm transposed", ext.layer_norm(x, w, None), ref.layer_norm(x, w, None))
     q, k, v = (_randn(1, 11, 2, 16, seed=s).transpose(1, 2) for s in range(3))  # (1, 2, 11, 16) views
     assert_close("attention transposed", ext.attention(q, k, v), ref.attention(q, k, v))
+
+
+def test_attention_reads_a_kv_cache_view_in_place():
+    """The CPU forward takes k, v as a cache's first T positions (heads spaced block_size apart)
+    without copying them, and gives what contiguous copies give; gradients still flow."""
+    cache = _randn(2, 2, 3, 19, 16, seed=4)  # (k/v, B, nh, block_size, hs)
+    k, v = cache[0, :, :, :11], cache[1, :, :, :11]  # (2, 3, 11, 16) views, heads 19 * 16 apart
+    assert not k.is_contiguous() and ext._heads_evenly_spaced(k)
+    q = _randn(2, 3, 4, 16, seed=5)
+    y, lse = torch.ops.gpt2k.attention_fwd(q, k, v, True, 0.0)
+    y_dense, lse_dense = torch.ops.gpt2k.attention_fwd(q, k.contiguous(), v.contiguous(), True, 0.0)
+    assert torch.equal(y, y_dense) and torch.equal(lse, lse_dense)
+    assert_close("attention on a cache view", ext.attention(q, k, v), ref.attention(q, k, v))
+    grads = []
+    for fn in (ext.attention, ref.attention):  # gradients reach the cache through the views
+        c = cache.clone().requires_grad_()
+        fn(q, c[0, :, :, :11], c[1, :, :, :11]).square().sum().backward()
+        grads.append(c.grad)
+    assert_close("gradient through cache views", grads[0], grads[1])
+    assert grads[0][:, :, :, 11:].abs().max() == 0  # positions past T get none
+    # A layout the op cannot read (rows not contiguous) is refused, naming the argument.
+    with pytest.raises(RuntimeError, match="argument 'k' must be contiguous, or a view"):
+        torch.ops.gpt2k.attention_fwd(q, k.transpose(2, 3).contiguous().transpose(2, 3)[:, :, :11], v, True, 0.0)
 
 
 def test_attention_dropout_falls_back_to_reference():
@@ -216,6 +262,20 @@ def test_results_do_not_depend_on_thread_count():
         torch.set_num_threads(previous)
     for i, (a, b3) in enumerate(zip(one, three)):
         assert torch.equal(a, b3), f"output {i} differs between 1 and 3 threads"
+
+
+def test_cpu_kernels_run_the_vector_build_this_cpu_supports():
+    """On a CPU where torch runs its AVX2 / AVX-512 kernels, ours must not fall back to the SSE2 build.
+
+    The loops are built in three versions (target_clones) picked by CPU feature when the library
+    loads; a dispatch keyed on the wrong thing (a CPU model name, say) silently runs the baseline
+    build, 4 to 7 times slower, with every parity test still passing.
+    """
+    level = ext.cpu_simd_level()
+    torch_level = torch.backends.cpu.get_cpu_capability()
+    assert level in {"avx512", "avx2", "sse2", "native"}, level
+    if torch_level in {"AVX2", "AVX512"}:
+        assert level != "sse2", f"torch runs {torch_level} kernels here but the extension runs its SSE2 build"
 
 
 def test_registry_builds_cuda_backend_on_cpu():
