@@ -164,8 +164,9 @@ def auto_threads() -> tuple[int | None, str]:
 def pytest_report_header(config):
     why = getattr(config, "_bench_threads_why", None)
     lines = [f"bench: {why}"] if why else []
-    lines.append(f"bench: THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')} "
-                 "(CPU tensors on transparent huge pages, as gpt2 train runs)")
+    thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
+    lines.append(f"bench: THP_MEM_ALLOC_ENABLE={thp} " + ("(large CPU tensors on transparent huge pages, as gpt2 "
+                                                          "train runs)" if thp == "1" else "(torch's default pages)"))
     return lines
 
 

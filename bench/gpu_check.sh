@@ -143,7 +143,14 @@ run_step tests_rest "$(slice 240 10)" "$PY" -m pytest tests -m "not gpu" -q -p n
         grep -A 12 -E "^## (train_step|generate)" "$OUTDIR/bench_report.md" | grep -E "^(##|\|)" | head -n 30
     fi
 } > "$OUTDIR/summary.md"
-tar -czf "$OUTDIR/gpu_check.tar.gz.tmp" -C "$OUTDIR" --exclude=gpu_check.tar.gz --exclude=gpu_check.tar.gz.tmp \
-    --exclude=.steps . \
-    && mv "$OUTDIR/gpu_check.tar.gz.tmp" "$OUTDIR/gpu_check.tar.gz"
+# The archive is written outside OUTDIR, then moved in: written inside, its own growth changes the
+# folder under tar's feet ("file changed as we read it", exit 1) and the archive was never kept.
+TAR_TMP=$(mktemp "${TMPDIR:-/tmp}/gpu_check.XXXXXX") || TAR_TMP=""
+if [ -n "$TAR_TMP" ] && tar -czf "$TAR_TMP" -C "$OUTDIR" --exclude=gpu_check.tar.gz --exclude=.steps . \
+        2> "$OUTDIR/tar.log"; then
+    mv "$TAR_TMP" "$OUTDIR/gpu_check.tar.gz" && chmod 644 "$OUTDIR/gpu_check.tar.gz"
+else
+    echo "gpu_check: could not write gpu_check.tar.gz (see $OUTDIR/tar.log); the files themselves are in $OUTDIR" >&2
+    rm -f "$TAR_TMP"
+fi
 cat "$OUTDIR/summary.md"

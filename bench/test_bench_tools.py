@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -172,6 +173,25 @@ def test_gpu_check_script_parses_and_needs_an_outdir():
     assert subprocess.run(["bash", "-n", script], check=False).returncode == 0
     res = subprocess.run(["bash", script], check=False, capture_output=True, text=True)
     assert res.returncode == 2 and "usage" in res.stderr
+
+
+def test_gpu_check_script_writes_summary_and_archive_with_every_step_skipped(tmp_path):
+    """The script's own plumbing, without a GPU: each skipped step gets a summary row with its
+    reason, and the archive callers copy back is written. (It used to be written inside the folder
+    it archives; tar then failed now and then with "file changed as we read it" and kept none.)"""
+    script = os.path.join(HERE, "gpu_check.sh")
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_BUDGET="60",
+               GPU_CHECK_SKIP="build kernel_report tests_gpu bench tests_rest")
+    res = subprocess.run(["bash", script, str(out)], check=False, capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = (out / "summary.md").read_text()
+    for step in ("build", "kernel_report", "tests_gpu", "bench", "tests_rest"):
+        assert f"| {step} | skipped | 0 | named in GPU_CHECK_SKIP |" in summary, summary
+    with tarfile.open(out / "gpu_check.tar.gz") as tar:
+        names = {os.path.basename(n) for n in tar.getnames()}
+    assert {"summary.md", "env.log"} <= names, names
 
 
 def test_bad_thread_count_is_a_usage_error():
