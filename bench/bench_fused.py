@@ -22,10 +22,13 @@ ceiling.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
-from bench.common import DTYPE_ALIASES, DTYPES, device_name, record_rates, synchronize
+from bench import cases
+from bench.common import DTYPE_ALIASES, DTYPES, bench_device, device_name, record_rates, synchronize
 from bench.shapes import GRIDS, grid_name
 
 IMPLS = ("torch", "cuda")
@@ -33,9 +36,6 @@ PIECES = {"bias_gelu": "mlp", "cross_entropy": "linear_cross_entropy"}  # piece 
 
 
 def _cases(config) -> list:
-    from bench import cases
-    from bench.common import bench_device
-
     device = bench_device()
     grid = grid_name(device.type, config.getoption("--full"))
     backends = cases.parse_list(config.getoption("--bench-backends"))
@@ -127,8 +127,6 @@ def test_fused_piece(benchmark, piece_case, device, ceilings, settings):
     def target():
         call()
         synchronize(device)  # inside the timed call
-
-    import time
 
     target()  # warm-up
     t0 = time.perf_counter()

@@ -21,14 +21,13 @@ there it runs only under its interpreter, which is far too slow to be worth timi
 from __future__ import annotations
 
 import os
-import sys
 import time
 
-# As `gpt2 train` does (gpt2/cli.py): large CPU tensors on transparent huge pages, so that a run
-# times the kernels rather than the kernel's page faults. torch reads this once, at its first
-# allocation; a value set by the user wins, and once torch is loaded it is left alone.
-if "torch" not in sys.modules:
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+from gpt2.cli import allocator_defaults
+
+# As `gpt2 train` does: large CPU tensors on transparent huge pages, so that a run times the
+# kernels rather than the kernel's page faults. Must run before torch is first imported.
+allocator_defaults()
 
 import pytest
 

@@ -61,11 +61,17 @@ void check_device(const char* op, const char* arg, const Tensor& t, const char* 
               "' is on ", ref.device(), "; all tensor arguments must be on the same device");
 }
 
-void check_like(const char* op, const char* arg, const Tensor& t, const char* ref_arg, const Tensor& ref) {
+// Same device and dtype as `ref`.
+void check_same_kind(const char* op, const char* arg, const Tensor& t, const char* ref_arg, const Tensor& ref) {
   check_device(op, arg, t, ref_arg, ref);
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": argument '", arg, "' has dtype ",
               dtype_name(t.scalar_type()), " but '", ref_arg, "' has ", dtype_name(ref.scalar_type()),
               "; they must match");
+}
+
+// Same device and dtype as `ref`, and contiguous.
+void check_like(const char* op, const char* arg, const Tensor& t, const char* ref_arg, const Tensor& ref) {
+  check_same_kind(op, arg, t, ref_arg, ref);
   check_contiguous(op, arg, t);
 }
 
@@ -169,11 +175,8 @@ void check_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, doub
   check_dim(op, "k", k, 4, "(B, nh, Tk, hs)");
   check_dim(op, "v", v, 4, "(B, nh, Tk, hs)");
   if (strided_kv) {  // heads may be spaced apart (a KV cache's view), each head's (Tk, hs) rows contiguous
-    check_device(op, "k", k, "q", q);
-    check_device(op, "v", v, "q", q);
     for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"k", k}, {"v", v}}) {
-      TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": argument '", name, "' has dtype ",
-                  dtype_name(t.scalar_type()), " but 'q' has ", dtype_name(q.scalar_type()), "; they must match");
+      check_same_kind(op, name, t, "q", q);
       TORCH_CHECK(uniform_head_stride(t) >= 0, op, ": argument '", name, "' must be contiguous, or a view whose "
                   "heads are contiguous (T, hs) blocks evenly spaced (got strides ", t.strides(), " for shape ",
                   t.sizes(), "); kernels.cuda makes its inputs contiguous before calling the op");

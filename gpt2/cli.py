@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _allocator_defaults() -> None:
+def allocator_defaults() -> None:
     # Large CPU tensors (the loss head's (V, C) gradient, activations) are mmap'd fresh on every
     # allocation, and first-touching them 4 KiB page by page took about a third of a training step
     # on the 2-core test machine. With transparent huge pages (torch's THP_MEM_ALLOC_ENABLE) the
@@ -124,7 +124,7 @@ def _allocator_defaults() -> None:
 
 def main(argv=None) -> int:
     """Run the command line; returns the exit status."""
-    _allocator_defaults()
+    allocator_defaults()
     from gpt2.data import DataError
     from gpt2.model import ConfigError
     from kernels.registry import BackendError, SpecError

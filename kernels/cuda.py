@@ -205,9 +205,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
                       f"dropout_p={dropout_p}", stacklevel=2)
         return ref.attention(q, k, v, causal=causal, dropout_p=dropout_p)
     ops = _ops()
-    if k.device.type == "cpu" and _heads_evenly_spaced(k) and _heads_evenly_spaced(v) and k.stride() == v.stride():
-        pass  # the CPU op reads a KV cache's view in place; copying it would cost O(context) per step
-    else:
+    # The CPU op reads a KV cache's view in place; copying it would cost O(context) per step.
+    if not (k.device.type == "cpu" and k.stride() == v.stride() and _heads_evenly_spaced(k)):
         k, v = k.contiguous(), v.contiguous()
     y, _lse = ops.attention_fwd(q.contiguous(), k, v, bool(causal), 0.0)
     return y
@@ -301,7 +300,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += rows.sum()
         if dw is not None and n == 0:  # no rows, no chunk wrote it
             dw.zero_()
-        del buf
         # Kept as attributes, not saved tensors, so that a backward which frees the graph can hand
         # them on without a copy (see backward).
         ctx.dh, ctx.dw = dh, dw

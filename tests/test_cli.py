@@ -45,7 +45,7 @@ def test_cli_sets_huge_pages_before_torch_loads():
     """`gpt2` must import without torch, so that its THP_MEM_ALLOC_ENABLE default reaches torch's
     allocator (read once, at torch's first allocation); a value the user set is kept."""
     code = ("import os, sys; import gpt2.cli; assert 'torch' not in sys.modules, 'gpt2.cli imported torch'; "
-            "gpt2.cli._allocator_defaults(); print(os.environ['THP_MEM_ALLOC_ENABLE'])")
+            "gpt2.cli.allocator_defaults(); print(os.environ['THP_MEM_ALLOC_ENABLE'])")
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env)
     assert res.returncode == 0 and res.stdout.strip() == "1", res.stderr
