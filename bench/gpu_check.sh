@@ -8,14 +8,17 @@
 # Needs nothing from the network (pip runs with --no-index; Hugging Face is set offline). Aims to
 # finish within GPU_CHECK_BUDGET seconds (default 560, for a 10-minute slot): each step gets a
 # slice of what is left and is killed past it; a failed or killed step is logged and the next runs.
-# Files in OUTDIR: env.log, build.log, tests_gpu.log, kernel_report.log, report.json, bench.log,
-# bench.json, bench_report.md (+ PNGs), tests_rest.log, summary.md, and gpu_check.tar.gz holding them all
-# (for callers that can copy back only a few files).
+# Files in OUTDIR: env.log, build.log, hazards_triton.log, hazards_backends.log (+ hazards/*.json: the
+# hazards script, bench/hazards.py), tests_gpu.log, kernel_report.log, report.json, bench.log, bench.json,
+# bench_report.md (+ PNGs), tests_rest.log, summary.md, and gpu_check.tar.gz holding them all (for callers
+# that can copy back only a few files).
 #
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds), GPU_CHECK_SKIP (space-separated
 # step names to skip, e.g. "build tests_rest"), GPU_CHECK_BENCH_ARGS (extra pytest options for the
 # benchmarks, e.g. "--full" or "--bench-backends torch,triton"), GPU_CHECK_REPORT_ARGS (extra options
-# for python -m kernels.report, e.g. "--arch sm_90").
+# for python -m kernels.report, e.g. "--arch sm_90"), GPU_CHECK_TEST_ARGS (extra pytest options for both
+# test steps, e.g. "-n 8" with pytest-xdist), TORCH_CUDA_ARCH_LIST (default: this GPU's architecture alone,
+# for a short build).
 set -u
 
 if [ $# -ne 1 ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
@@ -34,6 +37,10 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}   # parallel compilation of the extension
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then  # this GPU only: one nvcc pass instead of five
+    TORCH_CUDA_ARCH_LIST=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
+    [ -n "$TORCH_CUDA_ARCH_LIST" ] && export TORCH_CUDA_ARCH_LIST || unset TORCH_CUDA_ARCH_LIST
+fi
 unset TRITON_INTERPRET                   # real GPU kernels, never the interpreter
 
 STEPS="$OUTDIR/.steps"   # one summary row per step (a file, so background steps can add theirs)
@@ -100,33 +107,41 @@ build() {
     "$PY" -c "import kernels; why = kernels.unavailable_reason('cuda', 'cuda'); \
 print('cuda backend:', 'available' if why is None else 'unavailable: ' + why)"
 }
-run_step build "$(slice 200 330)" build
+# The build (CPU) runs beside the hazards script's Triton-only sections (GPU); the sections that compare
+# backends, the extension among them, run once the build is done.
+export -f build  # run_step runs its command under timeout(1), which can run a program, not a shell function
+export PY
+run_step build "$(slice 200 330)" bash -c build &
+BUILD_PID=$!
+run_step hazards_triton "$(slice 150 330)" "$PY" -m bench.hazards --out "$OUTDIR/hazards" --json-name triton \
+    --only env,ceilings,specialise,loss_stride,loss_chunks
+wait "$BUILD_PID"
+run_step hazards_backends "$(slice 120 300)" "$PY" -m bench.hazards --out "$OUTDIR/hazards" --json-name backends \
+    --only fp16_loss_scale,grad_scaler,determinism,decode
 
-# 2 and 3 side by side: the static kernel report (compiles every launch configuration ahead of time,
-# CPU only) in the background while the GPU tests (bf16/fp16 parity and the rest marked gpu) run.
-# Both are done before any benchmark starts, so neither disturbs the timings.
+# 2. The tests on the GPU, before any benchmark: first those marked gpu (bf16, GPT-2-sized shapes, the
+# extension's CUDA kernels), then all the others, which run on the GPU too when there is one. The static
+# kernel report (CPU only: ahead-of-time compiles) runs beside them.
 run_step kernel_report "$(slice 150 240)" "$PY" -m kernels.report --json "$OUTDIR/report.json" \
     ${GPU_CHECK_REPORT_ARGS:-} &
 REPORT_PID=$!
-run_step tests_gpu "$(slice 150 240)" "$PY" -m pytest tests -m gpu -q -rs -p no:cacheprovider
+run_step tests_gpu "$(slice 150 240)" "$PY" -m pytest tests -m gpu -q -rs -p no:cacheprovider ${GPU_CHECK_TEST_ARGS:-}
+run_step tests_rest "$(slice 200 170)" "$PY" -m pytest tests -m "not gpu" -q -p no:cacheprovider ${GPU_CHECK_TEST_ARGS:-}
 wait "$REPORT_PID"
 
-# 4. The benchmark suite; --bench-budget stops starting benchmarks in time for the JSON to be written.
-BENCH_LIMIT=$(slice 300 60)
+# 3. The benchmark suite; --bench-budget stops starting benchmarks in time for the JSON to be written.
+BENCH_LIMIT=$(slice 300 40)
 run_step bench "$BENCH_LIMIT" "$PY" -m pytest bench --benchmark-only -q -rs -p no:cacheprovider \
-    --benchmark-json "$OUTDIR/bench.json" --bench-budget $(( BENCH_LIMIT > 100 ? BENCH_LIMIT - 75 : 25 )) \
+    --benchmark-json "$OUTDIR/bench.json" --bench-budget $(( BENCH_LIMIT > 100 ? BENCH_LIMIT - 60 : 25 )) \
     ${GPU_CHECK_BENCH_ARGS:-}
 
-# 5. Markdown tables and plots.
+# 4. Markdown tables and plots.
 rm -f "$OUTDIR/bench_report.md"
 if [ -s "$OUTDIR/bench.json" ]; then
     run_step bench_report "$(slice 60 5)" "$PY" -m bench.report "$OUTDIR/bench.json" --out "$OUTDIR"
 else
     echo "| bench_report | skipped | 0 | no bench.json was written |" >> "$STEPS"
 fi
-
-# 6. The rest of the test suite, with whatever time is left.
-run_step tests_rest "$(slice 240 10)" "$PY" -m pytest tests -m "not gpu" -q -p no:cacheprovider
 
 # Summary: the step table, then the headline benchmark rows.
 {

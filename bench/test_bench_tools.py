@@ -182,12 +182,12 @@ def test_gpu_check_script_writes_summary_and_archive_with_every_step_skipped(tmp
     script = os.path.join(HERE, "gpu_check.sh")
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_BUDGET="60",
-               GPU_CHECK_SKIP="build kernel_report tests_gpu bench tests_rest")
+               GPU_CHECK_SKIP="build hazards_triton hazards_backends kernel_report tests_gpu bench tests_rest")
     res = subprocess.run(["bash", script, str(out)], check=False, capture_output=True, text=True, env=env,
                          timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     summary = (out / "summary.md").read_text()
-    for step in ("build", "kernel_report", "tests_gpu", "bench", "tests_rest"):
+    for step in ("build", "hazards_triton", "hazards_backends", "kernel_report", "tests_gpu", "bench", "tests_rest"):
         assert f"| {step} | skipped | 0 | named in GPU_CHECK_SKIP |" in summary, summary
     with tarfile.open(out / "gpu_check.tar.gz") as tar:
         names = {os.path.basename(n) for n in tar.getnames()}

@@ -53,16 +53,15 @@ head walks all Tk keys (no split over keys); dropout needs Tq * Tk < 2**31 per h
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels.aot import LaunchConfig
+from kernels.runtime import arch, capability, check_dtype, interpreting, launch
 
 __all__ = ["AttentionFunction", "attention", "attention_bwd", "attention_fwd", "dropout_keep_mask", "launch_configs"]
 
@@ -70,6 +69,10 @@ LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 HEAD_SIZES = (32, 64, 128)
 # Philox counters are int32 element indices within one (batch, head): row * Tk + col, rows padded to a block.
 _MAX_DROPOUT_ELEMS = 2**31 - 1
+# Integers that change from call to call: Triton's JIT would turn each into a constexpr when it is 1 (seed = 1 then
+# failed to compile: ``seed.to`` on a constant) and compile a variant per "divisible by 16" pattern, i.e. recompile as
+# a decoding run's lengths grow. They are passed as plain i32 instead: one compiled kernel for every length and seed.
+_VARYING = ("Tq", "Tk", "shift", "seed")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -124,7 +127,7 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, end, offs_m, offs_n
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING)
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,  # q (B, nh, Tq, HEAD), k and v (B, nh, Tk, HEAD), out o (B, nh, Tq, HEAD), out lse fp32 (B*nh, Tq)
     stride_qb, stride_qh, stride_qt,  # q strides in elements: batch, head, position (feature: 1)
@@ -178,7 +181,7 @@ def _attn_fwd_kernel(
     tl.store(LSE + bh * Tq + offs_m, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("Tq",))
 def _attn_bwd_preprocess_kernel(
     O, DO, DELTA,  # o and do (B, nh, Tq, HEAD), out delta fp32 (B*nh, Tq)
     stride_ob, stride_oh, stride_ot,  # o strides in elements: batch, head, position (feature: 1)
@@ -244,7 +247,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE_bh, DELTA_bh, start,
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING)
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,  # q, do (B, nh, Tq, HEAD); k, v (B, nh, Tk, HEAD); lse, delta fp32 (B*nh, Tq);
     # out dk, dv contiguous (B, nh, Tk, HEAD)
@@ -324,7 +327,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start, end, offs_
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING)
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,  # q, do (B, nh, Tq, HEAD); k, v (B, nh, Tk, HEAD); lse, delta fp32 (B*nh, Tq);
     # out dq contiguous (B, nh, Tq, HEAD)
@@ -376,7 +379,7 @@ def _attn_bwd_dq_kernel(
     tl.store(tl.multiple_of(DQ + out, [16, 16]), (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("Tq", "Tk", "seed"))
 def _dropout_mask_kernel(
     MASK,  # out int8 (B*nh, Tq, Tk), 1 where the attention weight is kept
     Tq, Tk,  # query and key positions
@@ -449,27 +452,13 @@ _CUDA = torch.device("cuda")
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def _arch_class(cc: int) -> int:
-    """The row of _TILES for compute capability ``cc`` (e.g. 86): grouped by per-block shared memory."""
-    if cc < 75:
-        raise ValueError(f"attention: compute capability {cc // 10}.{cc % 10} is not supported (needs 7.5 or newer)")
-    if cc in (80, 87):
-        return 80  # 163 KB per block
-    if cc >= 90 and cc != 120:
-        return 90  # 227 KB per block
-    if cc >= 86:
-        return 86  # 99 KB per block (sm_86, sm_89, sm_120)
-    return 75  # 64 KB per block
-
-
 def _tiles(kernel: str, dtype: torch.dtype, head: int, dropout: bool, device: torch.device, cc: int | None):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one kernel; ``cc`` overrides the device's architecture."""
     if cc is None:
         if device.type != "cuda":
             return _INTERPRETER_TILES[kernel]
-        major, minor = torch.cuda.get_device_capability(device)
-        cc = 10 * major + minor
-    table = _TILES[kernel][_arch_class(cc)]
+        cc = capability(device)
+    table = _TILES[kernel][arch(cc).tiles]
     if dtype == torch.float32:
         return table["fp32"]
     return table[(128 if head == 128 else 64, dropout)]
@@ -520,10 +509,6 @@ def launch_configs(cc: int) -> list[LaunchConfig]:
     return configs
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _check_inputs(q, k, v, causal, dropout_p) -> None:
     """Raise a TypeError/ValueError naming ``attention`` and the argument for anything the kernels do not support."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -559,14 +544,14 @@ def _check_inputs(q, k, v, causal, dropout_p) -> None:
         raise ValueError(f"attention: dropout indexes each head's (Tq + 128) x Tk weights in int32; Tq={Tq}, Tk={Tk} "
                          "is too long")
     if q.device.type == "cpu":
-        if not _interpreting():
+        if not interpreting():
             raise ValueError("attention: q is a CPU tensor but the Triton interpreter is off; "
                              "set TRITON_INTERPRET=1 or use a CUDA tensor")
         if q.dtype == torch.bfloat16:
             raise TypeError("attention: bfloat16 is not supported by the Triton CPU interpreter; "
                             "use float16/float32 or a CUDA tensor")
-    elif q.device.type == "cuda" and q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device) < (8, 0):
-        raise TypeError("attention: bfloat16 needs a GPU of compute capability 8.0 or newer; use float16 on this one")
+    elif q.device.type == "cuda":
+        check_dtype("attention", q.device, q.dtype)
     elif q.device.type != "cuda":
         raise ValueError(f"attention: tensors on device type {q.device.type!r} are not supported; use CUDA "
                          "(or CPU with TRITON_INTERPRET=1)")
@@ -597,11 +582,6 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return tuple(stride if size > 1 else 0 for size, stride in zip(t.shape[:3], t.stride()[:3]))
 
 
-def _on(device: torch.device):
-    # Triton launches on the current CUDA device: make it the tensors' one.
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _shift(Tq: int, Tk: int, causal: bool) -> int:
     # Query row i sees keys j <= i + shift: its absolute position Tk - Tq + i when causal; every key otherwise.
     return Tk - Tq if causal else Tk
@@ -630,14 +610,10 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     lse = torch.empty((B, nh, Tq), dtype=torch.float32, device=q.device)
     block_m, block_n, warps, stages = _tiles("fwd", q.dtype, hs, dropout_p > 0.0, q.device, cc)
     grid = (triton.cdiv(Tq, block_m), B * nh)
-    with _on(q.device):
-        _attn_fwd_kernel[grid](
-            q, k, v, o, lse,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            nh, Tq, Tk, _shift(Tq, Tk, causal), LOG2E / math.sqrt(hs), int(seed), float(dropout_p),
-            1.0 / (1.0 - float(dropout_p)),
-            HEAD=hs, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout_p > 0.0, num_warps=warps, num_stages=stages,
-        )
+    launch(_attn_fwd_kernel, grid, q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+           nh, Tq, Tk, _shift(Tq, Tk, causal), LOG2E / math.sqrt(hs), int(seed), float(dropout_p),
+           1.0 / (1.0 - float(dropout_p)),
+           HEAD=hs, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout_p > 0.0, num_warps=warps, num_stages=stages)
     return o, lse
 
 
@@ -664,11 +640,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         raise ValueError(f"attention: lse must be a contiguous float32 ({B}, {nh}, {Tq}) tensor")
     q, k, v, o, do = _aligned(q), _aligned(k), _aligned(v), _aligned(o), _aligned(do.to(q.dtype))
     delta = torch.empty((B, nh, Tq), dtype=torch.float32, device=q.device)
-    with _on(q.device):
-        _attn_bwd_preprocess_kernel[(triton.cdiv(Tq, _PREPROCESS_BLOCK_M), B * nh)](
-            o, do, delta, *_strides(o), *_strides(do), nh, Tq, HEAD=hs, BLOCK_M=_PREPROCESS_BLOCK_M, num_warps=4,
-            num_stages=1,
-        )
+    launch(_attn_bwd_preprocess_kernel, (triton.cdiv(Tq, _PREPROCESS_BLOCK_M), B * nh), o, do, delta,
+           *_strides(o), *_strides(do), nh, Tq, HEAD=hs, BLOCK_M=_PREPROCESS_BLOCK_M, num_warps=4, num_stages=1)
     dq = torch.empty((B, nh, Tq, hs), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, nh, Tk, hs), dtype=q.dtype, device=q.device)
     dv = torch.empty((B, nh, Tk, hs), dtype=q.dtype, device=q.device)
@@ -676,17 +649,13 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     scalars = (nh, Tq, Tk, _shift(Tq, Tk, causal), LOG2E * sm_scale, sm_scale, int(seed), float(dropout_p),
                1.0 / (1.0 - float(dropout_p)))
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    with _on(q.device):
-        block_m, block_n, warps, stages = _tiles("dkdv", q.dtype, hs, dropout_p > 0.0, q.device, cc)
-        _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, block_n), B * nh)](
-            q, k, v, do, lse, delta, dk, dv, *strides, *scalars,
-            HEAD=hs, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout_p > 0.0, num_warps=warps, num_stages=stages,
-        )
-        block_m, block_n, warps, stages = _tiles("dq", q.dtype, hs, dropout_p > 0.0, q.device, cc)
-        _attn_bwd_dq_kernel[(triton.cdiv(Tq, block_m), B * nh)](
-            q, k, v, do, lse, delta, dq, *strides, *scalars,
-            HEAD=hs, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout_p > 0.0, num_warps=warps, num_stages=stages,
-        )
+    block_m, block_n, warps, stages = _tiles("dkdv", q.dtype, hs, dropout_p > 0.0, q.device, cc)
+    launch(_attn_bwd_dkdv_kernel, (triton.cdiv(Tk, block_n), B * nh), q, k, v, do, lse, delta, dk, dv, *strides,
+           *scalars, HEAD=hs, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout_p > 0.0, num_warps=warps,
+           num_stages=stages)
+    block_m, block_n, warps, stages = _tiles("dq", q.dtype, hs, dropout_p > 0.0, q.device, cc)
+    launch(_attn_bwd_dq_kernel, (triton.cdiv(Tq, block_m), B * nh), q, k, v, do, lse, delta, dq, *strides, *scalars,
+           HEAD=hs, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout_p > 0.0, num_warps=warps, num_stages=stages)
     return dq, dk, dv
 
 
@@ -705,14 +674,12 @@ def dropout_keep_mask(seed: int, B: int, nh: int, Tq: int, Tk: int, dropout_p: f
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"attention: dropout_p must be a float in [0, 1), got {dropout_p!r}")
     mask = torch.empty((B, nh, Tq, Tk), dtype=torch.int8, device=device)
-    if mask.device.type == "cpu" and not _interpreting():
+    if mask.device.type == "cpu" and not interpreting():
         raise ValueError("attention: dropout_keep_mask on the CPU needs the Triton interpreter; "
                          "set TRITON_INTERPRET=1 or use a CUDA device")
     bm, bn = _MASK_BLOCK
-    with _on(mask.device):
-        _dropout_mask_kernel[(triton.cdiv(Tq, bm), triton.cdiv(Tk, bn), B * nh)](
-            mask, Tq, Tk, int(seed), float(dropout_p), BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1,
-        )
+    launch(_dropout_mask_kernel, (triton.cdiv(Tq, bm), triton.cdiv(Tk, bn), B * nh), mask, Tq, Tk, int(seed),
+           float(dropout_p), BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
     return mask.bool()
 
 

@@ -57,15 +57,13 @@ Launch choices (``_tile``): a program holds a tile of BLOCK_R whole rows x BLOCK
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from kernels.aot import LaunchConfig
-from kernels.registry import interpreter_enabled
+from kernels.runtime import check_dtype, interpreting, launch, sm_count
 
 __all__ = [
     "MAX_C",
@@ -91,7 +89,7 @@ _TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("n_rows",))
 def _layer_norm_fwd_kernel(
     X,  # (N, C) input rows, contiguous
     R,  # (N, C) residual, same dtype as X; read only when HAS_RESIDUAL
@@ -147,7 +145,7 @@ def _layer_norm_fwd_kernel(
 #   dw = sum_n dy * xhat,   db = sum_n dy.
 # For the add variant s = x + residual feeds both y and the output s, so the gradient reaching
 # x and residual is dx above plus ds.
-@triton.jit
+@triton.jit(do_not_specialize=("n_rows", "rows_per_prog"))
 def _layer_norm_bwd_kernel(
     X,  # (N, C) the forward's normalised input (s for the add variant)
     W,  # (C,) fp32 scale
@@ -225,11 +223,6 @@ def _check_tensor(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> None:
         raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; put every argument on one device")
 
 
-@functools.cache
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
-
-
 def _check_inputs(op: str, x: torch.Tensor, weight, bias, residual=None) -> None:
     """Raise a clear error for anything the kernels do not support."""
     if not isinstance(x, torch.Tensor):
@@ -245,7 +238,7 @@ def _check_inputs(op: str, x: torch.Tensor, weight, bias, residual=None) -> None
             "(a row is held in registers)"
         )
     if x.device.type == "cpu":
-        if not interpreter_enabled():
+        if not interpreting():
             raise RuntimeError(
                 f"{op}: x is a CPU tensor but Triton kernels run on the CPU only under the interpreter "
                 "(set TRITON_INTERPRET=1 before importing kernels.layer_norm), or move x to a CUDA device"
@@ -254,10 +247,7 @@ def _check_inputs(op: str, x: torch.Tensor, weight, bias, residual=None) -> None
             raise TypeError(f"{op}: x is bfloat16, which the Triton CPU interpreter does not support; "
                             "use float32/float16 on the CPU or run on a CUDA device")
     elif x.device.type == "cuda":
-        if x.dtype == torch.bfloat16 and _capability(x.device) < (8, 0):
-            major, minor = _capability(x.device)
-            raise TypeError(f"{op}: x is bfloat16, which needs compute capability >= 8.0 and this GPU is "
-                            f"{major}.{minor}; use float16")
+        check_dtype(op, x.device, x.dtype)
     else:
         raise RuntimeError(f"{op}: x is on {x.device}; the Triton kernels run on CUDA devices (or the CPU interpreter)")
     for name, p in (("weight", weight), ("bias", bias)):
@@ -283,12 +273,6 @@ def _param(p: torch.Tensor | None, C: int, fill: float, like: torch.Tensor) -> t
     if p is None:
         return torch.full((C,), fill, dtype=torch.float32, device=like.device)
     return p.detach().to(torch.float32).contiguous()
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter runs programs one after another: few programs, long loops
 
 
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5,
@@ -322,11 +306,8 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
         b = _param(bias, C, 0.0, x)
         block_c, block_r, num_warps = _tile(C)
         grid = (triton.cdiv(n_rows, block_r),)
-        _layer_norm_fwd_kernel[grid](
-            x2, r2, s, y, w, b, mean, rstd, n_rows, C, float(eps),
-            HAS_RESIDUAL=residual is not None, BLOCK_R=block_r, BLOCK_C=block_c,
-            num_warps=num_warps, num_stages=1,
-        )
+        launch(_layer_norm_fwd_kernel, grid, x2, r2, s, y, w, b, mean, rstd, n_rows, C, float(eps),
+               HAS_RESIDUAL=residual is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps, num_stages=1)
     s_out = s.view(shape) if residual is not None else None
     return y.view(shape), s_out, mean.view(shape[:-1]), rstd.view(shape[:-1])
 
@@ -358,7 +339,7 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | Non
         return dx.view(shape), zeros, zeros.clone()
     block_c, block_r, num_warps = _tile(C, backward=True)
     if rows_per_program is None:
-        programs = _num_sms(x.device) * max(1, 16 // num_warps)
+        programs = (sm_count(x.device) or 4) * max(1, 16 // num_warps)  # 4: the interpreter runs programs in turn
         rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), block_r) * block_r
     if rows_per_program < 1:
         raise ValueError(f"layer_norm: rows_per_program must be >= 1, got {rows_per_program}")
@@ -366,11 +347,9 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | Non
     w = _param(weight, C, 1.0, x)
     dw_partial = torch.empty((n_prog, C), dtype=torch.float32, device=x.device)
     db_partial = torch.empty((n_prog, C), dtype=torch.float32, device=x.device)
-    _layer_norm_bwd_kernel[(n_prog,)](
-        x2, w, mean.contiguous(), rstd.contiguous(), dy2, ds2, dx, dw_partial, db_partial,
-        n_rows, C, rows_per_program,
-        HAS_DS=ds is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps, num_stages=1,
-    )
+    launch(_layer_norm_bwd_kernel, (n_prog,), x2, w, mean.contiguous(), rstd.contiguous(), dy2, ds2, dx, dw_partial,
+           db_partial, n_rows, C, rows_per_program,
+           HAS_DS=ds is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps, num_stages=1)
     return dx.view(shape), dw_partial.sum(dim=0), db_partial.sum(dim=0)
 
 

@@ -72,7 +72,8 @@ import triton
 import triton.language as tl
 
 from kernels.aot import LaunchConfig
-from kernels.registry import interpreter_enabled
+from kernels.runtime import interpreting as interpreter_enabled
+from kernels.runtime import launch
 
 __all__ = [
     "LinearCrossEntropyFunction",
@@ -305,10 +306,8 @@ def linear_cross_entropy_fwd(h: torch.Tensor, weight: torch.Tensor, targets: tor
         s, e = c * chunk_rows, min(N, (c + 1) * chunk_rows)
         z = logits[: e - s]  # (rows, V), contiguous
         torch.mm(hc[s:e], wc.t(), out=z)
-        _linear_cross_entropy_fwd_kernel[(e - s,)](
-            z, t[s:e], losses[s:e], n_valid, err, z.stride(0), V, ignore_index,
-            COMPUTE_GRAD=grad, BLOCK_V=block_v, num_warps=num_warps, num_stages=num_stages,
-        )
+        launch(_linear_cross_entropy_fwd_kernel, (e - s,), z, t[s:e], losses[s:e], n_valid, err, z.stride(0), V,
+               ignore_index, COMPUTE_GRAD=grad, BLOCK_V=block_v, num_warps=num_warps, num_stages=num_stages)
         if not grad:
             continue
         if need_dh:

@@ -72,7 +72,6 @@ torch.compile) are unverified; ``bench/bench_mlp.py`` measures them.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -81,7 +80,7 @@ import triton
 import triton.language as tl
 
 from kernels.aot import LaunchConfig
-from kernels.registry import interpreter_enabled
+from kernels.runtime import arch, capability, check_dtype, interpreting, launch, sm_count
 
 __all__ = ["MLPFunction", "launch_configs", "matmul", "mlp", "mlp_bwd", "mlp_fwd"]
 
@@ -120,7 +119,7 @@ def _gelu_sigmoid(z):
     return 1.0 / (1.0 + e)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("M",))
 def _matmul_kernel(
     a_ptr,  # A (M, K): the left operand, any strides
     b_ptr,  # B (K, N): the right operand, any strides
@@ -256,43 +255,14 @@ _MAX_SPLIT_K = 8
 _MIN_K_PER_SPLIT = 512
 
 
-def _arch(cc: int) -> int:
-    """The row of ``_TILES`` for compute capability ``cc`` (e.g. 86), by shared memory size."""
-    if cc < 75:
-        raise RuntimeError(f"mlp: compute capability {cc // 10}.{cc % 10} is not supported; needs sm_75 or newer")
-    if 90 <= cc < 110:  # sm_90 / sm_100: 227 KB
-        return 90
-    if cc in (80, 87):  # A100 / Orin: 163 KB
-        return 80
-    if cc >= 80:  # sm_86, sm_89, sm_120: 99 KB
-        return 86
-    return 75
-
-
 def _default_role(epilogue: str) -> str:
     return "main" if epilogue == "none" else "epilogue"
-
-
-@functools.cache
-def _device_info(index: int) -> tuple[int, int]:
-    props = torch.cuda.get_device_properties(index)
-    return props.major * 10 + props.minor, props.multi_processor_count
-
-
-def _device_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
-def _sm_count(device: torch.device) -> int | None:
-    """Streaming multiprocessors of a CUDA device; None elsewhere (no split-K under the interpreter)."""
-    return _device_info(_device_index(device))[1] if device.type == "cuda" else None
 
 
 def _pick_tiles(device: torch.device, dtype: torch.dtype, role: str) -> Tiles:
     if device.type != "cuda":
         return _INTERPRETER_TILES
-    cc, _ = _device_info(_device_index(device))
-    return _TILES[_arch(cc)]["fp32" if dtype == torch.float32 else "lowp"][role]
+    return _TILES[arch(capability(device)).tiles]["fp32" if dtype == torch.float32 else "lowp"][role]
 
 
 def _auto_split_k(tiles: int, K: int, sms: int) -> int:
@@ -350,7 +320,7 @@ def launch_configs(cc: int) -> list[LaunchConfig]:
     Returns:
         A list of ``kernels.aot.LaunchConfig``.
     """
-    arch = _arch(cc)
+    row = arch(cc).tiles
     names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if cc >= 80 else [])
     ints = ("M", "N", "K", "k_split", "stride_am", "stride_ak", "stride_bk", "stride_bn",
@@ -358,7 +328,7 @@ def launch_configs(cc: int) -> list[LaunchConfig]:
     out = []
     for dtype in dtypes:
         t = names[dtype]
-        table = _TILES[arch]["fp32" if dtype == torch.float32 else "lowp"]
+        table = _TILES[row]["fp32" if dtype == torch.float32 else "lowp"]
         for site, unit, epi, has_bias, store_pre, col_sum, c_fp32, roles in _SITES:
             # distinct tiles, in order; a small-tile site also runs with one row (sampling a single
             # token), where the JIT makes M a constexpr 1 as well
@@ -432,7 +402,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *
     grid_mn = triton.cdiv(M, t.BLOCK_M) * triton.cdiv(N, t.BLOCK_N)
     splittable = epilogue == "none" and bias is None and not col_sum
     if split_k is None:
-        sms = _sm_count(a.device)
+        sms = sm_count(a.device)
         split_k = _auto_split_k(grid_mn, K, sms) if splittable and sms else 1
     if split_k < 1 or (split_k > 1 and not splittable):
         raise ValueError(f"matmul: split_k={split_k} needs epilogue 'none' without bias or column sums")
@@ -445,8 +415,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *
     colsum = torch.empty((n_row_blocks, N), device=a.device, dtype=torch.float32) if col_sum else None
     if M > 0 and N > 0:
         grid = (grid_mn, split_k)
-        _matmul_kernel[grid](
-            a, b, dest,
+        launch(
+            _matmul_kernel, grid, a, b, dest,
             bias if bias is not None else a,  # unused when HAS_BIAS is False
             pre if pre is not None else a,  # unused unless "gelu" with pre, or "gelu_grad"
             colsum if colsum is not None else dest,  # unused unless COL_SUM
@@ -577,7 +547,7 @@ def _check(x, w_fc, b_fc, w_proj, b_proj) -> None:
             raise ValueError(f"mlp: {name} is on {t.device} but x is on {x.device}; all tensors must share a device")
     dev = x.device.type
     if dev == "cpu":
-        if not interpreter_enabled():
+        if not interpreting():
             raise RuntimeError("mlp: the Triton backend got CPU tensors; Triton runs on CPU only under its "
                                "interpreter (set TRITON_INTERPRET=1 before importing kernels.mlp), else use a "
                                "CUDA device or the 'torch' backend")
@@ -585,11 +555,8 @@ def _check(x, w_fc, b_fc, w_proj, b_proj) -> None:
             raise TypeError("mlp: bfloat16 is not supported under the Triton CPU interpreter; "
                             "use float32 or float16 there, bfloat16 on a GPU")
     elif dev == "cuda":
-        cc, _ = _device_info(_device_index(x.device))
-        _arch(cc)
-        if x.dtype == torch.bfloat16 and cc < 80:
-            raise TypeError(f"mlp: bfloat16 needs compute capability >= 8.0, this GPU is {cc // 10}.{cc % 10}; "
-                            "use float16 or float32")
+        arch(capability(x.device))  # raises below sm_75
+        check_dtype("mlp", x.device, x.dtype)
     else:
         raise RuntimeError(f"mlp: the Triton backend runs on CUDA (or CPU under the interpreter), not {dev!r}")
 

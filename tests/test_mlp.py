@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernels import mlp as K
-from kernels import ref
+from kernels import ref, runtime
 from kernels.aot import LaunchConfig
 from kernels.testing import assert_close
 
@@ -294,11 +294,11 @@ def _record_launches(monkeypatch, cc):
                 splits.append(grid[1])
             return launch
 
-    arch = K._arch(cc)
+    arch = runtime.arch(cc).tiles
     monkeypatch.setattr(K, "_matmul_kernel", Recorder())
     monkeypatch.setattr(K, "_pick_tiles", lambda device, dtype, role: K._TILES[arch][
         "fp32" if dtype == torch.float32 else "lowp"][role])
-    monkeypatch.setattr(K, "_sm_count", lambda device: 132)  # as on an H100, so the weight grads split K
+    monkeypatch.setattr(K, "sm_count", lambda device: 132)  # as on an H100, so the weight grads split K
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if cc >= 80 else [])
     for dtype in dtypes:
         # 1100 rows, H = 1040: K long enough that a product asking for auto split-K would split (only

@@ -1,0 +1,255 @@
+"""What every Triton op module shares: the interpreter switch, the architecture table, device facts, dtype
+checks, and the one launch path.
+
+Every Triton launch of this package goes through ``launch(kernel, grid, *args, **kwargs)``, which
+
+- runs the kernel on the device of its tensor arguments and that device's current stream (Triton launches on
+  the *current* CUDA device; ``launch`` makes it the tensors' one, as flash-attention's ``CUDAGuard`` does), and
+- when ``record_launches()`` is active, records the launch as Triton's JIT would specialise it: each integer
+  argument equal to 1 becomes a constexpr, each integer or pointer divisible by 16 is marked aligned, unless
+  the kernel says ``do_not_specialize`` for it. ``kernels.report`` compiles those records ahead of time, so the
+  specialisations real launches produce are compiled on every CI run, not only the tidy ones.
+
+``tests/test_runtime.py`` fails if a kernel module launches anything another way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import os
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "ARCHS", "Arch", "LaunchRecord", "arch", "capability", "check_dtype", "default_dtype", "has_native_bf16",
+    "interpreting", "launch", "record_launches", "sm_count",
+]
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The one architecture table
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What the tile tables of the op modules key on.
+
+    ``tiles`` is the row of every op's tile table (75, 80, 86 or 90); ``shared`` the per-block opt-in shared
+    memory in bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin; CUDA C++ Programming Guide, "Technical
+    Specifications per Compute Capability").
+    """
+
+    cc: int
+    tiles: int
+    shared: int
+
+
+_KB = 1024
+# Compute capability -> (tile row, shared memory per block). Tile rows group architectures by shared memory and
+# matrix instructions: 90 = 227 KB (Hopper, datacenter Blackwell), 80 = 163 KB (A100, Orin), 86 = 99 KB (Ampere
+# and Ada consumer cards, consumer Blackwell sm_120/121), 75 = 64 KB (Turing: no tensor-core tl.dot in Triton).
+ARCHS = {
+    75: Arch(75, 75, 64 * _KB),
+    80: Arch(80, 80, 163 * _KB),
+    86: Arch(86, 86, 99 * _KB),
+    87: Arch(87, 80, 163 * _KB),
+    89: Arch(89, 86, 99 * _KB),
+    90: Arch(90, 90, 227 * _KB),
+    100: Arch(100, 90, 227 * _KB),
+    103: Arch(103, 90, 227 * _KB),
+    120: Arch(120, 86, 99 * _KB),
+    121: Arch(121, 86, 99 * _KB),
+}
+
+
+def arch(cc: int) -> Arch:
+    """The table entry for compute capability ``cc`` (e.g. 86); an unknown newer one takes its nearest lower
+    known one. Raises ValueError below sm_75."""
+    if cc < 75:
+        raise ValueError(f"compute capability {cc // 10}.{cc % 10} is not supported; the Triton kernels need 7.5 "
+                         "(Turing) or newer")
+    return ARCHS[max(c for c in ARCHS if c <= cc)]
+
+
+@functools.cache
+def _props(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def capability(device: torch.device) -> int:
+    """Compute capability of a CUDA device as one number (sm_86 -> 86)."""
+    p = _props(_index(device))
+    return p.major * 10 + p.minor
+
+
+def sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA device; None for a CPU tensor (the interpreter)."""
+    return _props(_index(device)).multi_processor_count if device.type == "cuda" else None
+
+
+def check_dtype(op: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Raise TypeError when the Triton kernels cannot compute in ``dtype`` on ``device``.
+
+    bfloat16 needs compute capability 8.0 (the interpreter has none at all: Triton issue 11584).
+    """
+    if dtype != torch.bfloat16:
+        return
+    if device.type == "cpu":
+        raise TypeError(f"{op}: bfloat16 is not supported by Triton's CPU interpreter; use float32 or float16 on "
+                        "the CPU, or a CUDA device")
+    if device.type == "cuda" and not has_native_bf16(device):
+        cc = capability(device)
+        raise TypeError(f"{op}: bfloat16 needs compute capability 8.0 or newer and {device} is {cc // 10}.{cc % 10}; "
+                        "use float16")
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether a CUDA device computes in bfloat16 natively: compute capability 8.0 or newer.
+
+    ``torch.cuda.is_bf16_supported()`` also says True on Turing (sm_75), where bf16 is emulated; the Triton
+    kernels refuse bf16 there, so every dtype choice of this project asks this instead.
+    """
+    return device.type == "cuda" and capability(device) >= 80
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """What ``--dtype auto`` computes in on ``device``: bfloat16 on GPUs that have it natively, float16 (with a
+    GradScaler) on older GPUs, float32 on the CPU. The one place this choice is made (train, sample, bench)."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if has_native_bf16(device) else torch.float16
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The one launch path
+
+
+@dataclass(frozen=True)
+class LaunchRecord:
+    """One launch as Triton's JIT specialises it.
+
+    ``signature`` maps each runtime argument to its Triton type with an alignment hint: ``"*fp16:16"`` (pointer
+    divisible by 16 bytes), ``"i32:16"`` (integer divisible by 16), ``"i32:1"`` (no assumption; also every
+    ``do_not_specialize`` argument). ``constexprs`` holds the kernel's constexpr arguments and every integer the
+    JIT turned into the constant 1.
+    """
+
+    kernel: object
+    signature: tuple  # ((name, type), ...) in argument order
+    constexprs: tuple  # ((name, value), ...)
+    num_warps: int
+    num_stages: int
+
+    @property
+    def name(self) -> str:
+        return getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__
+
+
+_RECORDS: list | None = None
+_TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+             torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
+             torch.bool: "i1"}
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Record every ``launch`` inside the block; yields the list of ``LaunchRecord`` it fills."""
+    global _RECORDS
+    outer, _RECORDS = _RECORDS, []
+    try:
+        yield _RECORDS
+    finally:
+        recorded, _RECORDS = _RECORDS, outer
+        if outer is not None:
+            outer.extend(recorded)
+
+
+@functools.cache
+def _params(kernel) -> tuple:
+    """(name, is_constexpr, do_not_specialize, do_not_specialize_on_alignment) per argument of a jit function,
+    read from the function itself so that it is the same under the interpreter and the JIT."""
+    import triton.language as tl
+
+    fn = kernel.fn
+    jit_kwargs = getattr(kernel, "kwargs", None) or {}  # the interpreter keeps @triton.jit's arguments here
+    names = list(inspect.signature(fn).parameters)
+
+    def listed(attr):
+        given = getattr(kernel, attr, None)
+        given = jit_kwargs.get(attr) if given is None else given
+        return {names[g] if isinstance(g, int) else g for g in (given or ())}
+
+    no_spec, no_align = listed("do_not_specialize"), listed("do_not_specialize_on_alignment")
+    out = []
+    for name, param in inspect.signature(fn).parameters.items():
+        const = param.annotation is tl.constexpr or "constexpr" in str(param.annotation)
+        out.append((name, const, name in no_spec, name in no_align))
+    return tuple(out)
+
+
+def _spec(value, no_spec: bool, no_align: bool):
+    """(type string, or None for the constant 1) of one runtime argument, as the JIT specialises it."""
+    if isinstance(value, torch.Tensor):
+        aligned = value.data_ptr() % 16 == 0 and not no_align
+        return f"*{_TL_TYPES[value.dtype]}:{16 if aligned else 1}"
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        if value == 1 and not no_spec:
+            return None
+        base = "i32" if -(2**31) <= value < 2**31 else "i64"
+        return f"{base}:{16 if value % 16 == 0 and not no_spec else 1}"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"launch: cannot record an argument of type {type(value).__name__}")
+
+
+def _record(kernel, args, kwargs, num_warps, num_stages) -> None:
+    params = _params(kernel)
+    values = dict(zip((p[0] for p in params), args))
+    values.update({k: v for k, v in kwargs.items() if k in {p[0] for p in params}})
+    sig, const = [], []
+    for name, is_const, no_spec, no_align in params:
+        value = values[name]
+        if is_const:
+            const.append((name, value))
+            continue
+        ty = _spec(value, no_spec, no_align)
+        if ty is None:
+            const.append((name, 1))
+        else:
+            sig.append((name, ty))
+    _RECORDS.append(LaunchRecord(kernel, tuple(sig), tuple(const), num_warps, num_stages))
+
+
+def _device_of(args, kwargs) -> torch.device | None:
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, torch.Tensor):
+            return v.device
+    return None
+
+
+def launch(kernel, grid, *args, num_warps: int = 4, num_stages: int = 2, **kwargs):
+    """Launch ``kernel[grid](*args, **kwargs)`` on the device of its tensor arguments (and that device's current
+    stream), recording it when ``record_launches`` is active. The one way this package launches a Triton kernel.
+    """
+    device = _device_of(args, kwargs)
+    if device is None:
+        raise ValueError(f"launch: {getattr(kernel, '__name__', kernel)} has no tensor argument to place it")
+    if _RECORDS is not None:
+        _record(kernel, args, kwargs, num_warps, num_stages)
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        return kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **kwargs)
