@@ -463,11 +463,11 @@ void bias_gelu_bwd(const T* dact, const T* h, const T* bias, T* dh, float* dbias
 
 template <typename T>
 void cross_entropy(T* logits, const int64_t* targets, float* loss, const float* grad_scale, int64_t N, int64_t V,
-                   int64_t ignore_index) {
+                   int64_t ld, int64_t ignore_index) {
   at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
     std::vector<float> buf(std::is_same_v<T, float> ? 0 : V);
     for (int64_t r = r0; r < r1; ++r) {
-      T* row = logits + r * V;
+      T* row = logits + r * ld;
       const int64_t t = targets[r];
       if (t == ignore_index) {
         loss[r] = 0.0f;
@@ -571,7 +571,7 @@ void attention_bwd(const T* dy, const T* q, const T* k, const T* v, const T* y, 
                                   int64_t, int64_t);                                                            \
   template void bias_gelu_fwd<T>(const T*, const T*, T*, int64_t, int64_t);                                     \
   template void bias_gelu_bwd<T>(const T*, const T*, const T*, T*, float*, int64_t, int64_t);                   \
-  template void cross_entropy<T>(T*, const int64_t*, float*, const float*, int64_t, int64_t, int64_t);          \
+  template void cross_entropy<T>(T*, const int64_t*, float*, const float*, int64_t, int64_t, int64_t, int64_t); \
   template void attention_fwd<T>(const T*, const T*, const T*, T*, float*, int64_t, int64_t, int64_t, int64_t,  \
                                  bool, int64_t);                                                                \
   template void attention_bwd<T>(const T*, const T*, const T*, const T*, const T*, const float*, T*, T*, T*,    \

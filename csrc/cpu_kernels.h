@@ -74,15 +74,16 @@ void attention_bwd(const T* dy,         // (BH, Tq, D) upstream gradient
                    T* dv,               // (BH, Tk, D) output
                    int64_t BH, int64_t Tq, int64_t Tk, int64_t D, bool causal);
 
-// Per-row softmax cross-entropy. loss[r] = logsumexp(logits[r]) - logits[r, t[r]], 0 where t[r]
-// is ignore_index. When grad_scale is not null, logits is overwritten in place with
-// grad_scale * (softmax(logits[r]) - onehot(t[r])) (a zero row where ignored). Every target must be
-// ignore_index or in [0, V) (the binding checks).
+// Per-row softmax cross-entropy over the first V columns of rows ld >= V elements apart (the loss
+// head pads its vocabulary; columns [V, ld) are neither read nor written).
+// loss[r] = logsumexp(logits[r]) - logits[r, t[r]], 0 where t[r] is ignore_index. When grad_scale
+// is not null, logits is overwritten in place with grad_scale * (softmax(logits[r]) - onehot(t[r]))
+// (a zero row where ignored). Every target must be ignore_index or in [0, V) (the binding checks).
 template <typename T>
-void cross_entropy(T* logits,               // (N, V) logits; the gradient on return if grad_scale
+void cross_entropy(T* logits,               // (N, ld) logits in [0, V); the gradient on return if grad_scale
                    const int64_t* targets,  // (N,) class ids or ignore_index
                    float* loss,             // (N,) fp32 output
                    const float* grad_scale, // scalar multiplier of the gradient, or nullptr
-                   int64_t N, int64_t V, int64_t ignore_index);
+                   int64_t N, int64_t V, int64_t ld, int64_t ignore_index);
 
 }  // namespace gpt2k::cpu

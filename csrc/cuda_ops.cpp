@@ -143,7 +143,7 @@ Tensor cross_entropy_fwd_cuda(const Tensor& logits, const Tensor& targets, int64
   check_launch("gpt2k::cross_entropy_fwd",
                cuda::cross_entropy(dtype_of(logits), const_cast<void*>(logits.const_data_ptr()),
                                    targets.const_data_ptr<int64_t>(), loss.mutable_data_ptr<float>(), nullptr,
-                                   logits.size(0), logits.size(1), ignore_index, stream()));
+                                   logits.size(0), logits.size(1), logits.stride(0), ignore_index, stream()));
   return loss;
 }
 
@@ -154,7 +154,7 @@ Tensor cross_entropy_fwd_bwd_cuda(Tensor& logits, const Tensor& targets, const T
   check_launch("gpt2k::cross_entropy_fwd_bwd_",
                cuda::cross_entropy(dtype_of(logits), logits.mutable_data_ptr(), targets.const_data_ptr<int64_t>(),
                                    loss.mutable_data_ptr<float>(), scale.const_data_ptr<float>(), logits.size(0),
-                                   logits.size(1), ignore_index, stream()));
+                                   logits.size(1), logits.stride(0), ignore_index, stream()));
   return loss;
 }
 

@@ -81,10 +81,10 @@ cudaError_t attention_bwd(DType dt, const void* dy, const void* q, const void* k
 }
 
 cudaError_t cross_entropy(DType dt, void* logits, const int64_t* targets, float* loss, const float* grad_scale,
-                          int64_t N, int64_t V, int64_t ignore_index, cudaStream_t stream) {
+                          int64_t N, int64_t V, int64_t ld, int64_t ignore_index, cudaStream_t stream) {
   return dispatch(dt, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    return cross_entropy_launch<T>(GPT2K_T(logits), targets, loss, grad_scale, N, V, ignore_index, stream);
+    return cross_entropy_launch<T>(GPT2K_T(logits), targets, loss, grad_scale, N, V, ld, ignore_index, stream);
   });
 }
 

@@ -47,10 +47,11 @@ cudaError_t attention_bwd(DType dt, const void* dy, const void* q, const void* k
                           const float* lse, void* dq, void* dk, void* dv, float* scratch, int64_t BH, int64_t Tq,
                           int64_t Tk, int64_t D, bool causal, cudaStream_t stream);
 
-// Per-row softmax cross-entropy; with grad_scale (a device pointer to one float) the logits are
-// overwritten by grad_scale * (softmax - onehot). A target outside [0, V) that is not
-// ignore_index gives a NaN loss for its row.
+// Per-row softmax cross-entropy over the first V columns of N rows ld >= V elements apart; with
+// grad_scale (a device pointer to one float) those columns are overwritten by
+// grad_scale * (softmax - onehot). A target outside [0, V) that is not ignore_index gives its row a
+// NaN loss and a zero gradient.
 cudaError_t cross_entropy(DType dt, void* logits, const int64_t* targets, float* loss, const float* grad_scale,
-                          int64_t N, int64_t V, int64_t ignore_index, cudaStream_t stream);
+                          int64_t N, int64_t V, int64_t ld, int64_t ignore_index, cudaStream_t stream);
 
 }  // namespace gpt2k::cuda

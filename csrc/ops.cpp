@@ -212,9 +212,13 @@ void check_attention_bwd(const Tensor& dy, const Tensor& q, const Tensor& k, con
 void check_cross_entropy(const char* op, const Tensor& logits, const Tensor& targets, const optional<Tensor>& scale) {
   check_dim(op, "logits", logits, 2, "(rows, V)");
   check_float(op, "logits", logits);
-  check_contiguous(op, "logits", logits);
   TORCH_CHECK(logits.size(1) > 0, op, ": argument 'logits' must have at least one class, got shape ",
               logits.sizes());
+  // Rows may be further apart than V (the first V columns of a buffer padded to an aligned width).
+  TORCH_CHECK((logits.size(1) == 1 || logits.stride(1) == 1) &&
+                  (logits.size(0) <= 1 || logits.stride(0) >= logits.size(1)), op,
+              ": argument 'logits' must have contiguous rows (strides (ld, 1) with ld >= V), got strides ",
+              logits.strides(), " for shape ", logits.sizes());
   check_device(op, "targets", targets, "logits", logits);
   TORCH_CHECK(targets.scalar_type() == at::kLong, op, ": argument 'targets' must be int64 class ids, got ",
               dtype_name(targets.scalar_type()));
@@ -337,7 +341,8 @@ Tensor cross_entropy_fwd_cpu(const Tensor& logits, const Tensor& targets, int64_
     using T = std::remove_pointer_t<decltype(tag)>;
     // Without a gradient scale the kernel only reads the logits.
     cpu::cross_entropy<T>(const_cast<T*>(logits.const_data_ptr<T>()), targets.data_ptr<int64_t>(),
-                          loss.data_ptr<float>(), nullptr, logits.size(0), logits.size(1), ignore_index);
+                          loss.data_ptr<float>(), nullptr, logits.size(0), logits.size(1), logits.stride(0),
+                          ignore_index);
   });
   return loss;
 }
@@ -349,7 +354,7 @@ Tensor cross_entropy_fwd_bwd_cpu(Tensor& logits, const Tensor& targets, const Te
   dispatch_float(logits, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     cpu::cross_entropy<T>(logits.data_ptr<T>(), targets.data_ptr<int64_t>(), loss.data_ptr<float>(),
-                          scale.data_ptr<float>(), logits.size(0), logits.size(1), ignore_index);
+                          scale.data_ptr<float>(), logits.size(0), logits.size(1), logits.stride(0), ignore_index);
   });
   return loss;
 }

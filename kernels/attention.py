@@ -47,8 +47,42 @@ ptxas and checked for per-block shared memory and spills (``launch_configs``):
     fp32       IEEE FMA dots (``input_precision="ieee"``, no TF32, so fp32 parity holds on a GPU): 32x32 forward
                (8 warps), 16x16 backward (4 warps dK/dV, 8 warps dQ).
 
-Known limits: one query row (cached decoding, Tq = 1) still occupies a whole BLOCK_M tile and a single program per
-head walks all Tk keys (no split over keys); dropout needs Tq * Tk < 2**31 per head.
+    decode     (Tq <= 16, no dropout) 16 query rows x 128 keys (hs<=64) or 64 keys (hs=128) on sm_90 and sm_80,
+               4 warps, 3 stages: 71 KB shared, 127-142 registers on sm_90 (up to 168 on sm_80), mma.sync (16
+               rows are too few for wgmma's 64). sm_86/89: 16x64 / 16x32, 3 stages; sm_75: 16x32, 1 stage; fp32: 16x32,
+               8 warps, 1 stage (ptxas spilled 16x64 with 4 warps on sm_80/86/89 and with 2 stages on sm_80).
+               The combine kernel: 16 rows x HEAD, 4 warps, no dot.
+
+Cached decoding (``_decode_plan``): Tq <= 16 queries without dropout run the decode tiles (one 16-row query tile,
+the fewest rows of a tensor-core tl.dot, instead of 128 rows of padding), and, when the B*nh programs would leave SMs
+idle, split the keys into S chunks (flash-decoding): ``_attn_fwd_split_kernel`` leaves each chunk's running max, sum
+and unnormalised accumulator in fp32, ``_attn_fwd_combine_kernel`` merges them exactly into o and the same lse, so the
+backward is unchanged. Dropout with few queries keeps the training tiles. Work and traffic of GPT-2 small's decoding
+step (B = 1, nh = 12, hs = 64, Tq = 1, Tk = 1024, bf16, e = 2 bytes), on an H100 SXM (132 SMs):
+
+    FLOPs   4 B nh Tq Tk hs = 3.1 MFLOP
+    bytes   K and V read once, 2 B nh Tk hs e = 3.15 MB (q, o, lse and the split partials: < 20 KB): 1 FLOP/byte,
+            memory-bound. Floor: 3.15 MB at 2.9 TB/s (the copy rate measured on that H100) = 1.1 us, plus one launch
+            (~5 us, as measured for issue 10; ~3 us inside a CUDA graph, where a one-block call took 3.3 us): ~4-6 us.
+    why S   12 programs cannot reach that floor: one program streamed ~38 GB/s (0.85 us per 128-key block, measured),
+            6.9 us for one head's 262 KB. S splits cut the walk to 6.9 / S us at the price of the combine launch.
+    rule    S = min(sms // (B nh), Tk // min_keys): B nh S programs fit the SMs and each split keeps min_keys keys.
+            Inside a CUDA graph min_keys = 256: S = min(132 // 12, 1024 // 256) = 4, predicted 2 x 3 + 6.9 / 4 =
+            7.7 us (S = 1: 3 + 6.9 = 9.9 us). Called eagerly, the combine's launch costs ~65 us of host time (Triton's Python launcher,
+            measured) that a host-bound decoding step pays in full, so min_keys = 16384: S = 1 at GPT-2's lengths.
+    measured kernel time per call (H100 SXM, bf16, CUDA-graph replay, torch 2.11, Triton 3.6; us):
+
+            Tk                          128    512   1024   4096  16384
+            before: 128-row tiles       4.5    9.3   15.7   54.0    210
+            decode tiles, S = 1         3.3    6.1    9.5   29.7    111
+            graph rule (S = 1/2/4/11)   3.4    6.2    7.1   10.0     25
+            PyTorch SDPA                3.5    6.1    5.8    8.0     22
+
+            Eagerly a call costs far more than its kernel: 86 to 146 us (attention_fwd, decode tiles, Tk = 128 and
+            1024, two runs) against 16 to 23 us for SDPA; the launcher's host time, not the kernel, dominates a
+            decoding step.
+
+Known limits: dropout needs Tq * Tk < 2**31 per head; B * nh must stay within the grid's 65535 on axis 1.
 """
 
 from __future__ import annotations
@@ -61,7 +95,7 @@ import triton
 import triton.language as tl
 
 from kernels.aot import LaunchConfig
-from kernels.runtime import arch, capability, check_dtype, interpreting, launch
+from kernels.runtime import arch, capability, check_dtype, interpreting, launch, sm_count
 
 __all__ = ["AttentionFunction", "attention", "attention_bwd", "attention_fwd", "dropout_keep_mask", "launch_configs"]
 
@@ -179,6 +213,104 @@ def _attn_fwd_kernel(
     tl.store(tl.multiple_of(o_ptrs, [16, 16]), o.to(O.dtype.element_ty), mask=row_ok[:, None])
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # times ln 2: the natural-log LSE of the scores
     tl.store(LSE + bh * Tq + offs_m, lse, mask=row_ok)
+
+
+# Flash-decoding: with few queries (Tq <= BLOCK_M = 16) the grid above is only B*nh programs, each walking all Tk keys.
+# The split kernel cuts the keys into chunks of ``chunk`` keys (a multiple of BLOCK_N), one program per (chunk,
+# batch*head), each leaving the online softmax's state of its chunk: running max m_s (base 2), running sum l_s and the
+# unnormalised accumulator acc_s = sum_j exp2(s_j - m_s) v_j. The combine kernel merges them exactly:
+#   m = max_s m_s,   l = sum_s l_s exp2(m_s - m),   o = sum_s acc_s exp2(m_s - m) / l,   lse = (m + log2 l) ln 2.
+# A row may see no key of a chunk (causal, a chunk past its diagonal): its state starts from the finite -1e30, not
+# -inf, so that it stays (m_s, 0, 0) without a NaN and weighs exp2(-1e30 - m) = 0 in the merge.
+_NO_KEY = tl.constexpr(-1.0e30)
+
+
+@triton.jit(do_not_specialize=("Tq", "Tk", "shift", "chunk"))
+def _attn_fwd_split_kernel(
+    Q, K, V,  # q (B, nh, Tq, HEAD) with Tq <= BLOCK_M, k and v (B, nh, Tk, HEAD)
+    PACC, PMAX, PSUM,  # out, per (batch*head, split, query row), fp32: the unnormalised accumulator
+    # (B*nh, splits, Tq, HEAD), the running max in base-2 units and the running sum (B*nh, splits, Tq)
+    stride_qb, stride_qh, stride_qt,  # q strides in elements: batch, head, position (feature: 1)
+    stride_kb, stride_kh, stride_kt,  # k strides
+    stride_vb, stride_vh, stride_vt,  # v strides
+    nh, Tq, Tk,  # heads, query and key positions
+    shift,  # query row i sees keys j <= i + shift: Tk - Tq when causal, Tk otherwise
+    chunk,  # keys per split, a multiple of BLOCK_N; split s reads keys [s chunk, (s + 1) chunk)
+    qk_scale,  # log2(e) / sqrt(HEAD)
+    HEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // nh).to(tl.int64)
+    h = (bh % nh).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD)
+    row_ok = offs_m < Tq
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+    q = tl.load(tl.multiple_of(q_ptrs, [16, 16]), mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], _NO_KEY, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD], dtype=tl.float32)
+    # The forward's key ranges (one query block at m0 = 0), cut to this split: [lo, mid) unmasked, [mid, end) masked.
+    hi = tl.minimum(Tk, BLOCK_M + shift)
+    full_end = tl.minimum((shift + 1) // BLOCK_N * BLOCK_N, Tk // BLOCK_N * BLOCK_N)
+    lo = split * chunk
+    end = tl.minimum(lo + chunk, hi)
+    mid = tl.maximum(lo, tl.minimum(end, full_end))
+    acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, lo, mid, offs_m, offs_n, shift, Tk,
+                                    stride_kt, stride_vt, qk_scale, 0, bh, 0.0,
+                                    BLOCK_N, False, False)
+    acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, mid, end, offs_m, offs_n, shift, Tk,
+                                    stride_kt, stride_vt, qk_scale, 0, bh, 0.0,
+                                    BLOCK_N, True, False)
+
+    part = (bh.to(tl.int64) * tl.num_programs(0) + split) * Tq + offs_m  # (batch*head, split, row) index
+    tl.store(PMAX + part, m_i, mask=row_ok)
+    tl.store(PSUM + part, l_i, mask=row_ok)
+    tl.store(PACC + part[:, None] * HEAD + offs_d[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit(do_not_specialize=("Tq", "splits"))
+def _attn_fwd_combine_kernel(
+    PACC, PMAX, PSUM,  # the split kernel's fp32 partials: (B*nh, splits, Tq, HEAD), (B*nh, splits, Tq) twice
+    O, LSE,  # out o (B, nh, Tq, HEAD), out lse fp32 (B*nh, Tq)
+    stride_ob, stride_oh, stride_ot,  # o strides in elements: batch, head, position (feature: 1)
+    nh, Tq,  # heads, query positions (Tq <= BLOCK_M)
+    splits,  # key splits to merge
+    HEAD: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = (bh // nh).to(tl.int64)
+    h = (bh % nh).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD)
+    row_ok = offs_m < Tq
+
+    m = tl.full([BLOCK_M], _NO_KEY, dtype=tl.float32)
+    l_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD], dtype=tl.float32)
+    for split in range(splits):
+        part = (bh.to(tl.int64) * splits + split) * Tq + offs_m
+        m_s = tl.load(PMAX + part, mask=row_ok, other=_NO_KEY)
+        l_s = tl.load(PSUM + part, mask=row_ok, other=0.0)
+        acc_s = tl.load(PACC + part[:, None] * HEAD + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        m_new = tl.maximum(m, m_s)
+        alpha = tl.math.exp2(m - m_new)
+        beta = tl.math.exp2(m_s - m_new)
+        l_sum = l_sum * alpha + l_s * beta
+        acc = acc * alpha[:, None] + acc_s * beta[:, None]
+        m = m_new
+
+    # Split 0 holds key 0, which every row sees: l_sum >= 1 on every real row; padded rows divide by 1.
+    l_sum = tl.where(row_ok, l_sum, 1.0)
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(tl.multiple_of(o_ptrs, [16, 16]), (acc / l_sum[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + bh * Tq + offs_m, (m + tl.math.log2(l_sum)) * 0.6931471805599453, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=("Tq",))
@@ -410,6 +542,11 @@ def _dropout_mask_kernel(
 _FP32 = {"fwd": (32, 32, 8, 1), "dkdv": (16, 16, 4, 1), "dq": (16, 16, 8, 1)}
 # sm_75's fp16/bf16 FMA dots hold operands and their fp32 conversions: 8 warps for the backward keep them in registers.
 _SM75 = {"fwd": (32, 32, 8, 1), "dkdv": (16, 16, 8, 1), "dq": (16, 16, 8, 1)}
+# Decode tiles ("decode": the forward and the split kernel for Tq <= 16 queries, no dropout): one 16-row query tile
+# (the fewest rows of a tensor-core tl.dot) and a long key block. The kernels stream K and V, so each stage should
+# carry a large load (BLOCK_N * HEAD * e bytes of K and as many of V) and several stages keep loads in flight.
+_DECODE_BLOCK_M = 16
+_DECODE_FP32 = (16, 32, 8, 1)  # ptxas spilled 16x64 with 4 warps (sm_80/86/89) and 2 stages with 8 (sm_80, hs=128)
 _TILES = {
     "fwd": {
         90: {(64, False): (128, 128, 8, 3), (64, True): (128, 64, 8, 3),
@@ -442,10 +579,22 @@ _TILES = {
         75: {(64, False): _SM75["dq"], (64, True): _SM75["dq"],
              (128, False): _SM75["dq"], (128, True): _SM75["dq"], "fp32": _FP32["dq"]},
     },
+    "decode": {
+        90: {(64, False): (16, 128, 4, 3), (128, False): (16, 64, 4, 3), "fp32": _DECODE_FP32},
+        80: {(64, False): (16, 128, 4, 3), (128, False): (16, 64, 4, 3), "fp32": _DECODE_FP32},
+        86: {(64, False): (16, 64, 4, 3), (128, False): (16, 32, 4, 3), "fp32": _DECODE_FP32},
+        75: {(64, False): (16, 32, 4, 1), (128, False): (16, 32, 4, 1), "fp32": _DECODE_FP32},
+    },
 }
 # Under the CPU interpreter: small, unequal tiles, so short test sequences still cross several blocks (full, diagonal
 # and ragged) in every kernel. num_warps and num_stages mean nothing there.
-_INTERPRETER_TILES = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+_INTERPRETER_TILES = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1), "decode": (16, 16, 4, 1)}
+_COMBINE_WARPS = 4
+# Fewest keys per split (see _decode_plan and the module docstring): inside a CUDA graph, where the combine kernel
+# costs ~3 us of GPU time, splits of 256 keys paid from Tk = 1024 on an H100; eagerly, where its launch costs ~65 us of
+# host time, a split pays only once one program's walk over the keys outlasts the host (Tk >= 32768 at hs = 64).
+_SPLIT_MIN_KEYS = 256
+_SPLIT_MIN_KEYS_EAGER = 16384
 _PREPROCESS_BLOCK_M = 32  # 64 rows of fp32 hs=128 spilled on sm_75
 _MASK_BLOCK = (32, 64)
 _CUDA = torch.device("cuda")
@@ -462,6 +611,31 @@ def _tiles(kernel: str, dtype: torch.dtype, head: int, dropout: bool, device: to
     if dtype == torch.float32:
         return table["fp32"]
     return table[(128 if head == 128 else 64, dropout)]
+
+
+def _decode_plan(B: int, nh: int, Tq: int, Tk: int, sms: int | None, dropout: bool = False,
+                 graph: bool = False) -> tuple[bool, int]:
+    """(decode, splits): whether the forward runs the decode tiles, and over how many key splits.
+
+    Decode tiles serve Tq <= 16 queries without dropout (dropout keeps the training tiles). The keys are split when
+    the B*nh programs leave SMs idle: S = min(sms // (B*nh), Tk // min_keys), so that B*nh*S programs fit the ``sms``
+    streaming multiprocessors and each split keeps at least min_keys keys; S = 1 (no split, no combine launch) when
+    that gives less than 2, and always under the interpreter (``sms`` None). min_keys prices the combine launch: under
+    CUDA-graph capture (``graph``) it costs GPU time only (_SPLIT_MIN_KEYS); called eagerly it costs host time that a
+    host-bound decoding step pays in full (_SPLIT_MIN_KEYS_EAGER). The module docstring has the numbers.
+    """
+    if Tq > _DECODE_BLOCK_M or dropout:
+        return False, 1
+    if sms is None:
+        return True, 1
+    min_keys = _SPLIT_MIN_KEYS if graph else _SPLIT_MIN_KEYS_EAGER
+    return True, max(1, min(sms // (B * nh), Tk // min_keys))
+
+
+def _split_keys(Tk: int, splits: int, block_n: int) -> tuple[int, int]:
+    """(chunk, splits): keys per split, a whole number of key blocks, and the splits that then hold keys."""
+    chunk = triton.cdiv(triton.cdiv(Tk, splits), block_n) * block_n
+    return chunk, triton.cdiv(Tk, chunk)
 
 
 def _kernel_args(kernel) -> list[tuple[str, bool]]:
@@ -486,7 +660,7 @@ def launch_configs(cc: int) -> list[LaunchConfig]:
             continue  # refused by _check_inputs: no bf16 before sm_80
         io = {n: f"*{dt}" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
         fp32 = {n: "fp32" for n in ("qk_scale", "sm_scale", "dropout_p", "keep_scale")}
-        types = {**io, **fp32, "LSE": "*fp32", "DELTA": "*fp32"}
+        types = {**io, **fp32, **{n: "*fp32" for n in ("LSE", "DELTA", "PACC", "PMAX", "PSUM")}}
         for head in HEAD_SIZES:
             configs.append(LaunchConfig(
                 label=f"attention bwd_preprocess {dt} HEAD={head} BLOCK_M={_PREPROCESS_BLOCK_M}",
@@ -501,12 +675,32 @@ def launch_configs(cc: int) -> list[LaunchConfig]:
                         kernel=fn, signature=_signature(fn, types),
                         constexprs={"HEAD": head, "BLOCK_M": block_m, "BLOCK_N": block_n, "DROPOUT": dropout},
                         num_warps=warps, num_stages=stages))
+            configs += _decode_configs(dtype, head, types, cc)
     bm, bn = _MASK_BLOCK
     configs.append(LaunchConfig(
         label=f"attention dropout_mask BLOCK_M={bm} BLOCK_N={bn}", kernel=_dropout_mask_kernel,
         signature=_signature(_dropout_mask_kernel, {"MASK": "*i8", "dropout_p": "fp32"}),
         constexprs={"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1))
     return configs
+
+
+def _decode_configs(dtype: torch.dtype, head: int, types: dict, cc: int) -> list[LaunchConfig]:
+    """The decode forward (Tq <= 16, no dropout) at its tiles, the split kernel and the combine kernel."""
+    bm, bn, warps, stages = _tiles("decode", dtype, head, False, _CUDA, cc)
+    tiles = f"{_DTYPES[dtype]} HEAD={head} BLOCK_M={bm} BLOCK_N={bn}"
+    return [
+        LaunchConfig(label=f"attention decode fwd {tiles} DROPOUT=0 warps={warps} stages={stages}",
+                     kernel=_attn_fwd_kernel, signature=_signature(_attn_fwd_kernel, types),
+                     constexprs={"HEAD": head, "BLOCK_M": bm, "BLOCK_N": bn, "DROPOUT": False},
+                     num_warps=warps, num_stages=stages),
+        LaunchConfig(label=f"attention decode split {tiles} warps={warps} stages={stages}",
+                     kernel=_attn_fwd_split_kernel, signature=_signature(_attn_fwd_split_kernel, types),
+                     constexprs={"HEAD": head, "BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages),
+        LaunchConfig(label=f"attention decode combine {_DTYPES[dtype]} HEAD={head} BLOCK_M={bm} "
+                           f"warps={_COMBINE_WARPS} stages=1",
+                     kernel=_attn_fwd_combine_kernel, signature=_signature(_attn_fwd_combine_kernel, types),
+                     constexprs={"HEAD": head, "BLOCK_M": bm}, num_warps=_COMBINE_WARPS, num_stages=1),
+    ]
 
 
 def _check_inputs(q, k, v, causal, dropout_p) -> None:
@@ -588,7 +782,8 @@ def _shift(Tq: int, Tk: int, causal: bool) -> int:
 
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, dropout_p: float = 0.0,
-                  seed: int = 0, *, cc: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  seed: int = 0, *, cc: int | None = None,
+                  splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward launcher: attention output and per-row log-sum-exp.
 
     Args:
@@ -597,6 +792,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
         dropout_p: attention-weight drop probability (inverted dropout).
         seed: the dropout seed (0 <= seed < 2**31); the same seed gives the same mask as ``dropout_keep_mask``.
         cc: use the tile table of this compute capability (e.g. 90) instead of the device's; for tests.
+        splits: for a decode call (Tq <= 16, no dropout), split the keys into this many chunks instead of the number
+            ``_decode_plan`` picks from the SM count (at most one per key block); for tests.
     Returns:
         o: (B, nh, Tq, hs) in q.dtype (a transposed view of a (B, Tq, nh, hs) buffer, so that the model's
             ``o.transpose(1, 2).contiguous()`` costs nothing); lse: (B, nh, Tq) fp32, the natural-log log-sum-exp of
@@ -605,16 +802,47 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     _check_inputs(q, k, v, causal, dropout_p)
     B, nh, Tq, hs = q.shape
     Tk = k.shape[2]
+    dropout = dropout_p > 0.0
+    graph = q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    decode, planned = _decode_plan(B, nh, Tq, Tk, sm_count(q.device), dropout, graph)
+    if splits is not None:
+        if not decode or not isinstance(splits, int) or splits < 1:
+            raise ValueError(f"attention: splits={splits!r} needs a decode call (Tq <= {_DECODE_BLOCK_M}, no dropout; "
+                             f"got Tq={Tq}, dropout_p={dropout_p}) and a positive int")
+        planned = splits
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     o = torch.empty((B, Tq, nh, hs), dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, nh, Tq, hs)
     lse = torch.empty((B, nh, Tq), dtype=torch.float32, device=q.device)
-    block_m, block_n, warps, stages = _tiles("fwd", q.dtype, hs, dropout_p > 0.0, q.device, cc)
+    tiles = _tiles("decode" if decode else "fwd", q.dtype, hs, dropout, q.device, cc)
+    block_m, block_n, warps, stages = tiles
+    chunk, planned = _split_keys(Tk, planned, block_n)
+    if planned > 1:
+        _fwd_split(q, k, v, o, lse, _shift(Tq, Tk, causal), chunk, planned, tiles)
+        return o, lse
     grid = (triton.cdiv(Tq, block_m), B * nh)
     launch(_attn_fwd_kernel, grid, q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
            nh, Tq, Tk, _shift(Tq, Tk, causal), LOG2E / math.sqrt(hs), int(seed), float(dropout_p),
            1.0 / (1.0 - float(dropout_p)),
-           HEAD=hs, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout_p > 0.0, num_warps=warps, num_stages=stages)
+           HEAD=hs, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout, num_warps=warps, num_stages=stages)
     return o, lse
+
+
+def _fwd_split(q, k, v, o, lse, shift: int, chunk: int, splits: int, tiles: tuple) -> None:
+    """Flash-decoding into ``o`` and ``lse``: each of ``splits`` chunks of ``chunk`` keys leaves its softmax state, a
+    second launch merges them."""
+    B, nh, Tq, hs = q.shape
+    block_m, block_n, warps, stages = tiles
+    # One fp32 buffer holds the three partials, each section starting on a 16-byte boundary: n (rows) x hs
+    # accumulators, then n running maxima, then n running sums.
+    n = B * nh * splits * Tq
+    n16 = triton.cdiv(n, 4) * 4
+    part = torch.empty(n16 * (hs + 2), dtype=torch.float32, device=q.device)
+    pacc, pmax, psum = part[: n * hs], part[n16 * hs: n16 * hs + n], part[n16 * (hs + 1): n16 * (hs + 1) + n]
+    launch(_attn_fwd_split_kernel, (splits, B * nh), q, k, v, pacc, pmax, psum,
+           *_strides(q), *_strides(k), *_strides(v), nh, Tq, k.shape[2], shift, chunk, LOG2E / math.sqrt(hs),
+           HEAD=hs, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    launch(_attn_fwd_combine_kernel, (B * nh,), pacc, pmax, psum, o, lse, *_strides(o), nh, Tq, splits,
+           HEAD=hs, BLOCK_M=block_m, num_warps=_COMBINE_WARPS, num_stages=1)
 
 
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,

@@ -8,7 +8,7 @@ when built against a CUDA torch with a CUDA toolkit, CUDA kernels. This module i
   functional ops;
 - the public functions with the signatures of ``kernels.ref``: ``layer_norm``, ``attention``,
   ``mlp`` (matmuls by torch, bias + GELU fused in the extension) and ``linear_cross_entropy``
-  (chunked over rows; the extension turns each chunk of logits into its gradient in place).
+  (``kernels.chunked_loss``'s driver; the extension turns each chunk of logits into its gradient in place).
 
 Importing this module never fails when the extension is missing: ``unavailable_reason()`` says
 why, and the registry reports it. Calling an op then raises that reason.
@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from kernels import ref
+from kernels import chunked_loss, ref
 
 __all__ = ["attention", "cpu_simd_level", "has_cuda_kernels", "layer_norm", "linear_cross_entropy", "mlp", "unavailable_reason"]
 
@@ -244,114 +244,26 @@ def mlp(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor | None, w_proj: 
     return out.reshape(*shape[:-1], out.shape[-1])
 
 
-_MIN_CHUNK_ROWS = 256
-
-
-def _chunk_rows(n: int, v: int, c: int) -> int:
-    # Rows per chunk so that a chunk of logits (rows, V) is about as large as h (N, C), but at least
-    # _MIN_CHUNK_ROWS: each chunk adds a (V, C) matmul into dweight whose inner dimension is the chunk,
-    # and thin chunks make that update (a full pass over dweight) dominate.
-    chunks = max(1, -(-v // max(c, 1)))
-    return max(1, min(n, max(-(-n // chunks), _MIN_CHUNK_ROWS)))
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Loss head computed chunk by chunk; gradients are formed in the forward, scaled in the backward."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index):
-        ops = _ops()
-        c = h.shape[-1]
-        h2 = h.reshape(-1, c).contiguous()  # (N, C)
-        t = targets.reshape(-1).to(torch.int64).contiguous()  # (N,)
-        w = weight if weight.dtype == h.dtype else weight.to(h.dtype)
-        n = h2.shape[0]
-        n_valid = (t != ignore_index).sum()
-        inv = (1.0 / n_valid.clamp(min=1).to(torch.float32)).reshape(1)  # 1 / (number of counted targets)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dh = torch.empty_like(h2) if need_h else None
-        # dweight is written by the first chunk's product and accumulated into by the rest: no zero-fill
-        # pass over (V, C).
-        dw = torch.empty(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        step = _chunk_rows(n, w.shape[0], c)
-        # One (step, V) logits buffer for every chunk: a fresh one per chunk would be page-faulted in
-        # again each time on a CPU (allocations this large are mmap'd and returned on free).
-        buf = torch.empty((min(step, n), w.shape[0]), dtype=h2.dtype, device=h.device)
-        for s in range(0, n, step):
-            hc, tc = h2[s:s + step], t[s:s + step]
-            logits = torch.mm(hc, w.t(), out=buf[: hc.shape[0]])  # (rows, V)
-            if need_h or need_w:
-                rows = ops.cross_entropy_fwd_bwd_(logits, tc, inv, ignore_index)  # logits := dloss/dlogits
-                if need_h:
-                    torch.mm(logits, w, out=dh[s:s + step])
-                if need_w and logits.dtype == torch.float32:
-                    if s == 0:
-                        torch.mm(logits.t(), hc, out=dw)
-                    else:
-                        dw.addmm_(logits.t(), hc)
-                elif need_w:  # low precision: the product in that dtype, accumulated in fp32
-                    if s == 0:
-                        dw.copy_(torch.mm(logits.t(), hc))
-                    else:
-                        dw += torch.mm(logits.t(), hc)
-            else:
-                rows = ops.cross_entropy_fwd(logits, tc, ignore_index)
-            total += rows.sum()
-        if dw is not None and n == 0:  # no rows, no chunk wrote it
-            dw.zero_()
-        # Kept as attributes, not saved tensors, so that a backward which frees the graph can hand
-        # them on without a copy (see backward).
-        ctx.dh, ctx.dw = dh, dw
-        ctx.h_shape, ctx.w_dtype = h.shape, weight.dtype
-        return total * inv[0]
-
-    @staticmethod
-    def backward(ctx, grad):
-        dh, dw = ctx.dh, ctx.dw
-        if _graph_is_freed_after_this_backward():
-            # Nobody can run this backward again: scale the buffers in place and let them go, so the
-            # gradients are these tensors themselves (autograd takes them as .grad without a copy).
-            # A new (V, C) tensor here would cost a second pass over fresh memory, which on a CPU is
-            # about a third of the whole op at GPT-2 small widths.
-            ctx.dh = ctx.dw = None
-            # loss.backward() seeds 1.0: then there is nothing to scale (asked only on a CPU, where
-            # reading the value costs no device sync).
-            if not (grad.device.type == "cpu" and grad.item() == 1.0):
-                dh = dh.mul_(grad.to(dh.dtype)) if dh is not None else None
-                dw = dw.mul_(grad) if dw is not None else None
-            gh = dh.reshape(ctx.h_shape) if dh is not None else None
-            gw = dw.to(ctx.w_dtype) if dw is not None else None
-        else:  # retain_graph=True: keep the unscaled buffers for the next backward
-            gh = (dh * grad.to(dh.dtype)).reshape(ctx.h_shape) if dh is not None else None
-            gw = (dw * grad).to(ctx.w_dtype) if dw is not None else None
-        return gh, gw, None, None
-
-
-def _graph_is_freed_after_this_backward() -> bool:
-    """True inside a backward run with retain_graph=False (the usual ``loss.backward()``).
-
-    Uses torch's private ``_get_current_graph_task_keep_graph``; where it is missing, or while
-    torch.compile traces, answers False, which is always safe (the caller then copies).
-    """
-    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    if probe is None or torch.compiler.is_compiling():
-        return False
-    try:
-        return not probe()
-    except RuntimeError:  # not inside a backward
-        return False
+def _cross_entropy_rows_(logits: torch.Tensor, targets: torch.Tensor, n_classes: int, ignore_index: int,
+                         grad_scale: torch.Tensor | None) -> torch.Tensor:
+    """The chunked driver's row kernel on the extension: per-row losses of logits[:, :V], and with ``grad_scale``
+    (a (1,) fp32 k) that part overwritten in place by k (softmax - onehot) (see ``kernels.chunked_loss``)."""
+    ops = _ops()
+    x = logits if logits.shape[1] == n_classes else logits[:, :n_classes]  # rows stay Vp apart
+    if grad_scale is None:
+        return ops.cross_entropy_fwd(x, targets, ignore_index)
+    return ops.cross_entropy_fwd_bwd_(x, targets, grad_scale, ignore_index)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = -1) -> torch.Tensor:
     """Mean cross-entropy of ``h @ weight.T`` over the non-ignored targets, never holding all logits.
 
-    Rows are processed in chunks whose logits are about the size of ``h`` (at least 256 rows, so
-    that the per-chunk dweight update stays a real matmul); for each chunk torch computes the
-    logits, the extension turns them in place into the gradient (softmax - onehot) / n_valid and
-    returns the per-row losses, and torch folds the gradient into dh and dweight. If every target
-    is ignored the loss and the gradients are 0.
+    The chunked loss head of ``kernels.chunked_loss`` (chunk policy, padded GEMMs, autograd) with the
+    extension's ``cross_entropy_fwd_bwd_`` as the kernel that turns each chunk of logits into its gradient.
+    Computes in autocast's dtype when autocast is on, else h's. If every target is ignored the loss and
+    the gradients are 0. A target neither ``ignore_index`` nor in [0, V) raises ``ValueError`` for CPU
+    tensors and gives a NaN loss on a GPU (no host read there), as the Triton backend.
 
     Args:
         h: (..., C) final hidden states.
@@ -362,4 +274,6 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         A 0-dim fp32 tensor.
     """
     _ops()
-    return _LinearCrossEntropy.apply(h, weight, targets, int(ignore_index))
+    chunked_loss.check_inputs(h, weight, targets, ignore_index)
+    return chunked_loss.linear_cross_entropy(h, weight, targets, int(ignore_index), _cross_entropy_rows_,
+                                             compute_dtype=chunked_loss.compute_dtype_of(h))

@@ -119,7 +119,7 @@ def _gelu_sigmoid(z):
     return 1.0 / (1.0 + e)
 
 
-@triton.jit(do_not_specialize=("M",))
+@triton.jit
 def _matmul_kernel(
     a_ptr,  # A (M, K): the left operand, any strides
     b_ptr,  # B (K, N): the right operand, any strides
@@ -226,8 +226,8 @@ class Tiles:
 
 # arch -> operand class ("lowp" = fp16 / bf16, "fp32") -> role -> tiles. Roles: "main" for the
 # plain and bias epilogues (c_proj forward, dx, the weight gradients), "epilogue" for the GELU
-# and GELU-gradient epilogues, "small" for an inference forward of M <= SMALL_M rows (decoding;
-# training keeps the large tiles, so the backward has one variant per site). Shared memory per block:
+# and GELU-gradient epilogues, "small" for every launch of a call with at most SMALL_M rows (decoding,
+# tiny batches: the large tiles spread few rows over few programs, and spilled with one row). Shared memory per block:
 # sm_75 64 KB, sm_80 163 KB, sm_86 / sm_89 99 KB, sm_90 227 KB.
 #  - 128 x 256 x 64, 8 warps: the largest tile whose fp32 accumulator (128 registers a thread)
 #    leaves room for the loop; the GELU epilogues spill at that size (fp32 acc + the pre tile or
@@ -235,10 +235,12 @@ class Tiles:
 #  - sm_86 / sm_89: 128 x 128 x 64, 3 stages (64 KB of 99 KB; 4 stages would leave no margin).
 #  - sm_75: Triton >= 3.3 has no mma for cc < 80 and runs every dot on the CUDA cores; 64 x 64 x 16
 #    is the tile that does not spill there for fp16 and fp32 alike (x 32 spills on fp16).
-#  - fp32 runs on the CUDA cores (IEEE dots): 64 x 64 x 32, 4 warps (32 accumulators a thread).
+#  - fp32 runs on the CUDA cores (IEEE dots): 32 x 64 x 32, 4 warps (16 accumulators a thread); 64 x 64
+#    spilled on sm_80 for the weight-gradient layout once M is not known to be a multiple of 16 (M is not
+#    specialised: the batch changes call to call), as compiling recorded launches showed.
 _LOWP_90 = {"main": Tiles(128, 256, 64, 8, 8, 3), "epilogue": Tiles(128, 128, 64, 8, 8, 4),
             "small": Tiles(64, 64, 64, 8, 4, 4)}
-_FP32 = {role: Tiles(64, 64, 32, 8, 4, 3) for role in ("main", "epilogue", "small")}
+_FP32 = {role: Tiles(32, 64, 32, 8, 4, 3) for role in ("main", "epilogue", "small")}
 _SM75 = {role: Tiles(64, 64, 16, 8, 4, 2) for role in ("main", "epilogue", "small")}
 _TILES = {
     90: {"lowp": _LOWP_90, "fp32": _FP32},
@@ -287,7 +289,9 @@ def _auto_split_k(tiles: int, K: int, sms: int) -> int:
 
 
 # The launches ``mlp_fwd`` / ``mlp_bwd`` make: (site, the strides that are 1 there, epilogue, HAS_BIAS,
-# STORE_PRE, COL_SUM, output in fp32, tile roles). Triton's JIT turns an integer argument equal to 1
+# STORE_PRE, COL_SUM, output in fp32, tile roles, the size that is the row count: M, or K for the weight
+# gradients). Up to SMALL_M rows (decoding, tiny batches) every launch takes the small tiles; one row makes that
+# size a constexpr 1 as well. Triton's JIT turns an integer argument equal to 1
 # into a constexpr, so each operand layout is its own compiled kernel. To keep that list short the
 # launchers vary as little as they can: a missing bias is passed as zeros, dpre always writes its column
 # sums, the weight gradients always land in fp32 (the split-K workspace, or the output then rounded).
@@ -295,12 +299,12 @@ _NT = ("stride_ak", "stride_bk", "stride_cn")  # x @ w^T: both operands contiguo
 _NN = ("stride_ak", "stride_bn", "stride_cn")  # dpre @ w, dy @ w_proj: B contiguous along N
 _TN = ("stride_am", "stride_bn", "stride_cn")  # dy^T @ act, dpre^T @ x: A contiguous along M
 _SITES = (
-    ("c_fc fwd train", _NT, "gelu", True, True, False, False, ("epilogue",)),
-    ("c_fc fwd infer", _NT, "gelu", True, False, False, False, ("epilogue", "small")),
-    ("c_proj fwd", _NT, "none", True, False, False, False, ("main", "small")),
-    ("dpre", _NN, "gelu_grad", False, False, True, False, ("epilogue",)),
-    ("dx", _NN, "none", False, False, False, False, ("main",)),
-    ("dw", _TN, "none", False, False, False, True, ("main",)),
+    ("c_fc fwd train", _NT, "gelu", True, True, False, False, ("epilogue", "small"), "M"),
+    ("c_fc fwd infer", _NT, "gelu", True, False, False, False, ("epilogue", "small"), "M"),
+    ("c_proj fwd", _NT, "none", True, False, False, False, ("main", "small"), "M"),
+    ("dpre", _NN, "gelu_grad", False, False, True, False, ("epilogue", "small"), "M"),
+    ("dx", _NN, "none", False, False, False, False, ("main", "small"), "M"),
+    ("dw", _TN, "none", False, False, False, True, ("main", "small"), "K"),
 )
 
 
@@ -329,14 +333,17 @@ def launch_configs(cc: int) -> list[LaunchConfig]:
     for dtype in dtypes:
         t = names[dtype]
         table = _TILES[row]["fp32" if dtype == torch.float32 else "lowp"]
-        for site, unit, epi, has_bias, store_pre, col_sum, c_fp32, roles in _SITES:
+        for site, unit, epi, has_bias, store_pre, col_sum, c_fp32, roles, rows in _SITES:
             # distinct tiles, in order; a small-tile site also runs with one row (sampling a single
-            # token), where the JIT makes M a constexpr 1 as well
+            # token), where the JIT makes the row count a constexpr 1 as well
             variants = dict.fromkeys((table[r], ones) for r in roles for ones in
-                                     ((unit, (unit + ("M",))) if r == "small" else (unit,)))
+                                     ((unit, (unit + (rows,))) if r == "small" else (unit,)))
             for tiles, ones in variants:
-                signature = {"a_ptr": f"*{t}", "b_ptr": f"*{t}", "c_ptr": "*fp32" if c_fp32 else f"*{t}",
-                             "bias_ptr": f"*{t}", "pre_ptr": f"*{t}", "colsum_ptr": "*fp32"}
+                c = "*fp32" if c_fp32 else f"*{t}"
+                # unused pointers are passed as another tensor (a for bias and pre, the output for colsum): their
+                # dtype is still part of the compiled signature
+                signature = {"a_ptr": f"*{t}", "b_ptr": f"*{t}", "c_ptr": c, "bias_ptr": f"*{t}", "pre_ptr": f"*{t}",
+                             "colsum_ptr": "*fp32" if col_sum else c}
                 signature.update({name: "i32" for name in ints if name not in ones})
                 constexprs = {name: 1 for name in ones}
                 constexprs.update({
@@ -345,7 +352,7 @@ def launch_configs(cc: int) -> list[LaunchConfig]:
                     "GROUP_M": tiles.GROUP_M,
                 })
                 out.append(LaunchConfig(
-                    label=(f"mlp {site}{' M=1' if 'M' in ones else ''} {epi} {t} BLOCK_M={tiles.BLOCK_M} "
+                    label=(f"mlp {site}{f' {rows}=1' if rows in ones else ''} {epi} {t} BLOCK_M={tiles.BLOCK_M} "
                            f"BLOCK_N={tiles.BLOCK_N} BLOCK_K={tiles.BLOCK_K}"),
                     kernel=_matmul_kernel, signature=signature, constexprs=constexprs,
                     num_warps=tiles.num_warps, num_stages=tiles.num_stages,
@@ -452,8 +459,8 @@ def mlp_fwd(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor | None, w_pr
     # A missing bias goes in as zeros (H + C reads): one kernel variant fewer per site.
     b_fc = b_fc if b_fc is not None else x.new_zeros(H)
     b_proj = b_proj if b_proj is not None else x.new_zeros(C)
-    # Decoding (a few rows, no backward) takes the small tiles so the rows still spread over many programs.
-    small = not save_pre and M <= SMALL_M
+    # A few rows (decoding, a tiny batch) take the small tiles so the rows still spread over many programs.
+    small = M <= SMALL_M
     act = matmul(x, w_fc.t(), b_fc, epilogue="gelu", pre=pre, role="small" if small else "epilogue")  # (M, H)
     y = matmul(act, w_proj.t(), b_proj, role="small" if small else "main")  # (M, C)
     return y, pre, act
@@ -473,19 +480,24 @@ def mlp_bwd(dy: torch.Tensor, x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch
     need_dx, need_dw_fc, need_db_fc, need_dw_proj, need_db_proj = needs
     dx = dw_fc = db_fc = dw_proj = db_proj = None
     dt = dy.dtype
+    # A few rows (a tiny batch): small tiles everywhere; the large ones spilled with one row (a constexpr 1).
+    small = dy.shape[0] <= SMALL_M
     # Weight gradients go through fp32 (the split-K workspace, or written in fp32 and rounded once here).
     if need_dw_proj:
-        dw_proj = matmul(dy.t(), act, out_dtype=torch.float32, split_k=None).to(dt)  # (C, H) = (C, M) @ (M, H)
+        dw_proj = matmul(dy.t(), act, out_dtype=torch.float32, split_k=None,
+                         role="small" if small else "main").to(dt)  # (C, H) = (C, M) @ (M, H)
     if need_db_proj:
         db_proj = dy.sum(dim=0, dtype=torch.float32).to(dt)  # (C,)
     if need_dx or need_dw_fc or need_db_fc:
         # The column sums are always taken (one kernel variant; (M / BLOCK_M, H) floats), kept if wanted.
-        dpre, colsum = matmul(dy, w_proj, epilogue="gelu_grad", pre=pre, col_sum=True)  # (M, H), (H,)
+        dpre, colsum = matmul(dy, w_proj, epilogue="gelu_grad", pre=pre, col_sum=True,
+                              role="small" if small else "epilogue")  # (M, H), (H,)
         db_fc = colsum.to(dt) if need_db_fc else None
         if need_dw_fc:
-            dw_fc = matmul(dpre.t(), x, out_dtype=torch.float32, split_k=None).to(dt)  # (H, C) = (H, M) @ (M, C)
+            dw_fc = matmul(dpre.t(), x, out_dtype=torch.float32, split_k=None,
+                           role="small" if small else "main").to(dt)  # (H, C) = (H, M) @ (M, C)
         if need_dx:
-            dx = matmul(dpre, w_fc)  # (M, C) = (M, H) @ (H, C)
+            dx = matmul(dpre, w_fc, role="small" if small else "main")  # (M, C) = (M, H) @ (H, C)
     return dx, dw_fc, db_fc, dw_proj, db_proj
 
 
@@ -508,7 +520,9 @@ class MLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w_fc, w_proj, pre, act = ctx.saved_tensors
-        return mlp_bwd(dy, x, w_fc, w_proj, pre, act, needs=tuple(ctx.needs_input_grad))
+        # An upstream gradient may be an expanded view (stride 0, e.g. from a sum): one layout for every call, so the
+        # kernels run the operand layouts launch_configs lists (a stride-0 dy compiled to a variant that spilled).
+        return mlp_bwd(dy.contiguous(), x, w_fc, w_proj, pre, act, needs=tuple(ctx.needs_input_grad))
 
 
 # --------------------------------------------------------------------------------------------

@@ -54,12 +54,13 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
+from kernels.runtime import ARCHS as RUNTIME_ARCHS
+
 OP_MODULES = ("kernels.attention", "kernels.layer_norm", "kernels.mlp", "kernels.linear_cross_entropy")
 ARCHS = (75, 80, 86, 89, 90)
 
-# Per-block opt-in shared memory, bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin; CUDA C++ Programming
-# Guide, "Technical Specifications per Compute Capability"): 64 KB, 163 KB, 99 KB, 99 KB, 227 KB.
-SHARED_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+# Per-block opt-in shared memory, bytes, from the one architecture table (kernels.runtime.ARCHS).
+SHARED_LIMIT = {cc: RUNTIME_ARCHS[cc].shared for cc in ARCHS}
 
 # SASS opcodes that run on tensor cores: mma.sync (Volta..Hopper) and wgmma (Hopper, shown as *GMMA).
 TENSOR_CORE_OPS = ("HMMA", "IMMA", "HGMMA", "IGMMA", "QGMMA")
@@ -213,7 +214,12 @@ def _list_one(module: str, cc: int) -> tuple:
 # Compiling one configuration (worker process; the Triton interpreter is off there).
 
 
-def _init_worker(cache_dir: str) -> None:
+_LAUNCHES: list | None = None  # in a worker: the recorded launches to compile instead of launch_configs
+
+
+def _init_worker(cache_dir: str, launches: list | None = None) -> None:
+    global _LAUNCHES
+    _LAUNCHES = launches
     os.environ.pop("TRITON_INTERPRET", None)
     # A fresh cache makes every compile run ptxas, whose -v log (registers, spills) Triton prints on request.
     os.environ["TRITON_CACHE_DIR"] = cache_dir
@@ -224,12 +230,102 @@ def _init_worker(cache_dir: str) -> None:
 
 @functools.cache
 def _worker_configs(module: str, cc: int) -> tuple:
-    return tuple(_load_configs(module, cc))
+    configs = _load_configs(module, cc)
+    if _LAUNCHES is None:
+        return tuple(configs)
+    return tuple(configs_from_launches([r for r in _LAUNCHES if r["module"] == module], configs, module, cc))
+
+
+# ----------------------------------------------------------------------------------------------
+# Recorded launches (kernels.runtime.record_launches): what real launches specialise, compiled with the tiles
+# the op module's launch_configs(cc) picks on each architecture.
+
+
+def launches_to_json(records) -> list:
+    """``kernels.runtime.LaunchRecord`` s -> distinct JSON-able dicts, in a stable order."""
+    rows = {}
+    for r in records:
+        row = {"module": r.kernel.fn.__module__, "kernel": r.name, "signature": [list(x) for x in r.signature],
+               "constexprs": [list(x) for x in r.constexprs]}
+        rows[json.dumps(row, sort_keys=True)] = row
+    return [rows[k] for k in sorted(rows)]
+
+
+def _is_tile(name: str) -> bool:
+    # Block shapes differ between the interpreter and each GPU; everything else must match the real launch.
+    return name.startswith(("BLOCK_", "GROUP_"))
+
+
+def _pointer_types(signature) -> dict:
+    return {n: _split_type(t)[0] for n, t in dict(signature).items() if str(t).startswith("*")}
+
+
+def _with_bf16_twins(launches: list) -> list:
+    """Each fp16 launch, plus the same launch in bf16: what a bf16 run on the GPU specialises (same shapes and
+    alignment) but the interpreter, which has no bf16, cannot record."""
+    out = list(launches)
+    for rec in launches:
+        if any(str(t).startswith("*fp16") for _, t in rec["signature"]):
+            sig = [[n, str(t).replace("*fp16", "*bf16", 1)] for n, t in rec["signature"]]
+            out.append({**rec, "signature": sig})
+    return out
+
+
+def configs_from_launches(launches: list, listed: list, module: str, cc: int) -> list:
+    """One ``LaunchConfig`` per recorded launch (and its bf16 twin from sm_80), with the tiles this architecture
+    would give it.
+
+    The launch gives the specialisation: its signature (alignment as the JIT saw it) and its integers equal to 1
+    (constexprs). The block shapes, warps and stages come from the configuration ``launch_configs(cc)`` lists for the
+    same kernel, pointer dtypes and non-tile constexprs (HEAD, DROPOUT, EPILOGUE, ...), preferring one listed with
+    the same integers equal to 1 (a launcher may pick tiles by size), else the first: the launcher's own choice for
+    such a launch. Every listed configuration is compiled in its aligned form by the listing pass anyway.
+    A launch that nothing listed matches becomes a config with ``kernel=None``, which the report shows as an error:
+    ``launch_configs`` misses a launch the op really makes.
+    """
+    from kernels.aot import LaunchConfig
+    from kernels.runtime import _params
+
+    out, seen = [], set()
+    for rec in _with_bf16_twins(launches) if cc >= 80 else launches:
+        const_names = {n for n, const, *_ in _params(_kernel_named(module, rec["kernel"])) if const}
+        flags = {n: v for n, v in rec["constexprs"] if n in const_names and not _is_tile(n)}
+        ones = {n: v for n, v in rec["constexprs"] if n not in const_names}
+        pointers = _pointer_types(rec["signature"])
+        same = [c for c in listed if getattr(c.kernel, "__name__", None) == rec["kernel"]
+                and _pointer_types(c.signature) == pointers and all(c.constexprs.get(n) == v for n, v in flags.items())]
+        # the launcher picks tiles by size too (one row: the small tiles): prefer a listing with the same constants 1
+        match = next((c for c in same if {n for n in c.constexprs if n not in const_names} == set(ones)),
+                     same[0] if same else None)
+        spec = " ".join(f"{n}=1" for n in ones) or "no ints = 1"
+        unaligned = [n for n, t in rec["signature"] if str(t).endswith(":1")]
+        what = (f"{rec['kernel']} {'/'.join(sorted(set(pointers.values())))} "
+                f"{' '.join(f'{n}={v}' for n, v in flags.items())} [{spec}; unaligned: {','.join(unaligned) or '-'}]")
+        if match is None:
+            out.append(LaunchConfig(label=f"{what}: no launch_configs entry matches this recorded launch",
+                                    kernel=None, signature={}))
+            continue
+        tiles = {n: v for n, v in match.constexprs.items() if _is_tile(n)}
+        key = json.dumps([rec["kernel"], rec["signature"], sorted({**flags, **ones, **tiles}.items())], default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        label = f"{what} {' '.join(f'{n}={v}' for n, v in tiles.items())} w{match.num_warps}s{match.num_stages}"
+        out.append(LaunchConfig(label=label, kernel=match.kernel, signature=dict(rec["signature"]),
+                                constexprs={**flags, **ones, **tiles}, num_warps=match.num_warps,
+                                num_stages=match.num_stages))
+    return out
+
+
+def _kernel_named(module: str, name: str):
+    return getattr(importlib.import_module(module), name)
 
 
 def _check_config(cfg, cc: int) -> list:
     """The kernel's argument names in order; raises ValueError on a config that does not fit its kernel."""
     kernel = cfg.kernel
+    if kernel is None:
+        raise ValueError(cfg.label)
     if type(kernel).__name__ == "InterpretedFunction":
         raise ValueError(f"{cfg.label!r}: kernel was defined under TRITON_INTERPRET=1 and cannot be compiled")
     names = list(getattr(kernel, "arg_names", None) or [])
@@ -359,7 +455,9 @@ def _compile_one(job: tuple) -> Result:
         spills = _PTXAS_SPILLS.search(log)
         # Triton emits tensor-core instructions only for tt.dot: a kernel without one needs no SASS dump, unless
         # the spills must be counted from it.
-        dump = _cuobjdump(compiled.asm["cubin"], sass=bool(res.dots) or ttir is None or spills is None)
+        # (recorded launches skip it too: their tensor-core use is that of the listed configuration they share tiles with)
+        sass = (bool(res.dots) and _LAUNCHES is None) or ttir is None or spills is None
+        dump = _cuobjdump(compiled.asm["cubin"], sass=sass)
         usage = _RESOURCES.search(dump)
         if usage is None:
             raise RuntimeError("cuobjdump printed no resource usage for the cubin")
@@ -398,6 +496,7 @@ def run_report(
     archs: Iterable = ARCHS,
     workers: int | None = None,
     progress: Callable | None = None,
+    launches: list | None = None,
 ) -> list:
     """Compile every launch configuration of ``modules`` for every arch in ``archs``.
 
@@ -406,6 +505,8 @@ def run_report(
         archs: compute capabilities, e.g. ``(75, 80, 86, 89, 90)``.
         workers: size of the process pool (default ``os.cpu_count()``).
         progress: called with each ``Result`` as it completes (e.g. to print a dot).
+        launches: recorded launches (``launches_to_json``); when given, each module's configurations are these
+            launches with the tiles its ``launch_configs(cc)`` picks (``configs_from_launches``), not the listing.
 
     Returns:
         list of ``Result``: listing errors first, then one per (config, arch) in listing order.
@@ -420,7 +521,8 @@ def run_report(
     with contextlib.ExitStack() as stack:  # (one "with" of three managers needs Python >= 3.10)
         cache = stack.enter_context(tempfile.TemporaryDirectory(prefix="kernels-report-"))
         stack.enter_context(_interpreter_off())
-        pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(workers, ctx, _init_worker, (cache,)))
+        pool = stack.enter_context(
+            concurrent.futures.ProcessPoolExecutor(workers, ctx, _init_worker, (cache, launches)))
         # The configurations are listed in a worker too: an op module may pick other tiles under the interpreter.
         listed = {(m, cc): pool.submit(_list_one, m, cc) for m in modules for cc in archs}
         jobs = []

@@ -261,6 +261,8 @@ def test_launch_configs_cover_every_launch():
             assert set(c.constexprs) == {name for name, const in args if const}, c.label
         launched = {(c.kernel, c.signature["Q"], tuple(sorted(c.constexprs.items())), c.num_warps, c.num_stages)
                     for c in configs if "Q" in c.signature}
+        combines = {(c.signature["O"], tuple(sorted(c.constexprs.items())), c.num_warps, c.num_stages)
+                    for c in configs if c.kernel is attn._attn_fwd_combine_kernel}
         for dtype, dt in ((torch.float16, "*fp16"), (torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
             if dtype == torch.bfloat16 and cc < 80:
                 assert not any(c.signature.get("Q") == dt for c in configs), "bf16 is refused before sm_80"
@@ -272,6 +274,197 @@ def test_launch_configs_cover_every_launch():
                         bm, bn, warps, stages = attn._tiles(name, dtype, hs, dropout, torch.device("cuda"), cc)
                         ce = tuple(sorted({"HEAD": hs, "BLOCK_M": bm, "BLOCK_N": bn, "DROPOUT": dropout}.items()))
                         assert (fn, dt, ce, warps, stages) in launched, (cc, name, dt, hs, dropout)
+                # The decode forward, the split kernel and the combine kernel at the decode tiles.
+                bm, bn, warps, stages = attn._tiles("decode", dtype, hs, False, torch.device("cuda"), cc)
+                assert bm == attn._DECODE_BLOCK_M, (cc, dt, hs)
+                ce = {"HEAD": hs, "BLOCK_M": bm, "BLOCK_N": bn}
+                assert (attn._attn_fwd_kernel, dt, tuple(sorted({**ce, "DROPOUT": False}.items())), warps,
+                        stages) in launched, (cc, "decode", dt, hs)
+                assert (attn._attn_fwd_split_kernel, dt, tuple(sorted(ce.items())), warps, stages) in launched, \
+                    (cc, "split", dt, hs)
+                assert (dt, (("BLOCK_M", bm), ("HEAD", hs)), attn._COMBINE_WARPS, 1) in combines, (cc, dt, hs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cached decoding: Tq <= 16 queries run the decode tiles, split over keys (flash-decoding) when the plan says so.
+
+# (Tq, Tk, hs, causal): one new token and a few; Tk from 1 to a few hundred, not a multiple of any block (the
+# interpreter's decode tiles are 16 x 16); Tq = 16 fills the decode tile, Tq = 17 is past it (the training tiles).
+DECODE_SHAPES = [
+    (1, 1, 32, True),
+    (1, 37, 64, True),
+    (2, 50, 32, True),
+    (5, 129, 32, True),
+    (16, 16, 64, True),
+    (16, 203, 32, True),
+    (17, 90, 32, True),
+    (1, 77, 128, False),
+    (5, 61, 64, False),
+]
+DECODE_CASES = [(s, dt) for dt in (torch.float32, torch.float16) for s in DECODE_SHAPES]
+
+
+def _decode_id(case):
+    (Tq, Tk, hs, causal), dtype = case
+    return f"Tq{Tq}Tk{Tk}hs{hs}{'c' if causal else 'nc'}-{str(dtype)[6:]}"
+
+
+def _kv_cache_views(B, nh, Tq, Tk, hs, dtype, seed):
+    """q as the model's (B, nh, Tq, hs) view of a (B, Tq, nh, hs) projection; k, v as the first Tk positions of a KV
+    cache of larger capacity (B, nh, Tk + 24, hs)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Tq, nh, hs, generator=g).to(DEVICE, dtype).transpose(1, 2)  # (B, nh, Tq, hs)
+    cache_k, cache_v = (torch.randn(B, nh, Tk + 24, hs, generator=g).to(DEVICE, dtype) for _ in range(2))
+    k, v = cache_k[:, :, :Tk], cache_v[:, :, :Tk]  # (B, nh, Tk, hs), head stride (Tk + 24) hs
+    assert attn._aligned(q) is q and attn._aligned(k) is k, "decode inputs should be read in place"
+    return q, k, v
+
+
+def _lse_ref(q, k, causal):
+    # The natural-log log-sum-exp of every row of scaled scores, in fp32.
+    Tq, Tk, hs = q.shape[2], k.shape[2], q.shape[3]
+    s = q.float() @ k.float().transpose(-2, -1) / math.sqrt(hs)  # (B, nh, Tq, Tk)
+    if causal:
+        s = s.masked_fill(torch.arange(Tk, device=s.device) > torch.arange(Tk - Tq, Tk, device=s.device)[:, None],
+                          float("-inf"))
+    return torch.logsumexp(s, dim=-1)
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=_decode_id)
+def test_decode_matches_reference(case):
+    # Forward, lse and the backward from that lse, unsplit (what the plan picks without a GPU) and split in three.
+    (Tq, Tk, hs, causal), dtype = case
+    B, nh = 2, 2
+    q, k, v = _kv_cache_views(B, nh, Tq, Tk, hs, dtype, seed=Tq * 1000 + Tk)
+    do = torch.randn(B, nh, Tq, hs, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
+    o, lse = attn.attention_fwd(q, k, v, causal)
+    assert_close(f"decode {_decode_id(case)} lse", lse, _lse_ref(q, k, causal))
+    grads = attn.attention_bwd(do, q, k, v, o, lse, causal)
+    _check_against_ref(_decode_id(case), (o, *grads), q, k, v, do, causal)
+    if Tq > attn._DECODE_BLOCK_M:
+        return
+    o3, lse3 = attn.attention_fwd(q, k, v, causal, splits=3)
+    assert_close(f"decode {_decode_id(case)} lse, 3 splits", lse3, _lse_ref(q, k, causal))
+    want_lowp = ref.attention(q, k, v, causal=causal) if dtype != torch.float32 else None
+    assert_close(f"decode {_decode_id(case)} out, 3 splits", o3, ref.attention(q.float(), k.float(), v.float(),
+                                                                               causal=causal), want_lowp)
+    if dtype == torch.float32:  # the backward from the split forward's lse (the kernels are the same in fp16)
+        _check_against_ref(f"{_decode_id(case)} 3 splits", (o3, *attn.attention_bwd(do, q, k, v, o3, lse3, causal)),
+                           q, k, v, do, causal)
+        assert_close(f"decode {_decode_id(case)}: 3 splits vs 1", o3, o)
+        assert_close(f"decode {_decode_id(case)}: 3 splits vs 1, lse", lse3, lse)
+
+
+@pytest.mark.parametrize("splits", [2, 4, 7, 50])
+def test_decode_splits_equal_one_split(splits):
+    # Every split count, up to one split per key block (50 asks for more than the 13 blocks of Tk = 200), gives
+    # the unsplit answer; with Tq = 16 causal, the last split holds keys that the first rows do not see.
+    B, nh, Tq, Tk, hs = 1, 2, 16, 200, 32
+    q, k, v = _kv_cache_views(B, nh, Tq, Tk, hs, torch.float32, seed=splits)
+    for causal in (True, False):
+        o1, lse1 = attn.attention_fwd(q, k, v, causal, splits=1)
+        o, lse = attn.attention_fwd(q, k, v, causal, splits=splits)
+        assert_close(f"decode {splits} splits causal={causal}", o, o1)
+        assert_close(f"decode {splits} splits causal={causal} lse", lse, lse1)
+        assert_close(f"decode {splits} splits causal={causal} vs ref", o, ref.attention(q, k, v, causal=causal))
+
+
+def test_decode_plan():
+    plan = attn._decode_plan
+    # GPT-2 small, one sequence, 1024 cached keys, on a 132-SM H100: 12 programs. Inside a CUDA graph 4 splits of
+    # 256 keys each; eagerly the combine launch's host time would outweigh what it saves: no split.
+    assert plan(1, 12, 1, 1024, 132, graph=True) == (True, 4)
+    assert plan(1, 12, 1, 1024, 132) == (True, 1)
+    assert plan(1, 12, 1, 65536, 132) == (True, 4)  # eagerly, from 16384 keys per split
+    assert plan(1, 12, 1, 16384, 132, graph=True) == (True, 11)  # 12 * 11 = 132 programs fill the SMs
+    assert plan(8, 12, 1, 1024, 132, graph=True) == (True, 1)  # 96 programs already: a split would not fit
+    assert plan(1, 12, 1, 511, 132, graph=True) == (True, 1)  # two splits would read fewer than 256 keys each
+    assert plan(1, 12, 16, 1024, 132, graph=True) == (True, 4)
+    assert plan(1, 12, 17, 1024, 132, graph=True) == (False, 1)  # past the 16-row decode tile: the training tiles
+    assert plan(1, 12, 1, 1024, 132, dropout=True, graph=True) == (False, 1)  # dropout keeps the training path
+    assert plan(1, 12, 1, 1024, None, graph=True) == (True, 1)  # the interpreter: no SM count, no split
+    for B in (1, 2, 7, 64):
+        for nh in (1, 12, 25):
+            for Tk in (1, 255, 256, 1000, 5000, 70000):
+                for sms in (1, 28, 108, 132):
+                    for graph, min_keys in ((True, attn._SPLIT_MIN_KEYS), (False, attn._SPLIT_MIN_KEYS_EAGER)):
+                        decode, S = plan(B, nh, 1, Tk, sms, graph=graph)
+                        assert decode and S >= 1
+                        assert S == 1 or (B * nh * S <= sms and Tk // S >= min_keys), (B, nh, Tk, sms, graph, S)
+    for Tk in (1, 15, 16, 17, 200, 1024, 1025):
+        for splits in (1, 2, 3, 4, 11, 100):
+            for block_n in (16, 64, 128):
+                chunk, S = attn._split_keys(Tk, splits, block_n)
+                assert chunk % block_n == 0 and 1 <= S <= splits, (Tk, splits, block_n)
+                assert (S - 1) * chunk < Tk <= S * chunk, "every split holds keys, and all keys are covered"
+
+
+def test_decode_with_dropout_keeps_the_training_path():
+    # Decoding runs without dropout; a small Tq with dropout runs the training tiles and replays through the
+    # reference with the kernels' own mask. Splitting it is refused.
+    B, nh, Tq, Tk, hs, p, seed = 1, 2, 3, 45, 32, 0.2, 21
+    for dtype in (torch.float32, torch.float16):
+        q, k, v = _kv_cache_views(B, nh, Tq, Tk, hs, dtype, seed=4)
+        do = torch.randn(B, nh, Tq, hs, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
+        o, lse = attn.attention_fwd(q, k, v, True, p, seed)
+        grads = attn.attention_bwd(do, q, k, v, o, lse, True, p, seed)
+        mask = attn.dropout_keep_mask(seed, B, nh, Tq, Tk, p, DEVICE)
+        _check_against_ref(f"decode dropout {dtype}", (o, *grads), q, k, v, do, True, p, mask)
+    with pytest.raises(ValueError, match="splits"):
+        attn.attention_fwd(q, k, v, True, p, seed, splits=2)
+    with pytest.raises(ValueError, match="splits"):
+        attn.attention_fwd(torch.randn(1, 1, 17, 32), torch.randn(1, 1, 20, 32), torch.randn(1, 1, 20, 32),
+                           splits=2)
+
+
+def test_decode_lengths_are_not_specialised():
+    # A decoding run calls the kernels with a new Tk (and chunk) every step: none may become a constant or an
+    # alignment assumption of the compiled kernel, or each length would compile its own kernel.
+    from kernels.runtime import record_launches
+
+    with record_launches() as records:
+        for Tk in (16, 37, 64):
+            q, k, v = _kv_cache_views(1, 1, 1, Tk, 32, torch.float32, seed=Tk)
+            attn.attention_fwd(q, k, v, True)
+            attn.attention_fwd(q, k, v, True, splits=2)
+    varying = {"_attn_fwd_kernel": ("Tq", "Tk", "shift"), "_attn_fwd_split_kernel": ("Tq", "Tk", "shift", "chunk"),
+               "_attn_fwd_combine_kernel": ("Tq", "splits")}
+    signatures = {}
+    for r in records:
+        signatures.setdefault(r.name, set()).add(r.signature)
+    assert set(signatures) == set(varying)
+    for name, seen in signatures.items():
+        assert len(seen) == 1, f"{name} specialised differently for different lengths: {seen}"
+        sig = dict(next(iter(seen)))
+        for arg in varying[name]:
+            assert sig.get(arg) == "i32:1", f"{name}: {arg} is {sig.get(arg)!r}, expected a plain i32"
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_decode_on_gpu(dtype):
+    # GPT-2 small's decode step (nh = 12, hs = 64) against 1024 cached keys: the planned splits and forced ones.
+    B, nh, Tk, hs = 1, 12, 1024, 64
+    for Tq in (1, 16):
+        q, k, v = _kv_cache_views(B, nh, Tq, Tk, hs, dtype, seed=13)
+        want32, want = ref.attention(q.float(), k.float(), v.float()), ref.attention(q, k, v)
+        for splits in (None, 1, 4, 11):
+            o, lse = attn.attention_fwd(q, k, v, True, splits=splits)
+            assert_close(f"gpu decode Tq={Tq} splits={splits}", o, want32, want)
+            assert_close(f"gpu decode Tq={Tq} splits={splits} lse", lse, _lse_ref(q, k, True))
+    # Captured in a CUDA graph, the plan splits the keys (the combine launch then costs no host time).
+    from kernels.runtime import record_launches
+
+    attn.attention_fwd(q, k, v, True, splits=4)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with record_launches() as records, torch.cuda.graph(graph):
+        o, lse = attn.attention_fwd(q, k, v, True)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert [r.name for r in records] == ["_attn_fwd_split_kernel", "_attn_fwd_combine_kernel"]
+    assert_close("gpu decode in a CUDA graph", o, want32, want)
+    assert_close("gpu decode in a CUDA graph, lse", lse, _lse_ref(q, k, True))
 
 
 @needs_gpu

@@ -190,6 +190,37 @@ def test_linear_cross_entropy_gradient_buffers():
     assert torch.equal(w0.grad, torch.zeros_like(w0))
 
 
+def test_linear_cross_entropy_out_of_range_target_is_a_value_error():
+    """On CPU tensors the op checks its targets before any work and raises the Triton backend's ValueError (on
+    a GPU, where that would cost a host read, such a row gets a NaN loss instead); the raw CPU op, called
+    directly, still names the bad row."""
+    h, w = _randn(6, 8), _randn(11, 8, seed=1)
+    t = torch.tensor([3, 7, 11, 0, -1, 2])
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=r"targets must be class ids in \[0, 11\)"):
+            ext.linear_cross_entropy(h.requires_grad_(grad), w, t)
+    with pytest.raises(RuntimeError, match=r"targets\[2\] = 11, outside \[0, 11\)"):
+        torch.ops.gpt2k.cross_entropy_fwd(_randn(6, 11), t, -1)
+
+
+def test_cross_entropy_op_takes_rows_of_a_padded_buffer():
+    """The raw op on the first V columns of a (rows, Vp) buffer: the softmax over those V only, the gradient
+    written there only (the loss head's padded vocabulary)."""
+    V, Vp = 7, 64
+    buf = torch.full((3, Vp), 50.0)
+    buf[:, :V] = _randn(3, V)
+    logits = buf[:, :V].clone()
+    t = torch.tensor([2, -1, 6])
+    rows = torch.ops.gpt2k.cross_entropy_fwd_bwd_(buf[:, :V], t, torch.tensor([0.5]), -1)
+    expect = torch.softmax(logits, -1)
+    expect[torch.arange(3), t.clamp(min=0)] -= 1.0
+    expect[1] = 0.0
+    assert_close("padded rows: gradient", buf[:, :V], 0.5 * expect)
+    assert_close("padded rows: loss", rows, torch.stack([ref.cross_entropy(logits[i:i + 1], t[i:i + 1])
+                                                         for i in range(3)]))
+    assert torch.equal(buf[:, V:], torch.full((3, Vp - V), 50.0))
+
+
 def test_cross_entropy_ignore_index_value():
     h, w = _randn(4, 8), _randn(11, 8, seed=1)
     t = torch.tensor([3, 7, 7, 0])
@@ -307,6 +338,7 @@ def _opcheck_cases():
         ("attention_bwd", ops.attention_bwd.default, (r(1, 2, 3, 8), q.detach(), k, v.detach(), y, lse, True)),
         ("cross_entropy_fwd", ops.cross_entropy_fwd.default, (logits, t, -1)),
         ("cross_entropy_fwd_bwd_", ops.cross_entropy_fwd_bwd_.default, (logits.clone(), t, scale, -1)),
+        ("cross_entropy_fwd_bwd_ padded", ops.cross_entropy_fwd_bwd_.default, (r(4, 64)[:, :9], t, scale, -1)),
     ]
 
 
@@ -350,6 +382,10 @@ BAD = [  # (op, args builder, words the error must contain)
     ("cross_entropy_fwd", lambda: (torch.randn(3, 5), torch.tensor([1, 5, 0]), -1), ["targets[1]", "outside"]),
     ("cross_entropy_fwd_bwd_", lambda: (torch.randn(3, 5), torch.tensor([1, 2, 0]), torch.tensor(0.5).double(), -1),
      ["'scale'", "float32"]),
+    ("cross_entropy_fwd", lambda: (torch.randn(5, 3).t(), torch.tensor([1, 2, 0]), -1),
+     ["'logits'", "contiguous rows"]),
+    ("cross_entropy_fwd", lambda: (torch.randn(3, 10)[:, ::2], torch.tensor([1, 2, 0]), -1),
+     ["'logits'", "contiguous rows"]),
 ]
 
 
@@ -401,7 +437,9 @@ def test_cuda_attention(B, nh, Tq, Tk, hs, causal, dtype):
 @needs_gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 def test_cuda_linear_cross_entropy(dtype):
-    for lead, C, V, n_ign in (((1,), 16, 31, 0), ((3, 37), 24, 101, 9), ((4, 64), 768, 50257, 5), ((2, 5), 32, 257, 10)):
+    # (8, 128) rows: N >= 500, so the GEMMs run on the padded vocabulary (kernels.chunked_loss.pads_vocab).
+    for lead, C, V, n_ign in (((1,), 16, 31, 0), ((3, 37), 24, 101, 9), ((4, 64), 768, 50257, 5), ((2, 5), 32, 257, 10),
+                              ((8, 128), 768, 50257, 40)):
         h, w = _randn(*lead, C), _randn(V, C, seed=1, scale=C ** -0.5)
         t = torch.randint(0, V, lead, generator=torch.Generator().manual_seed(2))
         t.view(-1)[:n_ign] = -1

@@ -304,7 +304,7 @@ def _record_launches(monkeypatch, cc):
         # 1100 rows, H = 1040: K long enough that a product asking for auto split-K would split (only
         # the weight gradients may); 5 rows and 1 row: decoding.
         cases = ((1100, 1040, True, True), (100, 48, True, False), (5, 48, False, True), (1, 48, False, True),
-                 (100, 48, False, False))
+                 (100, 48, False, False), (5, 48, True, True), (1, 48, True, True))
         for M, H, train, bias in cases:
             (x, w_fc, b_fc, w_proj, b_proj), dy = _inputs((M, 16), H, dtype, bias, bias)
             _, pre, act = K.mlp_fwd(x, w_fc, b_fc, w_proj, b_proj, save_pre=train)

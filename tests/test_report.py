@@ -220,3 +220,159 @@ def test_op_modules_ready_for_arch(arch, request):
     for module in MATMUL_MODULES:
         fp16 = [r for r in here if r.module == module and "fp16" in r.pointer_dtypes and r.dots]
         assert fp16, f"sm_{arch}: {module} lists no fp16 matmul configuration"
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. What real launches specialise: every launch of a training step (fp32 and fp16), a cached decode, each op at
+#    the integer values Triton's JIT turns into constants (1) or marks aligned (multiples of 16), and every op test
+#    that ran before this file in the session, recorded under the interpreter by kernels.runtime.launch and compiled
+#    for every architecture with the tiles the launchers pick there.
+
+
+def _train_and_decode(dtype):
+    import torch
+
+    from gpt2.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny"), backend="triton")
+    x = torch.randint(0, model.config.vocab_size, (3, 18))  # 51 rows: no multiple of 16
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        _, loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        model.eval().generate(x[:1, :5], 3, greedy=True)  # prompt of 5, then Tq = 1 with Tk = 6, 7
+
+
+def _edge_values(dtype):
+    """Each op at the sizes the JIT specialises: 1 (a constexpr) and multiples of 16 (aligned), dropout seeds too."""
+    import torch
+
+    from kernels import attention as A
+    from kernels import build_ops
+
+    ops = build_ops("triton", "cpu")
+    for Tq, Tk, seed, p in ((1, 1, 0, 0.0), (1, 16, 1, 0.1), (16, 16, 16, 0.1), (17, 33, 17, 0.1), (2, 17, 1, 0.0)):
+        q = torch.randn(1, 1, Tq, 32, dtype=dtype)
+        k = torch.randn(1, 1, Tk, 32, dtype=dtype)
+        o, lse = A.attention_fwd(q, k, k, True, p, seed)
+        A.attention_bwd(torch.randn_like(o), q, k, k, o, lse, True, p, seed)
+        A.dropout_keep_mask(seed, 1, 1, Tq, Tk, 0.1, "cpu")
+    for C in (1, 17):  # a row of one feature: C = 1 is a constant to the JIT
+        x = torch.randn(3, C, dtype=dtype, requires_grad=True)
+        ops.layer_norm(x, torch.ones(C), torch.zeros(C)).sum().backward()
+    for n in (1, 16, 17):
+        x = torch.randn(n, 32, dtype=dtype, requires_grad=True)
+        ops.layer_norm(x, torch.ones(32), torch.zeros(32)).sum().backward()
+        w1, w2 = torch.randn(64, 32, dtype=dtype) * 0.1, torch.randn(32, 64, dtype=dtype) * 0.1
+        ops.mlp(x, w1.requires_grad_(), None, w2.requires_grad_(), None).sum().backward()
+        for V in (1, 16, 17):
+            w = torch.randn(V, 32, dtype=dtype, requires_grad=True)
+            ops.linear_cross_entropy(x, w, torch.randint(0, V, (n,))).backward()
+
+
+def _class(rec) -> tuple:
+    """What decides whether a launch compiles: kernel, pointer dtypes and every constexpr but the block shapes
+    (its flags and the integers the JIT made the constant 1)."""
+    flags = tuple((n, v) for n, v in rec["constexprs"] if not report._is_tile(n))
+    return rec["kernel"], tuple((n, t.split(":")[0]) for n, t in rec["signature"] if t.startswith("*")), flags
+
+
+def _ones(rec) -> tuple:
+    """A launch's pattern of integer arguments the JIT turned into the constant 1."""
+    from kernels.runtime import _params
+
+    declared = {name for name, const, *_ in _params(report._kernel_named(rec["module"], rec["kernel"])) if const}
+    return rec["kernel"], tuple(sorted(n for n, _ in rec["constexprs"] if n not in declared))
+
+
+def select_launches(workload: list, session: list) -> list:
+    """What CI compiles: per class of the workload, its least aligned launch (the listing pass compiles the aligned
+    form of every configuration); from the rest of the session's op tests, one launch per pattern of integers equal
+    to 1 that the workload did not make (the patterns decide whether a kernel compiles at all)."""
+    def least_aligned(recs):
+        best = {}
+        for r in recs:
+            n = sum(t.endswith(":1") for _, t in r["signature"])
+            if _class(r) not in best or n > best[_class(r)][0]:
+                best[_class(r)] = (n, r)
+        return [r for _, r in best.values()]
+
+    chosen = least_aligned(workload)
+    seen = {_ones(r) for r in workload}
+    extra = {}
+    for r in least_aligned(session):
+        if _ones(r) not in seen:
+            extra.setdefault(_ones(r), r)
+    return chosen + list(extra.values())
+
+
+def recorded_launches(session_launches=()):
+    """The launches to compile (``report.launches_to_json`` dicts): the workload's and the session's new ones."""
+    import torch
+
+    from kernels import runtime
+
+    with runtime.record_launches() as records:
+        for dtype in (torch.float32, torch.float16):
+            _train_and_decode(dtype)
+            _edge_values(dtype)
+    return select_launches(report.launches_to_json(records), report.launches_to_json(session_launches))
+
+
+@pytest.fixture(scope="module")
+def recorded(session_launches):
+    launches = recorded_launches(session_launches)
+    return launches, report.run_report(report.OP_MODULES, REAL_ARCHS, launches=launches)
+
+
+@needs_tools
+def test_recorded_launches_compile_for_every_arch(recorded):
+    launches, results = recorded
+    kernels = {r["kernel"] for r in launches}
+    assert {"_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_layer_norm_bwd_kernel", "_matmul_kernel",
+            "_linear_cross_entropy_fwd_kernel", "_dropout_mask_kernel"} <= kernels, kernels
+    assert {r.arch for r in results} == set(REAL_ARCHS)
+    bad = [f"sm_{r.arch} {r.label}: {'; '.join(r.problems)}" for r in results if not r.ok]
+    assert not bad, f"{len(bad)} of {len(results)} recorded launch specialisations not ready:\n" + "\n".join(bad)
+
+
+def test_recording_sees_the_jit_specialisation():
+    """A launch records ints equal to 1 as constants, multiples of 16 and aligned pointers as aligned, and leaves the
+    kernel's do_not_specialize arguments (the attention's lengths and dropout seed) unspecialised."""
+    import torch
+
+    from kernels import attention as A
+    from kernels import runtime
+
+    q = torch.randn(1, 1, 1, 32)
+    k = torch.randn(1, 1, 17, 32)
+    with runtime.record_launches() as records:
+        A.attention_fwd(q, k, k, True, 0.1, 1)
+    (rec,) = records
+    sig, const = dict(rec.signature), dict(rec.constexprs)
+    assert sig["Q"] == "*fp32:16" and sig["stride_kt"] == "i32:16"  # 32 features a row: aligned
+    assert sig["stride_kb"] == "i32:16"  # a batch of 1: the launcher passes stride 0, which is divisible by 16
+    for name in ("Tq", "Tk", "shift", "seed"):
+        assert sig[name] == "i32:1", (name, sig[name])  # seed = 1 and Tq = 1 stay plain i32 (do_not_specialize)
+    assert const["nh"] == 1 and "nh" not in sig  # one head: the JIT makes nh the constant 1
+    assert const["DROPOUT"] is True and const["HEAD"] == 32
+
+
+def test_configs_from_launches_takes_the_listed_tiles_and_flags_unlisted_launches():
+    from kernels import attention as A
+
+    listed = A.launch_configs(90)
+    rec = {"module": "kernels.attention", "kernel": "_attn_fwd_kernel",
+           "signature": [[n, "i32:1" if not t.startswith(("*", "fp")) else t + (":16" if t.startswith("*") else "")]
+                         for n, t in next(c for c in listed if c.kernel.__name__ == "_attn_fwd_kernel"
+                                          and "fp16" in c.signature["Q"]).signature.items() if n != "nh"],
+           "constexprs": [["HEAD", 64], ["BLOCK_M", 32], ["BLOCK_N", 16], ["DROPOUT", False], ["nh", 1]]}
+    (cfg, twin) = report.configs_from_launches([rec], listed, "kernels.attention", 90)
+    want = A._tiles("fwd", __import__("torch").float16, 64, False, None, 90)
+    assert (cfg.constexprs["BLOCK_M"], cfg.constexprs["BLOCK_N"], cfg.num_warps, cfg.num_stages) == want
+    assert cfg.constexprs["nh"] == 1 and "nh" not in cfg.signature and cfg.signature["Q"] == "*fp16:16"
+    assert twin.signature["Q"] == "*bf16:16"
+    assert len(report.configs_from_launches([rec], listed, "kernels.attention", 75)) == 1  # no bf16 before sm_80
+    odd = {**rec, "constexprs": [["HEAD", 48], ["BLOCK_M", 32], ["BLOCK_N", 16], ["DROPOUT", False], ["nh", 1]]}
+    (unlisted,) = report.configs_from_launches([odd], listed, "kernels.attention", 75)
+    assert unlisted.kernel is None and "no launch_configs entry matches" in unlisted.label

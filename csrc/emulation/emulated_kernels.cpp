@@ -38,7 +38,7 @@ using namespace gpt2k::cuda;
   }                                                                                                                \
   int emu_cross_entropy_##SUFFIX(T* logits, const int64_t* targets, float* loss, const float* grad_scale,          \
                                  int64_t N, int64_t V, int64_t ignore_index) {                                     \
-    return cross_entropy_launch<T>(logits, targets, loss, grad_scale, N, V, ignore_index, nullptr);                \
+    return cross_entropy_launch<T>(logits, targets, loss, grad_scale, N, V, V, ignore_index, nullptr);             \
   }
 
 extern "C" {
