@@ -24,8 +24,17 @@ def parse_list(value: str | None) -> list[str] | None:
 
 
 def default_dtypes(device_type: str, full: bool) -> list[str]:
+    """The dtypes a run measures by default: the one ``--dtype auto`` trains in (``kernels.runtime.default_dtype``:
+    bf16 from sm_80, fp16 on Turing, whose bf16 is emulated), or with ``--full`` every dtype the GPU has."""
     if device_type == "cuda":
-        return ["bf16", "fp16", "fp32"] if full else ["bf16"]
+        import torch
+
+        from kernels.runtime import default_dtype, has_native_bf16
+
+        dev = torch.device("cuda")
+        if full:
+            return (["bf16"] if has_native_bf16(dev) else []) + ["fp16", "fp32"]
+        return [{torch.bfloat16: "bf16", torch.float16: "fp16"}[default_dtype(dev)]]
     return ["fp32"]  # the CPU's fp16 matmul is ~100x slower than fp32: ask for it explicitly
 
 

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from kernels.runtime import default_dtype
+
 ROWS: list[dict] = []
 SPECIALISATIONS: list[dict] = []
 
@@ -137,7 +139,7 @@ def sec_ceilings(dev, smoke):
     ms = median_ms(lambda a=a, b=b: b.copy_(a))
     row("ceilings", "d2d copy GB/s (read+write)", round(2 * a.numel() * 2 / ms / 1e6, 1), f"{ms:.3f} ms")
     m = 8192 if not smoke else 64
-    x = torch.randn(m, m, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    x = torch.randn(m, m, device=dev, dtype=default_dtype(dev))
     y = torch.randn_like(x)
     ms = median_ms(lambda: x @ y)
     row("ceilings", f"matmul {m}^3 {x.dtype} TFLOP/s", round(2 * m**3 / ms / 1e9, 1), f"{ms:.3f} ms")
@@ -305,7 +307,7 @@ def sec_grad_scaler(dev, smoke):
 
 
 def sec_loss_stride(dev, smoke):
-    for dt in ((torch.bfloat16, torch.float16) if dev.type == "cuda" else (torch.float32,)):
+    for dt in ({default_dtype(dev), torch.float16} if dev.type == "cuda" else (torch.float32,)):
         _loss_stride(dev, dt, smoke)
 
 
@@ -345,7 +347,7 @@ def sec_loss_chunks(dev, smoke):
     from kernels import linear_cross_entropy as lce
 
     N, C, V = (8192, 768, 50257) if not smoke else (256, 32, 257)
-    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dt = default_dtype(dev)
     h = torch.randn(N, C, device=dev, dtype=dt, requires_grad=True)
     w = (torch.randn(V, C, device=dev, dtype=dt) * 0.05).requires_grad_()
     t = torch.randint(0, V, (N,), device=dev)
@@ -381,7 +383,7 @@ def sec_determinism(dev, smoke):
             grads = []
             for _ in range(2):
                 model.zero_grad(set_to_none=True)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                with torch.autocast(dev.type, dtype=default_dtype(dev), enabled=dev.type == "cuda"):
                     _, loss = model(x[:, :-1], x[:, 1:])
                 loss.backward()
                 grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
@@ -397,7 +399,7 @@ def sec_decode(dev, smoke):
     import kernels
     from kernels.attention import attention_fwd
 
-    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dt = default_dtype(dev)
     for Tk in ((128, 1024) if not smoke else (16,)):
         q = torch.randn(1, 12, 1, 64, device=dev, dtype=dt)
         k, v = torch.randn(1, 12, Tk, 64, device=dev, dtype=dt), torch.randn(1, 12, Tk, 64, device=dev, dtype=dt)
@@ -410,7 +412,7 @@ def sec_decode(dev, smoke):
     for backend in ("torch", "triton", "cuda"):
         if kernels.unavailable_reason(backend, dev) is not None:
             continue
-        for dtype in ((torch.bfloat16, torch.float32) if dev.type == "cuda" else (torch.float32,)):
+        for dtype in ((default_dtype(dev), torch.float32) if dev.type == "cuda" else (torch.float32,)):
             try:
                 model = _model(preset, backend, dev).eval()
                 idx = torch.randint(0, model.config.vocab_size, (1, prompt), device=dev)

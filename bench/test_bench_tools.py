@@ -194,6 +194,36 @@ def test_gpu_check_script_writes_summary_and_archive_with_every_step_skipped(tmp
     assert {"summary.md", "env.log"} <= names, names
 
 
+def test_gpu_check_build_step_runs_its_commands(tmp_path):
+    """The build step is a shell function run under timeout(1): it must be run through bash (timeout alone answered
+    "failed to run command 'build'" on the first GPU run, and nothing was built). A stand-in python records it."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\necho \"fake python $*\" >> {tmp_path / 'calls.log'}\n")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(fake), GPU_CHECK_BUDGET="400", TORCH_CUDA_ARCH_LIST="9.0",
+               GPU_CHECK_SKIP="hazards_triton hazards_backends kernel_report tests_gpu bench tests_rest")
+    res = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh"), str(out)], check=False, capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "| build | ok |" in (out / "summary.md").read_text(), (out / "build.log").read_text()
+    assert "-m pip install --no-build-isolation" in (tmp_path / "calls.log").read_text()
+
+
+@pytest.mark.parametrize("cc, default, full", [(75, ["fp16"], ["fp16", "fp32"]),
+                                               (80, ["bf16"], ["bf16", "fp16", "fp32"]),
+                                               (90, ["bf16"], ["bf16", "fp16", "fp32"])])
+def test_bench_dtypes_follow_the_capability(monkeypatch, cc, default, full):
+    """A Turing GPU (sm_75) benchmarks fp16 by default and never bf16, which it only emulates."""
+    from bench import cases
+    from kernels import runtime
+
+    monkeypatch.setattr(runtime, "capability", lambda device: cc)
+    assert cases.default_dtypes("cuda", False) == default
+    assert cases.default_dtypes("cuda", True) == full
+    assert cases.default_dtypes("cpu", False) == ["fp32"]
+
+
 def test_bad_thread_count_is_a_usage_error():
     res = subprocess.run([sys.executable, "-m", "pytest", HERE, "--collect-only", "-q", "-p", "no:cacheprovider",
                           "--bench-threads", "0"], check=False, capture_output=True, text=True,

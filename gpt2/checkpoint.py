@@ -142,7 +142,7 @@ def load_model(path, backend: str = "auto", device="cpu") -> tuple[GPT, dict]:
 
     Args:
         path: a ``.pt`` file or a run's out dir.
-        backend: kernel backend spec for the model.
+        backend: kernel backend spec for the model, resolved here on ``device`` (an unavailable backend fails now).
         device: where to put it.
     Returns:
         ``(model, checkpoint dict)``; the model is in eval mode.
@@ -150,12 +150,12 @@ def load_model(path, backend: str = "auto", device="cpu") -> tuple[GPT, dict]:
     p = checkpoint_path(path)
     ckpt = load_checkpoint(p)
     config = config_from_checkpoint(ckpt, p)
-    model = GPT(config, backend=backend)
+    model = GPT(config)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {p}: its weights do not fit its own configuration ({e})") from e
-    return model.to(device).eval(), ckpt
+    return model.to(device).eval().set_backend(backend), ckpt
 
 
 # ----------------------------------------------------------------------------- random state

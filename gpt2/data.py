@@ -247,10 +247,12 @@ class Batcher:
         block_size: sequence length T.
         seed: generator seed.
         rank, world_size: this process's slice of the global batch.
+        vocab_size: when given, each batch's token ids are checked against it on the host, before the copy to
+            the device (for corpora too large to check up front; a check on the device would wait for it).
     """
 
     def __init__(self, arrays: list, batch_size: int, block_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, vocab_size: int | None = None):
         if batch_size < 1 or block_size < 1:
             raise DataError(f"batch_size and block_size must be >= 1, got {batch_size} and {block_size}")
         if not 0 <= rank < world_size:
@@ -260,7 +262,7 @@ class Batcher:
             longest = max((a.size for a in arrays), default=0)
             raise DataError(f"the corpus is too small for block_size {block_size}: its longest piece has {longest} "
                             f"tokens, need at least {block_size + 1}")
-        self.batch_size, self.block_size = batch_size, block_size
+        self.batch_size, self.block_size, self.vocab_size = batch_size, block_size, vocab_size
         self.rank, self.world_size = rank, world_size
         windows = np.array([a.size - block_size for a in self.arrays], dtype=np.int64)
         self._cum = np.cumsum(windows)
@@ -276,7 +278,11 @@ class Batcher:
         for w, s in zip(which, starts):
             off = s - (self._cum[w - 1] if w > 0 else 0)
             rows.append(np.asarray(self.arrays[w][off:off + T + 1], dtype=np.int64))
-        buf = torch.from_numpy(np.stack(rows))  # (B, T+1)
+        ids = np.stack(rows)  # (B, T+1)
+        if self.vocab_size is not None and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            bad = int(ids.max()) if ids.max() >= self.vocab_size else int(ids.min())
+            raise DataError(f"the corpus holds token id {bad}, outside the model's vocabulary of {self.vocab_size}")
+        buf = torch.from_numpy(ids)
         x, y = buf[:, :-1], buf[:, 1:]
         if torch.device(device).type == "cuda":
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)

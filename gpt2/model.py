@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from gpt2 import sampling
 
 PRESETS: dict[str, dict] = {
     # The four OpenAI GPT-2 sizes (124M, 350M, 774M, 1558M parameters).
@@ -350,14 +351,7 @@ class GPT(nn.Module):
                         top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
                         generator: torch.Generator | None = None, greedy: bool = False):
         """Yield each new (B, 1) token as it is chosen. Arguments as ``generate``."""
-        if not greedy and not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature} (use greedy=True for argmax decoding)")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        sampling.check_sampling(temperature, top_k, top_p, greedy, max_new_tokens)
         if idx.dim() != 2 or idx.shape[1] < 1:
             raise ValueError(f"the prompt must be (batch, time) with at least one token, got {tuple(idx.shape)}")
         bs = self.config.block_size
@@ -386,7 +380,7 @@ class GPT(nn.Module):
                 else:
                     x, _ = self._hidden(seq[:, -bs:], None)
                 logits = logits_of(x[:, -1, :])  # (B, V) fp32
-                nxt = self._choose(logits, temperature, top_k, top_p, generator, greedy)  # (B, 1)
+                nxt = sampling.choose_next(logits, temperature, top_k, top_p, generator, greedy)  # (B, 1)
             nxt = nxt.clone()  # an ordinary tensor, usable anywhere (an inference tensor is not)
             seq = torch.cat([seq, nxt], dim=1)
             feed = nxt
@@ -408,23 +402,6 @@ class GPT(nn.Module):
         head_t = head.detach().t().to(dt).contiguous()  # (C, V)
         return lambda h: torch.matmul(h.to(dt), head_t).float()
 
-    @staticmethod
-    def _choose(logits, temperature, top_k, top_p, generator, greedy):
-        if greedy:
-            return logits.argmax(dim=-1, keepdim=True)
-        logits = logits / temperature
-        if top_k is not None:
-            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if top_p is not None and top_p < 1.0:
-            sorted_p, order = torch.sort(probs, descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (always the most likely token).
-            drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        return torch.multinomial(probs, 1, generator=generator)
-
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, use_cache: bool = True, generator: torch.Generator | None = None,
@@ -433,8 +410,9 @@ class GPT(nn.Module):
 
         Args:
             temperature: > 0; logits are divided by it before sampling.
-            top_k: sample among the k most likely tokens only.
-            top_p: nucleus sampling: among the smallest set of tokens holding this much probability.
+            top_k: sample among the k most likely tokens only (None or 0: no limit).
+            top_p: nucleus sampling: among the smallest prefix of the tokens sorted by probability whose mass
+                reaches top_p. The rules are ``gpt2.sampling``'s.
             use_cache: decode with a key/value cache (one token per step) instead of recomputing.
             generator: a torch.Generator for reproducible sampling.
             greedy: take the most likely token every step (temperature, top_k, top_p unused).

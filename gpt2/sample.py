@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import contextlib
 import sys
 
 import torch
+
+from gpt2 import runtime
+from gpt2.sampling import check_sampling
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +28,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.8, help="> 0; logits are divided by it (default 0.8)")
     parser.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest tokens; 0 = all "
                         "(default 200)")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1] (default off)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]: sample among the "
+                        "smallest set of likeliest tokens whose probability reaches it (default off)")
     parser.add_argument("--greedy", action="store_true", help="always take the likeliest token (no sampling)")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole context every token instead "
                         "of using the key/value cache")
@@ -34,22 +37,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", help="kernel backend spec (default auto)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="auto: bf16 on GPUs that have it, else fp16; float32 on the CPU")
-
-
-def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None, greedy: bool,
-                        max_new_tokens: int, num_samples: int) -> None:
-    """Raise ValueError naming the flag for sampling options that cannot work."""
-    if not greedy and not temperature > 0:
-        raise ValueError(f"--temperature must be > 0, got {temperature} (for argmax decoding pass --greedy)")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 0:
-        raise ValueError(f"--top-k must be >= 0 (0 = no limit), got {top_k}")
-    if max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-    if num_samples < 1:
-        raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
+                        help="auto: bf16 on GPUs of compute capability 8.0 or newer, fp16 on older ones; float32 "
+                        "on the CPU")
 
 
 def encode_prompt(model, prompt: str, device) -> torch.Tensor:
@@ -77,7 +66,7 @@ def stream_text(model, prompt: str, max_new_tokens: int, temperature: float = 0.
         model: a ``GPT``.
         prompt: the text to continue (printed first).
         max_new_tokens: how many tokens to generate.
-        temperature, top_k, top_p, greedy, use_cache, generator: as ``GPT.generate``.
+        temperature, top_k, top_p, greedy, use_cache, generator: as ``GPT.generate`` (rules: ``gpt2.sampling``).
         out: where the text goes (default ``sys.stdout``).
     Returns:
         The new token ids.
@@ -114,25 +103,22 @@ def run(args) -> int:
     """Run ``gpt2 sample``; returns the exit status."""
     from gpt2.checkpoint import load_model
     from gpt2.model import GPT
-    from gpt2.train import resolve_device, resolve_dtype
 
-    top_k = args.top_k or None
-    check_sampling_args(args.temperature, top_k, args.top_p, args.greedy, args.max_new_tokens, args.num_samples)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    check_sampling(args.temperature, args.top_k, args.top_p, args.greedy, args.max_new_tokens, flags=True)
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    rt = runtime.start(args.device, args.dtype, distributed=False)
     if args.ckpt:
-        model, _ = load_model(args.ckpt, backend=args.backend, device=device)
+        model, _ = load_model(args.ckpt, backend=args.backend, device=rt.device)
     else:
-        model = GPT.from_pretrained(args.pretrained, backend=args.backend).to(device).eval()
-    model.set_backend(args.backend)
-    encode_prompt(model, args.prompt, device)  # a bad prompt fails before anything is printed
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        model = GPT.from_pretrained(args.pretrained).to(rt.device).eval().set_backend(args.backend)
+    encode_prompt(model, args.prompt, rt.device)  # a bad prompt fails before anything is printed
+    gen = torch.Generator(device=rt.device).manual_seed(args.seed)
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}/{args.num_samples} ---", flush=True)
-        with autocast:
-            stream_text(model, args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=top_k,
+        with rt.autocast():
+            stream_text(model, args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, greedy=args.greedy, use_cache=not args.no_cache, generator=gen)
         print(flush=True)
     return 0

@@ -9,14 +9,19 @@ Triton's bundled ``ptxas``, then reads back:
   against the architecture's per-block opt-in limit (what the driver enforces at launch);
 - registers per thread, stack frame, and register spill bytes (stores / loads) as ``ptxas -v``
   reports them (counted from the local-memory instructions of the SASS when that log is absent);
-- tensor-core instructions in the SASS: ``HMMA`` / ``IMMA`` (mma.sync, sm_75+) and ``HGMMA`` /
-  ``IGMMA`` / ``QGMMA`` (the SASS form of Hopper's ``wgmma``, sm_90a).
+- tensor-core instructions, counted in the PTX and named by the SASS they become: ``HMMA`` (``mma.sync``,
+  sm_75+) and ``HGMMA`` (Hopper's ``wgmma.mma_async``, sm_90a).
 
 A configuration fails when it does not compile, exceeds the shared-memory limit or spills; the
 command then exits non-zero. Tensor-core counts are reported, not enforced: Triton >= 3.2 lowers
 ``tl.dot`` to FMA below sm_80 (its MMA path there is deprecated), so sm_75 shows none.
 
-Each kernel is compiled as the JIT would specialize it at GPT-2 shapes: pointer and integer
+Recorded launches (``--launches``, and ``tests/test_report.py`` on every CI run) are compiled as they were
+specialised: every launch goes through ``kernels.runtime.launch``, which records, as Triton's JIT does, which
+integers were 1 (constants) and which integers and pointers were divisible by 16; ``configs_from_launches`` gives
+each the tiles its op module's ``launch_configs(cc)`` picks on each architecture.
+
+Each listed kernel is compiled as the JIT would specialize it at GPT-2 shapes: pointer and integer
 arguments divisible by 16 (torch allocations are 16-byte aligned; GPT-2's sizes and strides are
 multiples of 16). That variant vectorizes and software-pipelines its loads, so it is the heaviest in
 shared memory. A signature type may override this per argument, as Triton's AOT tool writes it:
@@ -26,6 +31,7 @@ shared memory. A signature type may override this per argument, as Triton's AOT 
     python -m kernels.report --arch sm_80,sm_90       # some architectures
     python -m kernels.report --module attention       # one op module alone
     python -m kernels.report --json report.json       # also write every number as JSON
+    python -m kernels.report --launches launches.json # compile recorded launches (kernels.runtime.record_launches)
 
 Compilation runs in a pool of freshly spawned processes with ``TRITON_INTERPRET`` removed from
 their environment: a kernel defined while the interpreter was on (as under the CPU test suite) is
@@ -62,8 +68,6 @@ ARCHS = (75, 80, 86, 89, 90)
 # Per-block opt-in shared memory, bytes, from the one architecture table (kernels.runtime.ARCHS).
 SHARED_LIMIT = {cc: RUNTIME_ARCHS[cc].shared for cc in ARCHS}
 
-# SASS opcodes that run on tensor cores: mma.sync (Volta..Hopper) and wgmma (Hopper, shown as *GMMA).
-TENSOR_CORE_OPS = ("HMMA", "IMMA", "HGMMA", "IGMMA", "QGMMA")
 
 # The NVIDIA tools the report needs; Triton ships them in triton/backends/nvidia/bin.
 TOOLS = ("ptxas", "cuobjdump")
@@ -85,7 +89,7 @@ class Result:
 
     ``shared_dynamic`` is Triton's allocation (``metadata.shared``), ``shared_static`` the cubin's own
     static shared memory (the driver requires their sum to fit the opt-in limit). Spills are bytes of
-    spill stores / loads per thread. ``tensor_cores`` maps SASS opcode -> instruction count. ``dots``
+    spill stores / loads per thread. ``tensor_cores`` maps SASS opcode -> instruction count (from the PTX). ``dots``
     counts ``tt.dot`` ops in the kernel's Triton IR (after inlining its helpers). ``error`` is set when
     the configuration could not be listed or compiled; the other numbers are then meaningless.
     """
@@ -398,6 +402,18 @@ def _compile(cfg, cc: int, names: list) -> tuple:
     return compiled, log.getvalue()
 
 
+# PTX matrix instructions and the SASS tensor-core opcodes ptxas turns them into (f16/bf16 operands).
+_PTX_TENSOR_CORE = {"HMMA": re.compile(r"^\s*mma\.sync\.", re.MULTILINE),
+                    "HGMMA": re.compile(r"^\s*wgmma\.mma_async\.", re.MULTILINE)}
+
+
+def ptx_tensor_core_ops(ptx: str) -> dict:
+    """Tensor-core instructions of a kernel, counted in its PTX: ``mma.sync`` (HMMA in the SASS) and
+    ``wgmma.mma_async`` (HGMMA). Read from the PTX rather than a SASS dump, which costs a quarter of a compile."""
+    counts = {op: len(rx.findall(ptx)) for op, rx in _PTX_TENSOR_CORE.items()}
+    return {op: n for op, n in counts.items() if n}
+
+
 def sass_opcodes(sass: str) -> dict:
     """Count SASS instructions by opcode (without modifiers); local-memory bytes under ``"STL bytes"``/``"LDL bytes"``."""
     counts: dict = {}
@@ -455,15 +471,14 @@ def _compile_one(job: tuple) -> Result:
         spills = _PTXAS_SPILLS.search(log)
         # Triton emits tensor-core instructions only for tt.dot: a kernel without one needs no SASS dump, unless
         # the spills must be counted from it.
-        # (recorded launches skip it too: their tensor-core use is that of the listed configuration they share tiles with)
-        sass = (bool(res.dots) and _LAUNCHES is None) or ttir is None or spills is None
-        dump = _cuobjdump(compiled.asm["cubin"], sass=sass)
+        # The SASS dump (nvdisasm, a quarter of a compile's time) only when ptxas logged no spill counts.
+        dump = _cuobjdump(compiled.asm["cubin"], sass=spills is None)
         usage = _RESOURCES.search(dump)
         if usage is None:
             raise RuntimeError("cuobjdump printed no resource usage for the cubin")
         res.registers, res.stack_bytes, res.shared_static = int(usage[1]), int(usage[2]), int(usage[3])
         ops = sass_opcodes(dump)
-        res.tensor_cores = {op: ops[op] for op in TENSOR_CORE_OPS if ops.get(op)}
+        res.tensor_cores = ptx_tensor_core_ops(compiled.asm.get("ptx", ""))
         if spills is not None:
             res.spill_stores, res.spill_loads, res.spill_source = int(spills[1]), int(spills[2]), "ptxas"
         else:  # no ptxas log from this Triton: every local-memory access of a Triton kernel is a spill
@@ -589,6 +604,9 @@ def main(argv: list | None = None) -> int:
         " repeatable or comma-separated; default: all four",
     )
     p.add_argument("--json", metavar="FILE", help="also write every result as JSON to FILE")
+    p.add_argument("--launches", metavar="FILE",
+                   help="compile these recorded launches (JSON from launches_to_json of kernels.runtime."
+                        "record_launches()) with each architecture's tiles, instead of the listed configurations")
     p.add_argument("--workers", type=int, default=None, help="compile processes (default: os.cpu_count())")
     args = p.parse_args(argv)
     try:
@@ -601,8 +619,18 @@ def main(argv: list | None = None) -> int:
         print(f"kernels.report: cannot compile for NVIDIA GPUs here, missing: {', '.join(missing)}", file=sys.stderr)
         return 2
     start = time.perf_counter()
+    launches = None
+    if args.launches:
+        try:
+            with open(args.launches) as f:
+                launches = json.load(f)
+        except (OSError, ValueError) as e:
+            p.error(f"--launches {args.launches}: {e}")
+        if not isinstance(launches, list) or not all(isinstance(r, dict) and "kernel" in r for r in launches):
+            p.error(f"--launches {args.launches}: not a list of recorded launches (kernels.report.launches_to_json)")
     results = run_report(
-        modules, archs, workers=args.workers, progress=lambda r: print(".", end="", file=sys.stderr, flush=True)
+        modules, archs, workers=args.workers, progress=lambda r: print(".", end="", file=sys.stderr, flush=True),
+        launches=launches,
     )
     wall = time.perf_counter() - start
     print(file=sys.stderr)

@@ -111,7 +111,8 @@ def test_lse_is_the_row_logsumexp():
         _, lse = attn.attention_fwd(q, k, v, causal)
         s = q @ k.transpose(-2, -1) / math.sqrt(hs)  # (B, nh, Tq, Tk)
         if causal:
-            s = s.masked_fill(torch.arange(Tk) > torch.arange(Tk - Tq, Tk)[:, None], float("-inf"))
+            pos = torch.arange(Tk, device=s.device)
+            s = s.masked_fill(pos > pos[Tk - Tq:, None], float("-inf"))
         assert_close(f"attention lse causal={causal}", lse, torch.logsumexp(s, dim=-1))
 
 
@@ -204,7 +205,8 @@ def test_backward_is_deterministic():
 
 
 def _bad(**over):
-    q, k, v = _qkv(1, 2, 4, 6, 32, torch.float32)
+    # CPU tensors like the overrides (the argument checks come before the device check, on a GPU machine too)
+    q, k, v = (t.cpu() for t in _qkv(1, 2, 4, 6, 32, torch.float32))
     args = {"q": q, "k": k, "v": v, "causal": True, "dropout_p": 0.0}
     args.update(over)
     return args

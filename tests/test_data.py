@@ -106,3 +106,15 @@ def test_batcher_shards_the_global_batch_by_rank():
 def test_batcher_corpus_too_small():
     with pytest.raises(DataError, match="too small for block_size 64"):
         Batcher([np.arange(20, dtype=np.uint16)], 2, 64)
+
+
+def test_batcher_checks_ids_on_the_host_when_asked():
+    """For corpora too large to check up front, each batch is checked before it goes to the device."""
+    arrays = [np.arange(100, dtype=np.uint16) % 50, np.full(40, 60, dtype=np.uint16)]
+    ok = Batcher(arrays[:1], 2, 8, seed=0, vocab_size=50)
+    for _ in range(5):
+        ok.next()
+    bad = Batcher(arrays, 4, 8, seed=0, vocab_size=50)
+    with pytest.raises(DataError, match="token id 60, outside the model's vocabulary of 50"):
+        for _ in range(50):
+            bad.next()

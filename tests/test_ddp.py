@@ -68,7 +68,9 @@ def test_two_gloo_processes_match_one(tmp_path):
         return res.stdout
 
     assert torchrun(*_args(data, two, 2, "--stop-at", "3")).count("stopped at step 3") == 1  # only rank 0 speaks
-    torchrun("train", "--resume", "--out-dir", str(two))  # resume with the same world size
+    # Resume with the same world size. --device cpu (gloo) explicitly: on a machine with fewer GPUs than
+    # processes, a GPU default would put rank 1 on a GPU it does not have (the checkpoint says cpu too).
+    torchrun("train", "--resume", "--out-dir", str(two), "--device", "cpu")
     a, b = _losses(one, "loss"), _losses(two, "loss")
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4, 5]
     for (_, x), (_, y) in zip(a, b):

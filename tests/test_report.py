@@ -167,6 +167,18 @@ def test_arguments_are_checked():
     assert report.module_name("attention") == "kernels.attention"
 
 
+def test_ptx_tensor_core_counting():
+    ptx = """
+        mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1, %f2, %f3, %f4}, {%r1, %r2}, {%r3}, {%f1};
+        // mma.sync in a comment does not count
+        wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%f5}, %rd1, %rd2, 1, 1, 1, 0, 1;
+        wgmma.fence.sync.aligned;
+        mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%f1, %f2, %f3, %f4}, {%r1, %r2}, {%r3}, {%f1};
+    """
+    assert report.ptx_tensor_core_ops(ptx) == {"HMMA": 2, "HGMMA": 1}
+    assert report.ptx_tensor_core_ops("fma.rn.f32 %f1, %f2, %f3, %f4;") == {}
+
+
 def test_sass_counting():
     sass = """
         /*0130*/                   STL [R1+0x190], R194 ;                     /* 0x000190c201007387 */

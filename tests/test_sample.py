@@ -1,5 +1,6 @@
-"""Generation: greedy decoding equals Hugging Face's, the cache changes nothing, streaming prints
-only whole characters, and ``gpt2 sample`` rejects bad options with one line."""
+"""Generation: greedy decoding equals Hugging Face's, the cache changes nothing, the sampling rules keep exactly
+the tokens they say, streaming prints only whole characters, and ``gpt2 sample`` rejects bad options with one
+line."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from gpt2.checkpoint import save_checkpoint
 from gpt2.cli import main
 from gpt2.model import GPT, GPTConfig
 from gpt2.sample import stream_text
+from gpt2.sampling import check_sampling, choose_next, next_token_probs, top_p_keep
 from gpt2.tokenizer import encode
 
 
@@ -64,6 +66,78 @@ def test_cache_and_no_cache_agree_and_generation_slides_past_the_context():
     assert torch.equal(cached, full)
     long = model.generate(prompt, 75, greedy=True)  # 80 tokens > block_size 64
     assert long.shape == (3, 80) and torch.equal(long[:, :35], cached)
+
+
+# A hand-made distribution over 8 tokens, in a shuffled order. Sorted: 0.5 (token 5), 0.25 (2), 0.125 (7),
+# 0.0625 (0), 0.03125 (3), 0.015625 (6), 0.0078125 (1), 0.0078125 (4). Powers of two: every prefix sum is exact.
+PROBS = torch.tensor([[0.0625, 0.0078125, 0.25, 0.03125, 0.0078125, 0.5, 0.015625, 0.125]])
+BY_RANK = [5, 2, 7, 0, 3, 6, 1, 4]
+
+
+def _survivors(mask_or_probs: torch.Tensor) -> set[int]:
+    return set(torch.nonzero(mask_or_probs[0] > 0).flatten().tolist())
+
+
+@pytest.mark.parametrize("top_p,kept", [
+    (0.5, 1),  # the likeliest token alone reaches 0.5: nothing else
+    (0.5001, 2),
+    (0.75, 2),  # 0.5 + 0.25 reaches 0.75 exactly: the third token is not needed
+    (0.7501, 3),
+    (0.9, 4),
+    (0.99, 7),
+    (1.0, 8),
+])
+def test_top_p_keeps_the_smallest_prefix_whose_mass_reaches_top_p(top_p, kept):
+    assert _survivors(top_p_keep(PROBS, top_p)) == set(BY_RANK[:kept])
+    # The same through the logits (float32 softmax: boundaries away from exact prefix sums only).
+    if top_p not in (0.5, 0.75):
+        assert _survivors(next_token_probs(PROBS.log(), top_p=top_p)) == set(BY_RANK[:kept])
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3, 5, 8, 100])
+def test_top_k_keeps_the_k_likeliest_tokens(top_k):
+    probs = next_token_probs(PROBS.log(), temperature=0.7, top_k=top_k)
+    assert _survivors(probs) == set(BY_RANK[:top_k])
+    assert torch.allclose(probs.sum(), torch.tensor(1.0))  # renormalised among the survivors
+
+
+def test_top_k_then_top_p_on_the_renormalised_survivors_and_no_limit_is_zero():
+    # top-k 3 leaves 0.5, 0.25, 0.125 (renormalised: 4/7, 2/7, 1/7); top-p 0.8 then needs the first two only
+    # (6/7 >= 0.8), where on the whole distribution it would need three (0.75 < 0.8).
+    assert _survivors(next_token_probs(PROBS.log(), top_k=3, top_p=0.8)) == {5, 2}
+    assert _survivors(next_token_probs(PROBS.log(), top_p=0.8)) == {5, 2, 7}
+    for no_limit in (None, 0):
+        assert _survivors(next_token_probs(PROBS.log(), top_k=no_limit)) == set(range(8))
+
+
+def test_draws_come_only_from_the_survivors_and_greedy_is_the_argmax():
+    # top-k 4 renormalises to 8/15, 4/15, 2/15, 1/15; top-p 0.85 then needs three (12/15 = 0.8 < 0.85)
+    logits = PROBS.log().expand(4096, -1)
+    draws = choose_next(logits, top_k=4, top_p=0.85, generator=torch.Generator().manual_seed(0))
+    assert draws.shape == (4096, 1) and set(draws.flatten().tolist()) == {5, 2, 7}
+    assert choose_next(PROBS.log(), greedy=True).tolist() == [[5]]
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"temperature": 0}, "temperature must be > 0"),
+    ({"top_p": 0.0}, "top_p must be in (0, 1]"),
+    ({"top_p": 1.5}, "top_p must be in (0, 1]"),
+    ({"top_k": -1}, "top_k must be >= 0"),
+    ({"max_new_tokens": -1}, "max_new_tokens must be >= 0"),
+])
+def test_model_and_cli_share_one_rule(kwargs, needle):
+    args = {"temperature": 1.0, "top_k": None, "top_p": None, "greedy": False, "max_new_tokens": 1, **kwargs}
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace("]", r"\]")):
+        check_sampling(**args)
+    flag = "--" + needle.replace("_", "-")
+    with pytest.raises(ValueError, match=flag.replace("(", r"\(").replace("]", r"\]")):
+        check_sampling(**args, flags=True)
+    model = GPT(GPTConfig.from_preset("tiny"), backend="torch")
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace("]", r"\]")):
+        model.generate(torch.zeros(1, 1, dtype=torch.long), args["max_new_tokens"], temperature=args["temperature"],
+                       top_k=args["top_k"], top_p=args["top_p"])
+    # top_k 0 means no limit for the model too (it was an error there, and "all" in the CLI)
+    assert model.generate(torch.zeros(1, 1, dtype=torch.long), 2, top_k=0).shape == (1, 3)
 
 
 class _Scripted(torch.nn.Module):

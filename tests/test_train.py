@@ -22,6 +22,7 @@ from gpt2 import train
 from gpt2.cli import build_parser, main
 from gpt2.data import write_shard
 from gpt2.model import GPT, GPTConfig
+from gpt2.options import TrainOptions, given_options, load_options, resolve_options
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,7 +74,7 @@ def train_losses(out: Path) -> list[tuple[int, float]]:
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
-    o = dict(train.DEFAULTS, lr=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100)
+    o = TrainOptions(lr=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100)
     lrs = [train.lr_at(s, o) for s in range(101)]
     assert all(b > a for a, b in zip(lrs[:10], lrs[1:10]))  # linear warmup rises
     assert lrs[0] == pytest.approx(1e-3 / 11)
@@ -85,7 +86,7 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
 
 def test_weight_decay_only_on_2d_weights():
     model = GPT(GPTConfig.from_preset("tiny"), backend="torch")
-    opt = train.make_optimizer(model, dict(train.DEFAULTS, weight_decay=0.1), torch.device("cpu"))
+    opt = train.make_optimizer(model, TrainOptions(weight_decay=0.1), torch.device("cpu"))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
@@ -97,13 +98,18 @@ def test_config_file_and_flags_merge(tmp_path):
     cfg = tmp_path / "run.json"
     cfg.write_text(json.dumps({"batch-size": 3, "lr": 1e-3, "max_iters": 7}))
     args = build_parser().parse_args(["train", "--config", str(cfg), "--lr", "2e-3"])
-    o = train.resolve_options(args)
-    assert o["batch_size"] == 3 and o["max_iters"] == 7  # from the file
-    assert o["lr"] == 2e-3  # the command line wins
-    assert o["eval_iters"] == train.DEFAULTS["eval_iters"]  # untouched default
+    o = resolve_options(given_options(args), {"batch_size": 5, "eval_iters": 3, "out_dir": "elsewhere"})
+    assert o.batch_size == 3 and o.max_iters == 7  # from the file, over the checkpoint's
+    assert o.lr == 2e-3  # the command line wins
+    assert o.eval_iters == 3  # the checkpoint's, where nothing else says
+    assert o.out_dir == TrainOptions().out_dir  # a session-only option is never inherited
+    assert resolve_options(given_options(args)).eval_iters == TrainOptions().eval_iters  # untouched default
     cfg.write_text(json.dumps({"batch_sise": 3}))
     with pytest.raises(ValueError, match="unknown option 'batch_sise'"):
-        train.resolve_options(build_parser().parse_args(["train", "--config", str(cfg)]))
+        given_options(build_parser().parse_args(["train", "--config", str(cfg)]))
+    cfg.write_text(json.dumps({"batch_size": 2.5}))
+    with pytest.raises(ValueError, match="--batch-size must be an integer >= 1, got 2.5"):
+        resolve_options(given_options(build_parser().parse_args(["train", "--config", str(cfg)])))
 
 
 # ----------------------------------------------------------------------------- runs
@@ -252,6 +258,17 @@ def test_resume_errors_leave_the_run_intact(shard, tmp_path, trained, capsys):
            "n_embd=64 (asked 128)")
     _fails(tiny_args(shard, out), capsys, "already holds a checkpoint", "--resume")
     _unchanged(out, files)
+
+
+def test_resume_takes_every_option_from_the_checkpoint_once(trained):
+    """A resumed run's options are the checkpoint's (device included: torchrun set up its process group from a
+    second, checkpoint-less resolution, and put a CPU run's ranks on GPUs), except the session-only ones."""
+    out, _ = trained
+    opts, ckpt = load_options(build_parser().parse_args(["train", "--resume", "--out-dir", str(out),
+                                                         "--max-iters", "3"]))
+    assert ckpt["step"] == 2
+    assert (opts.device, opts.preset, opts.backend, opts.batch_size) == ("cpu", "tiny", "torch", 4)
+    assert opts.max_iters == 3 and opts.resume and opts.out_dir == str(out)
 
 
 def test_corrupt_checkpoint(tmp_path, trained, capsys):

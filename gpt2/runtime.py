@@ -1,0 +1,167 @@
+"""Where and in what precision ``gpt2`` computes, and with whom: the device, the dtype, autocast and the
+GradScaler, the distributed set-up under ``torchrun``, and the few collectives the training loop needs.
+
+``start(device, dtype)`` is the one place ``gpt2`` (train, sample) turns ``--device`` and ``--dtype`` into a
+``Runtime``. ``--dtype auto`` is ``kernels.runtime.default_dtype``: bfloat16 on GPUs that compute in it natively
+(compute capability 8.0 or newer), float16 with a GradScaler on older GPUs (Turing, where
+``torch.cuda.is_bf16_supported()`` says True but only emulates it, and the Triton kernels refuse it), float32 on
+the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from kernels.runtime import capability, default_dtype, has_native_bf16
+
+__all__ = ["DTYPES", "Runtime", "dist_env", "dtype_unsupported", "peak_memory", "resolve_device", "resolve_dtype",
+           "start"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dist_env() -> tuple[int, int, int] | None:
+    """(rank, local_rank, world_size) when launched by torchrun, else None."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ["WORLD_SIZE"])
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> CUDA if present else CPU. ``cuda`` without a GPU, or a local rank without a GPU of its own
+    (more processes than GPUs on this machine), is an error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cuda":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device cuda: no CUDA device is available (torch {torch.__version__}); "
+                         "use --device cpu or auto")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ValueError(f"--device cuda: this process has local rank {local_rank} but the machine has {count} "
+                         f"GPU{'s' if count != 1 else ''}; launch torchrun with --nproc_per_node <= {count}, or pass "
+                         "--device cpu")
+    return torch.device("cuda", local_rank)
+
+
+def dtype_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why ``device`` cannot compute in ``dtype`` natively, or None if it can."""
+    if dtype == torch.float32:
+        return None
+    if device.type == "cuda":
+        if dtype == torch.bfloat16 and not has_native_bf16(device):
+            cc = capability(device)
+            return (f"{torch.cuda.get_device_name(device)} ({device}) is compute capability {cc // 10}.{cc % 10}, "
+                    "and bfloat16 needs 8.0 or newer; use --dtype float16 (or float32)")
+        return None
+    # CPU: autocast would emulate a dtype the processor lacks, many times slower than float32.
+    name = "bfloat16" if dtype == torch.bfloat16 else "float16"
+    check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+    try:
+        ok = bool(getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError):
+        ok = False
+    return None if ok else f"this CPU has no native {name} arithmetic; use --dtype float32"
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> ``kernels.runtime.default_dtype(device)``; an explicit dtype the device lacks is an error."""
+    if name == "auto":
+        return default_dtype(device)
+    dtype = DTYPES[name]
+    why = dtype_unsupported(device, dtype)
+    if why:
+        raise ValueError(f"--dtype {name} on {device.type}: {why}")
+    return dtype
+
+
+def peak_memory(device: torch.device) -> str:
+    """Peak memory so far: allocated GPU memory, or the process's peak resident set on the CPU."""
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    rss_bytes = rss if sys.platform == "darwin" else rss * 1024
+    return f"{rss_bytes / 2**30:.2f} GiB rss"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A process's device, compute dtype and place among the ``world`` processes of a run."""
+
+    device: torch.device
+    dtype: torch.dtype
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+    distributed: bool = False  # a process group was initialised (torchrun), even of one process
+
+    @property
+    def master(self) -> bool:
+        """Rank 0: the process that logs and writes."""
+        return self.rank == 0
+
+    @property
+    def ddp(self) -> bool:
+        return self.world > 1
+
+    def autocast(self):
+        """Autocast to the compute dtype; nothing in float32."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A GradScaler, enabled for float16 only (bfloat16 has float32's range)."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` summed over the processes (in place under DDP); ``x`` itself in one process. No host read."""
+        if self.ddp:
+            import torch.distributed as dist
+
+            dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x
+
+    def gather(self, obj) -> list:
+        """Every process's ``obj``, in rank order (a host-side exchange: call it at checkpoints only)."""
+        if not self.ddp:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        """Leave the process group, if this process joined one."""
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def start(device: str = "auto", dtype: str = "auto", distributed: bool = True) -> Runtime:
+    """Resolve ``--device`` and ``--dtype`` and, under torchrun (when ``distributed``), join the process group:
+    NCCL on GPUs, gloo on CPUs. Every check that can fail runs before the group is joined.
+
+    Raises:
+        ValueError: no GPU for ``--device cuda`` or for this local rank; a dtype the device lacks.
+    """
+    env = dist_env() if distributed else None
+    rank, local_rank, world = env or (0, 0, 1)
+    dev = resolve_device(device, local_rank)
+    rt = Runtime(dev, resolve_dtype(dtype, dev), rank, local_rank, world, distributed=env is not None)
+    if env is not None:
+        import torch.distributed as dist
+
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return rt
