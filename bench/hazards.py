@@ -255,7 +255,8 @@ def sec_fp16_loss_scale(dev, smoke):
             (op(hh, ww, t.to(dev)) * seed).backward()
             dw = ww.grad.double().cpu()
             zero = (dw[never] == 0).all(dim=1).float().mean().item()
-            row("fp16_loss_scale", f"{backend}: dW non-target rows rel err", f"{rel_err(dw[never], w64.grad[never]):.2e}",
+            row("fp16_loss_scale", f"{backend}: dW non-target rows rel err",
+                f"{rel_err(dw[never], w64.grad[never]):.2e}",
                 f"all-zero rows {zero:.1%}")
             row("fp16_loss_scale", f"{backend}: dW target rows rel err", f"{rel_err(dw[~never], w64.grad[~never]):.2e}")
             row("fp16_loss_scale", f"{backend}: dh rel err", f"{rel_err(hh.grad.cpu(), h64.grad):.2e}")
@@ -328,7 +329,8 @@ def _loss_stride(dev, dt, smoke):
     zp = torch.empty(rows, Vp, device=dev, dtype=dt)
     times = [median_ms(lambda: torch.mm(h, w.t(), out=zp)), median_ms(lambda: torch.mm(zp, w)),
              median_ms(lambda: torch.mm(zp.t(), h))]
-    row("loss_stride", f"{name} padded weight (Vp rows): logits GEMM / dh / dW ms", " / ".join(f"{x:.3f}" for x in times))
+    row("loss_stride", f"{name} padded weight (Vp rows): logits GEMM / dh / dW ms",
+        " / ".join(f"{x:.3f}" for x in times))
 
 
 def _loss_gemm_times(h, wv, z, t, V):
@@ -388,7 +390,8 @@ def sec_determinism(dev, smoke):
                 loss.backward()
                 grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
             same = sum(bool(torch.equal(a, b)) for a, b in zip(*grads))
-            row("determinism", f"{backend}: params with bitwise-equal grads over two backwards", f"{same}/{len(grads[0])}")
+            row("determinism", f"{backend}: params with bitwise-equal grads over two backwards",
+                f"{same}/{len(grads[0])}")
         except Exception as e:  # noqa: BLE001
             row("determinism", backend, "ERROR", _short(e))
 

@@ -68,8 +68,9 @@ step (B = 1, nh = 12, hs = 64, Tq = 1, Tk = 1024, bf16, e = 2 bytes), on an H100
             6.9 us for one head's 262 KB. S splits cut the walk to 6.9 / S us at the price of the combine launch.
     rule    S = min(sms // (B nh), Tk // min_keys): B nh S programs fit the SMs and each split keeps min_keys keys.
             Inside a CUDA graph min_keys = 256: S = min(132 // 12, 1024 // 256) = 4, predicted 2 x 3 + 6.9 / 4 =
-            7.7 us (S = 1: 3 + 6.9 = 9.9 us). Called eagerly, the combine's launch costs ~65 us of host time (Triton's Python launcher,
-            measured) that a host-bound decoding step pays in full, so min_keys = 16384: S = 1 at GPT-2's lengths.
+            7.7 us (S = 1: 3 + 6.9 = 9.9 us). Called eagerly, the combine's launch costs ~65 us of host time
+            (Triton's Python launcher, measured) that a host-bound decoding step pays in full, so min_keys = 16384:
+            S = 1 at GPT-2's lengths.
     measured kernel time per call (H100 SXM, bf16, CUDA-graph replay, torch 2.11, Triton 3.6; us):
 
             Tk                          128    512   1024   4096  16384

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import importlib
 import importlib.util
@@ -114,6 +115,11 @@ class Result:
     seconds: float = 0.0
     cpu_seconds: float = 0.0
     error: str | None = None
+
+    @property
+    def recorded(self) -> bool:
+        """Whether this configuration came from a recorded launch (``configs_from_launches``), not the listing."""
+        return self.label.startswith(RECORDED)
 
     @property
     def shared(self) -> int:
@@ -207,23 +213,38 @@ def _load_configs(module: str, cc: int) -> list:
 
 
 def _list_one(module: str, cc: int) -> tuple:
-    """(labels of ``module.launch_configs(cc)``, None), or (None, why it cannot be listed). Runs in a worker."""
+    """([(label, key), ...] of the configurations to compile, None), or (None, why they cannot be listed), where
+    configurations with equal keys compile to the same kernel. Runs in a worker."""
     try:
-        return [c.label for c in _worker_configs(module, cc)], None
+        return [(c.label, _config_key(c)) for c in _worker_configs(module, cc)], None
     except (RuntimeError, TypeError) as e:  # a failure to list is a finding of the report, never a skip
         return None, str(e)
+
+
+def _config_key(cfg) -> str | None:
+    """What the compiled kernel depends on, with every alignment assumption spelled out (None: not compilable)."""
+    if cfg.kernel is None or not hasattr(cfg.kernel, "arg_names"):
+        return None
+    sig = []
+    for i, n in enumerate(cfg.kernel.arg_names):
+        if n in cfg.signature:
+            ty, hint = _split_type(cfg.signature[n])
+            sig.append([n, ty, hint if hint is not None else _aligned_by_default(cfg.kernel, i, ty)])
+    const = sorted((n, str(v)) for n, v in cfg.constexprs.items())
+    return json.dumps([cfg.kernel.__name__, sig, const, cfg.num_warps, cfg.num_stages])
 
 
 # ----------------------------------------------------------------------------------------------
 # Compiling one configuration (worker process; the Triton interpreter is off there).
 
 
-_LAUNCHES: list | None = None  # in a worker: the recorded launches to compile instead of launch_configs
+_LAUNCHES: list | None = None  # in a worker: recorded launches to compile
+_LISTED = True  # in a worker: compile the listed configurations too
 
 
-def _init_worker(cache_dir: str, launches: list | None = None) -> None:
-    global _LAUNCHES
-    _LAUNCHES = launches
+def _init_worker(cache_dir: str, launches: list | None = None, listed: bool = True) -> None:
+    global _LAUNCHES, _LISTED
+    _LAUNCHES, _LISTED = launches, listed
     os.environ.pop("TRITON_INTERPRET", None)
     # A fresh cache makes every compile run ptxas, whose -v log (registers, spills) Triton prints on request.
     os.environ["TRITON_CACHE_DIR"] = cache_dir
@@ -235,9 +256,9 @@ def _init_worker(cache_dir: str, launches: list | None = None) -> None:
 @functools.cache
 def _worker_configs(module: str, cc: int) -> tuple:
     configs = _load_configs(module, cc)
-    if _LAUNCHES is None:
-        return tuple(configs)
-    return tuple(configs_from_launches([r for r in _LAUNCHES if r["module"] == module], configs, module, cc))
+    recorded = [] if _LAUNCHES is None else configs_from_launches(
+        [r for r in _LAUNCHES if r["module"] == module], configs, module, cc)
+    return tuple((configs if _LISTED else []) + recorded)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,6 +283,9 @@ def _is_tile(name: str) -> bool:
 
 def _pointer_types(signature) -> dict:
     return {n: _split_type(t)[0] for n, t in dict(signature).items() if str(t).startswith("*")}
+
+
+RECORDED = "recorded: "  # the label prefix of a configuration made from a recorded launch
 
 
 def _with_bf16_twins(launches: list) -> list:
@@ -306,7 +330,7 @@ def configs_from_launches(launches: list, listed: list, module: str, cc: int) ->
         what = (f"{rec['kernel']} {'/'.join(sorted(set(pointers.values())))} "
                 f"{' '.join(f'{n}={v}' for n, v in flags.items())} [{spec}; unaligned: {','.join(unaligned) or '-'}]")
         if match is None:
-            out.append(LaunchConfig(label=f"{what}: no launch_configs entry matches this recorded launch",
+            out.append(LaunchConfig(label=f"{RECORDED}{what}: no launch_configs entry matches this recorded launch",
                                     kernel=None, signature={}))
             continue
         tiles = {n: v for n, v in match.constexprs.items() if _is_tile(n)}
@@ -314,7 +338,8 @@ def configs_from_launches(launches: list, listed: list, module: str, cc: int) ->
         if key in seen:
             continue
         seen.add(key)
-        label = f"{what} {' '.join(f'{n}={v}' for n, v in tiles.items())} w{match.num_warps}s{match.num_stages}"
+        label = (f"{RECORDED}{what} {' '.join(f'{n}={v}' for n, v in tiles.items())} "
+                 f"w{match.num_warps}s{match.num_stages}")
         out.append(LaunchConfig(label=label, kernel=match.kernel, signature=dict(rec["signature"]),
                                 constexprs={**flags, **ones, **tiles}, num_warps=match.num_warps,
                                 num_stages=match.num_stages))
@@ -512,6 +537,7 @@ def run_report(
     workers: int | None = None,
     progress: Callable | None = None,
     launches: list | None = None,
+    listed: bool = True,
 ) -> list:
     """Compile every launch configuration of ``modules`` for every arch in ``archs``.
 
@@ -520,8 +546,10 @@ def run_report(
         archs: compute capabilities, e.g. ``(75, 80, 86, 89, 90)``.
         workers: size of the process pool (default ``os.cpu_count()``).
         progress: called with each ``Result`` as it completes (e.g. to print a dot).
-        launches: recorded launches (``launches_to_json``); when given, each module's configurations are these
-            launches with the tiles its ``launch_configs(cc)`` picks (``configs_from_launches``), not the listing.
+        launches: recorded launches (``launches_to_json``), compiled with the tiles each module's
+            ``launch_configs(cc)`` picks (``configs_from_launches``); their results have ``recorded`` set.
+        listed: compile the listed configurations too. A recorded launch that compiles to the same kernel as a
+            listed configuration is compiled once and reported under both labels.
 
     Returns:
         list of ``Result``: listing errors first, then one per (config, arch) in listing order.
@@ -537,17 +565,24 @@ def run_report(
         cache = stack.enter_context(tempfile.TemporaryDirectory(prefix="kernels-report-"))
         stack.enter_context(_interpreter_off())
         pool = stack.enter_context(
-            concurrent.futures.ProcessPoolExecutor(workers, ctx, _init_worker, (cache, launches)))
+            concurrent.futures.ProcessPoolExecutor(workers, ctx, _init_worker, (cache, launches, listed)))
         # The configurations are listed in a worker too: an op module may pick other tiles under the interpreter.
-        listed = {(m, cc): pool.submit(_list_one, m, cc) for m in modules for cc in archs}
-        jobs = []
-        for (module, cc), fut in listed.items():
-            labels, error = fut.result()
+        listing = {(m, cc): pool.submit(_list_one, m, cc) for m in modules for cc in archs}
+        jobs, same_as = [], {}
+        for (module, cc), fut in listing.items():
+            entries, error = fut.result()
             if error is not None:
                 results.append(Result(module=module, label=f"{module} (launch_configs)", arch=cc, error=error))
-            else:
-                jobs.extend((module, cc, i, label) for i, label in enumerate(labels))
-        futures = {pool.submit(_compile_one, job): job for job in jobs}
+                continue
+            first = {}
+            for i, (label, key) in enumerate(entries):
+                job = (module, cc, i, label)
+                jobs.append(job)
+                if key is not None and key in first:
+                    same_as[job] = first[key]  # compiles to the same kernel: compiled once
+                elif key is not None:
+                    first[key] = job
+        futures = {pool.submit(_compile_one, job): job for job in jobs if job not in same_as}
         for fut in concurrent.futures.as_completed(futures):
             job = futures[fut]
             try:
@@ -557,6 +592,8 @@ def run_report(
             done[job] = res
             if progress is not None:
                 progress(res)
+    for job, first in same_as.items():
+        done[job] = dataclasses.replace(done[first], label=job[3])
     return results + [done[job] for job in jobs]
 
 
@@ -630,7 +667,7 @@ def main(argv: list | None = None) -> int:
             p.error(f"--launches {args.launches}: not a list of recorded launches (kernels.report.launches_to_json)")
     results = run_report(
         modules, archs, workers=args.workers, progress=lambda r: print(".", end="", file=sys.stderr, flush=True),
-        launches=launches,
+        launches=launches, listed=launches is None,
     )
     wall = time.perf_counter() - start
     print(file=sys.stderr)

@@ -167,6 +167,21 @@ def test_arguments_are_checked():
     assert report.module_name("attention") == "kernels.attention"
 
 
+def test_config_key_spells_out_the_default_alignment():
+    """A recorded launch with every argument aligned compiles to the listed configuration's kernel: one compile."""
+    from kernels import attention as A
+
+    listed = next(c for c in A.launch_configs(90) if c.kernel.__name__ == "_attn_fwd_kernel")
+    explicit = LaunchConfig(label="x", kernel=listed.kernel, constexprs=listed.constexprs,
+                            num_warps=listed.num_warps, num_stages=listed.num_stages,
+                            signature={n: (t + ":16" if report._aligned_by_default(listed.kernel, i, t) else
+                                           t + (":1" if t[:1] in "iu*" else ""))
+                                       for i, (n, t) in enumerate(listed.signature.items())})
+    assert report._config_key(explicit) == report._config_key(listed)
+    unaligned = LaunchConfig(**{**explicit.__dict__, "signature": {**explicit.signature, "stride_qt": "i32:1"}})
+    assert report._config_key(unaligned) != report._config_key(listed)
+
+
 def test_ptx_tensor_core_counting():
     ptx = """
         mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1, %f2, %f3, %f4}, {%r1, %r2}, {%r3}, {%f1};
@@ -206,9 +221,16 @@ REAL_ARCHS = (
 
 
 @pytest.fixture(scope="module")
-def real():
-    """Every op module compiled for REAL_ARCHS, in one process pool."""
-    return report.run_report(report.OP_MODULES, REAL_ARCHS)
+def compiled(session_launches):
+    """Every op module's listed configurations and the recorded launches (part 3 below) compiled for REAL_ARCHS,
+    in one process pool; what both compile to the same kernel is compiled once."""
+    launches = recorded_launches(session_launches)
+    return launches, report.run_report(report.OP_MODULES, REAL_ARCHS, launches=launches)
+
+
+@pytest.fixture(scope="module")
+def real(compiled):
+    return [r for r in compiled[1] if not r.recorded]
 
 
 @needs_tools
@@ -332,9 +354,9 @@ def recorded_launches(session_launches=()):
 
 
 @pytest.fixture(scope="module")
-def recorded(session_launches):
-    launches = recorded_launches(session_launches)
-    return launches, report.run_report(report.OP_MODULES, REAL_ARCHS, launches=launches)
+def recorded(compiled):
+    launches, results = compiled
+    return launches, [r for r in results if r.recorded]
 
 
 @needs_tools
