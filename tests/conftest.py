@@ -21,3 +21,13 @@ def session_launches():
 
     with runtime.record_launches() as records:
         yield records
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny shapes gain nothing from a second, and on a busy CI machine OpenMP's
+    spinning threads make them many times slower. The setting is restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

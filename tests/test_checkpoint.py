@@ -20,15 +20,7 @@ from gpt2.checkpoint import (
 )
 from gpt2.model import GPT, ConfigError, GPTConfig
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny shapes gain nothing from a second thread, and on a busy CI machine OpenMP's spinning
-    # threads make them many times slower; restore the setting for other modules' tests.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _state(model: GPT, step: int = 3) -> dict:

@@ -17,15 +17,7 @@ from gpt2.sample import stream_text
 from gpt2.sampling import check_sampling, choose_next, next_token_probs, top_p_keep
 from gpt2.tokenizer import encode
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny shapes gain nothing from a second thread, and on a busy CI machine OpenMP's spinning
-    # threads make them many times slower; restore the setting for other modules' tests.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,14 +27,7 @@ from gpt2.options import TrainOptions, given_options, load_options, resolve_opti
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny shapes gain nothing from a second thread, and on a busy CI machine OpenMP's spinning
-    # threads make them many times slower; restore the setting for other modules' tests.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_shard(path: Path, n: int = 20_000, vocab: int = 512, seed: int = 0) -> Path:
