@@ -4,8 +4,9 @@ The ``shakespeare`` preset on the CPU (``gpt2`` on a GPU) with a 128-token promp
 whole context) and the context widened to 384, so the 256 new tokens fit without sliding; greedy
 decoding, so both paths choose the same tokens. The cache's gain depends on the prompt: each
 recomputing step runs the whole sequence through the blocks, while both paths read the whole
-output embedding (V x C) once per token, which dominates this small-bodied preset on a CPU. Rows of a group differ only by ``use_cache``: the cached row records its speed-up
-over recomputation (``speedup_vs_recompute``) and whether both produced the same tokens.
+output embedding (V x C) once per token, which dominates this small-bodied preset on a CPU. Rows of
+a group differ only by ``use_cache``: the cached row records its speed-up over recomputation
+(``speedup_vs_recompute``) and whether both produced the same tokens.
 """
 
 from __future__ import annotations

@@ -2,23 +2,38 @@
 
 x is (B, T, C) from the GPT-2 table in bench/shapes.py, with a weight and bias of (C,). A
 memory-bound op: read its GB/s against the measured copy bandwidth.
+
+The ``add_layer_norm`` rows time the registry's fused residual add + layer norm, forward + backward
+only, at the same shapes: ``torch`` (the reference: the add, then the layer norm), its
+``torch.compile``, and our backends.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from bench import cases
 from bench.common import (
+    DTYPES,
     InputSet,
     OpCase,
     Unavailable,
+    bench_device,
     compiled_reference,
+    device_name,
     is_peer,
+    op_cost,
+    record_rates,
     registry_impl,
     run_op_benchmark,
+    synchronize,
 )
+from bench.shapes import grid_name
 
 OP = "layer_norm"
 
@@ -53,12 +68,12 @@ def _liger(device: torch.device):
 
 def load(case: OpCase, device: torch.device):
     if case.impl == "torch-compile":
-        return compiled_reference(OP, (case.shape, case.dtype))
+        return compiled_reference(case.op, (case.shape, case.dtype))
     if case.impl == "F.layer_norm":
         return _torch_functional
     if case.impl == "liger":
         return _liger(device)
-    return registry_impl(OP, case.impl, device)
+    return registry_impl(case.op, case.impl, device)
 
 
 def test_layer_norm(benchmark, op_case, device, ceilings, settings):
@@ -67,3 +82,76 @@ def test_layer_norm(benchmark, op_case, device, ceilings, settings):
     except Unavailable as e:
         pytest.skip(str(e))
     run_op_benchmark(benchmark, op_case, make_inputs, fn, ceilings, settings, device, peer=is_peer(op_case.impl))
+
+
+# --------------------------------------------------------------------------------------------
+# add_layer_norm: (y, s) = (layer_norm(x + residual), x + residual), forward + backward
+# --------------------------------------------------------------------------------------------
+
+ADD_IMPLS = ("torch", "torch-compile", "triton", "cuda")
+
+
+def _add_cases(config) -> list:
+    """The layer_norm cases of this run in fwd+bwd mode, for the implementations in ADD_IMPLS."""
+    device_type = bench_device().type
+    full = config.getoption("--full")
+
+    def opt(name):
+        return cases.parse_list(config.getoption(name))
+
+    choices = cases.op_choices(OP, grid_name(device_type, full), device_type, full, opt("--bench-backends"),
+                               opt("--bench-shapes"), opt("--bench-dtypes"), opt("--bench-modes"))
+    picked = [dataclasses.replace(c.case, op="add_layer_norm") for c in choices  # bad names: the layer_norm rows say
+              if c.case is not None and c.case.mode == "fwd+bwd" and c.case.impl in ADD_IMPLS]
+    return [pytest.param(case, id=case.id) for case in picked]
+
+
+def pytest_generate_tests(metafunc):
+    if "add_case" in metafunc.fixturenames:
+        metafunc.parametrize("add_case", _add_cases(metafunc.config))
+
+
+def add_cost(case: OpCase, dtype: torch.dtype) -> tuple[float, float]:
+    """(FLOPs, fewest bytes) of one fwd+bwd: ``op_cost``'s layer norm, plus the add's residual read and s
+    written forward and ds read backward (dx is written once: x and the residual share it), and its adds."""
+    base = op_cost(OP, case.shape, "fwd+bwd", dtype)
+    n = case.shape.B * case.shape.T * case.shape.C
+    return base.flops + 2.0 * n, base.bytes + 3.0 * n * torch.tensor([], dtype=dtype).element_size()
+
+
+def test_add_layer_norm(benchmark, add_case, device, ceilings, settings):
+    try:
+        fn = load(add_case, device)
+    except Unavailable as e:
+        pytest.skip(str(e))
+    dtype = DTYPES[add_case.dtype]
+    gen = torch.Generator(device=device).manual_seed(0)
+    first = make_inputs(add_case.shape, dtype, device, gen)
+    x, w, b = first.args
+    res = torch.randn(x.shape, device=device, generator=gen).to(dtype).requires_grad_()
+    ds = torch.randn(x.shape, device=device, generator=gen).to(dtype)
+
+    def target():
+        y, s = fn(x, res, w, b, 1e-5)
+        torch.autograd.grad((y, s), (x, res, w, b), (first.grad_out, ds))
+        synchronize(device)  # inside the timed call
+
+    try:
+        target()  # warm-up: compilation, allocator
+    except (NotImplementedError, ValueError, TypeError) as e:
+        pytest.skip(f"{add_case.impl} cannot run add_layer_norm {add_case.dtype} on {device.type}: {e}")
+    t0 = time.perf_counter()
+    target()
+    once = max(time.perf_counter() - t0, 1e-6)
+    rounds = int(min(settings.max_rounds, max(settings.min_rounds, settings.max_time / once)))
+    flops, nbytes = add_cost(add_case, dtype)
+    copy, mm = ceilings.copy(), ceilings.matmul(dtype)
+    benchmark.group = add_case.group
+    shape = add_case.shape
+    benchmark.extra_info.update(
+        op=add_case.op, impl=add_case.impl, mode=add_case.mode, dtype=add_case.dtype, shape=shape.name,
+        model=shape.model.name, B=shape.B, T=shape.T, C=shape.C, device=device_name(device), baseline="torch",
+        flops=flops, bytes=nbytes, ceiling_gbps=copy["gbps"], ceiling_gbps_how=copy["how"],
+        ceiling_tflops=mm["tflops"], ceiling_tflops_how=mm["how"])
+    benchmark.pedantic(target, rounds=rounds, warmup_rounds=1, iterations=1)
+    record_rates(benchmark, flops, nbytes, mm["tflops"], copy["gbps"])

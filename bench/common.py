@@ -7,7 +7,9 @@
 - ``Ceilings``: the machine's copy bandwidth and matmul rate, measured once per session by the
   suite itself (a large tensor copy, a large matrix product in the bench dtype).
 - ``run_op_benchmark``: times one (implementation, mode) on rotating input sets, synchronising
-  the GPU inside the timed call, and fills ``extra_info`` with the rates and % of ceilings.
+  the GPU inside the timed call, and fills ``extra_info`` with the rates and % of ceilings. Its first
+  forward is compared with the fp32 reference by the rule of ``kernels.testing`` (``check_forward``):
+  a result outside the tolerance table fails the benchmark (``--bench-no-check`` skips the comparison).
 """
 
 from __future__ import annotations
@@ -116,13 +118,20 @@ class Cost:
 
 
 def op_cost(op: str, shape: Shape, mode: str, dtype: torch.dtype) -> Cost:
-    """FLOPs and fewest bytes of one call of ``op`` at ``shape`` in ``mode``.
+    """FLOPs and fewest bytes of one call of ``op`` at ``shape`` in ``mode``: the project's one cost model.
 
-    FLOPs count the math the op needs (multiply-add = 2; a causal mask halves attention's
-    products; no recomputation). Bytes count every input read once and every output written
+    The kernel modules' docstrings and docs/performance.md point here rather than repeat these numbers.
+    FLOPs count the math the op needs (multiply-add = 2; a causal mask keeps T (T + 1) / 2 of the T^2
+    query-key pairs; no recomputation). Bytes count every input read once and every output written
     once in ``dtype`` (fp32 statistics are not counted; a fused backward may recompute them).
     ``fwd+bwd`` is the sum of the two passes, except for the loss, whose upstream gradient is a
-    known scalar, so one fused pass can read h and W once and write dh and dW.
+    known scalar, so one fused pass can read h and W once and write dh and dW. With N = B T, e bytes
+    an element and H = 4 C:
+
+        layer_norm  fwd 8 N C, (2 N C + 2 C) e              bwd 12 N C, (3 N C + 3 C) e
+        attention   fwd 2 B nh T (T + 1) hs, 4 B nh T hs e  bwd 2.5 x fwd FLOPs, 8 B nh T hs e
+        mlp         fwd 4 N C H, (2 N C + 2 C H + H + C) e  bwd 8 N C H, (3 N C + 4 C H + H + C) e
+        loss        fwd 2 N C V, (N C + V C) e + 8 N        bwd 4 N C V, 2 (N C + V C) e + 8 N
 
     Args:
         op: one of ``OPS``.
@@ -231,14 +240,22 @@ class Ceilings:
                 t = min(_times(functools.partial(torch.matmul, a, b), self.device, reps))
                 if 8 * t > 2.0:
                     break
+            name = str(dtype).replace("torch.", "")
             self._matmul[dtype] = {"tflops": 2.0 * n**3 / t / 1e12, "n": n,
-                                   "how": f"fastest of {reps} matmuls {n}x{n}x{n} in {str(dtype).replace('torch.', '')}"}
+                                   "how": f"fastest of {reps} matmuls {n}x{n}x{n} in {name}"}
         return self._matmul[dtype]
 
 
 # --------------------------------------------------------------------------------------------
 # Implementations
 # --------------------------------------------------------------------------------------------
+
+
+def reference(op: str) -> Callable:
+    """The registry's ``torch`` backend of ``op``: ``kernels.ref.<op>``, the baseline and the oracle."""
+    import kernels
+
+    return getattr(kernels.build_ops("torch"), op)
 
 
 def registry_impl(op: str, backend: str, device: torch.device) -> Callable:
@@ -277,13 +294,11 @@ def compiled_reference(op: str, key) -> Callable:
         # The bwd mode replays one retained graph; compiled backwards that donate buffers refuse that.
         import torch._functorch.config as functorch_config
 
-        from kernels.registry import _load
-
         if hasattr(functorch_config, "donated_buffer"):
             functorch_config.donated_buffer = False
         _COMPILED.clear()
         _COMPILED["key"] = (op, key)
-        _COMPILED["fn"] = torch.compile(_load(op, "torch"), dynamic=False)
+        _COMPILED["fn"] = torch.compile(reference(op), dynamic=False)
     return _COMPILED["fn"]
 
 
@@ -352,6 +367,32 @@ def _reference_outputs(case: OpCase, inputs: InputSet, ref_fn: Callable):
     return _REF_CACHE["ref32"], _REF_CACHE["lowp"]
 
 
+def check_forward(case: OpCase, out: torch.Tensor, inputs: InputSet, ref_fn: Callable) -> tuple:
+    """Compare one forward result with the fp32 reference by the tolerance table's rule for the bench dtype
+    (``kernels.testing.assert_close``); fail the benchmark, naming the first element over its bound, if it is off.
+
+    Returns:
+        (max abs error against the fp32 reference, the reference's own max abs error in the bench dtype or None);
+        (None, None) when the fp32 reference does not fit in memory (the timing does not need it).
+    """
+    from kernels.testing import assert_close
+
+    try:
+        ref32, lowp = _reference_outputs(case, inputs, ref_fn)
+    except OOM:
+        _REF_CACHE.clear()
+        return None, None
+    max_err = (out.detach().float() - ref32.float()).abs().max().item()
+    lowp_err = None if lowp is None else (lowp.float() - ref32.float()).abs().max().item()
+    try:
+        assert_close(f"{case.impl} {case.op} {case.mode} {case.shape.name} {case.dtype}", out, ref32, lowp,
+                     dtype=DTYPES[case.dtype])
+    except AssertionError as e:
+        pytest.fail(f"{e}\n(the forward is outside the tolerance of kernels/testing.py; --bench-no-check skips "
+                    "this comparison)", pytrace=False)
+    return max_err, lowp_err
+
+
 def _input_bytes(s: InputSet) -> int:
     total = sum(a.numel() * a.element_size() for a in s.args if torch.is_tensor(a))
     if s.grad_out is not None:
@@ -379,9 +420,7 @@ def run_op_benchmark(benchmark, case: OpCase, make_inputs: Callable, fn: Callabl
     dtype = DTYPES[case.dtype]
     copy, mm = ceilings.copy(), ceilings.matmul(dtype)  # measured once per session, before any inputs exist
     gen = torch.Generator(device=device).manual_seed(1234)
-    from kernels.registry import _load
-
-    ref_fn = _load(case.op, "torch")
+    ref_fn = reference(case.op)
     try:
         first = make_inputs(case.shape, dtype, device, gen)
         n_sets = rotation_count(_input_bytes(first), device, settings.memory_budget)
@@ -399,19 +438,7 @@ def run_op_benchmark(benchmark, case: OpCase, make_inputs: Callable, fn: Callabl
     except refusals as e:
         pytest.skip(f"{case.impl} cannot run {case.op} {case.dtype} on {device.type}: "
                     f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
-    max_err = lowp_err = None
-    if settings.check:
-        try:
-            ref32, lowp = _reference_outputs(case, first, ref_fn)
-        except OOM:  # the fp32 reference of a big shape; the timing does not need it
-            _REF_CACHE.clear()
-            ref32 = lowp = None
-        if ref32 is not None:
-            max_err = (out0.detach().float() - ref32.float()).abs().max().item()
-            if lowp is not None:
-                lowp_err = (lowp.float() - ref32.float()).abs().max().item()
-            if not math.isfinite(max_err):
-                pytest.fail(f"{case.impl} {case.op}: non-finite output at {case.shape.name} {case.dtype}")
+    max_err, lowp_err = check_forward(case, out0, first, ref_fn) if settings.check else (None, None)
     del out0
 
     def grads(out, s: InputSet, retain: bool):

@@ -9,7 +9,8 @@ Options (all optional; list options are comma-separated):
   --full            the whole grid: every GPT-2 width at every T from 128 to 4096, all dtypes (for a GPU)
   --bench-max-time  seconds of timed rounds per benchmark (default 0.5 on the CPU, 0.1 on a GPU)
   --bench-budget    seconds for the whole run; benchmarks past it are skipped, saying so (default: none)
-  --bench-no-check  skip the comparison of each forward with the fp32 reference
+  --bench-no-check  skip the comparison of each forward with the fp32 reference (by default a forward
+                    outside the tolerance of kernels/testing.py fails its benchmark)
   --bench-threads   torch CPU threads, or ``auto`` (the default): one thread when the 1-minute load
                     average exceeds the core count (a shared CPU), else torch's choice; recorded
                     with every result
@@ -52,7 +53,8 @@ def pytest_addoption(parser):
     group.addoption("--bench-threads", default="auto",
                     help="torch CPU threads: a number, or 'auto' (default: one thread when the CPU is oversubscribed)")
     group.addoption("--bench-no-check", action="store_true", default=False,
-                    help="do not compare each forward with the fp32 reference")
+                    help="do not compare each forward with the fp32 reference (by default a forward outside "
+                         "the tolerance of kernels/testing.py fails its benchmark)")
 
 
 def _opts(config):

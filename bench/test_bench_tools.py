@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bench import cases, report
-from bench.common import IMPL_NAMES, OPS, Unavailable, op_cost
+from bench.common import IMPL_NAMES, OPS, OpCase, Unavailable, check_forward, op_cost, reference
 from bench.shapes import GRIDS, MODELS, SEQ_LENS, ShapeError, parse_shape, select_shapes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -121,6 +121,27 @@ def test_every_listed_implementation_loads_or_says_why(module):
             assert callable(fn), impl
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_forward_outside_the_tolerance_table_fails_the_benchmark(dtype):
+    """check_forward holds each benchmark's first forward to kernels.testing's rule for the bench dtype: the
+    reference passes, a result 1e-3 off (relative) in fp32, or 5% off in bf16, fails, naming the element."""
+    from bench import bench_mlp
+
+    shape = parse_shape("124M-B1-T8")
+    case = OpCase("mlp", "torch", "fwd", dtype, shape)
+    inputs = bench_mlp.make_inputs(shape, {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype],
+                                   torch.device("cpu"), torch.Generator().manual_seed(0))
+    ref = reference("mlp")
+    with torch.no_grad():
+        out = ref(*inputs.args, **inputs.kwargs)
+    max_err, lowp_err = check_forward(case, out, inputs, ref)
+    assert (lowp_err is None) == (dtype == "fp32") and max_err <= (lowp_err or 0.0)
+    off = 1e-3 if dtype == "fp32" else 5e-2
+    named = r"(?s)torch mlp fwd 124M-B1-T8 .*the first, index .*--bench-no-check"
+    with pytest.raises(pytest.fail.Exception, match=named):
+        check_forward(case, out * (1 + off) + off, inputs, ref)
+
+
 def _fake_results(tmp_path):
     def entry(group, impl, median, **info):
         base = {"op": "layer_norm", "impl": impl, "mode": "fwd", "dtype": "fp32", "shape": "124M-B1-T128",
@@ -164,7 +185,8 @@ def test_report_runs_as_a_script_and_rejects_foreign_json(tmp_path):
     assert ok.returncode == 0, ok.stderr
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
-    res = subprocess.run([sys.executable, script, str(bad)], check=False, capture_output=True, text=True, cwd=str(tmp_path))
+    res = subprocess.run([sys.executable, script, str(bad)], check=False, capture_output=True, text=True,
+                         cwd=str(tmp_path))
     assert res.returncode == 2 and "not a pytest-benchmark JSON" in res.stderr
 
 

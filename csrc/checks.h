@@ -15,6 +15,11 @@ void check_layer_norm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& 
                           const std::optional<at::Tensor>& bias);
 void check_layer_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                           const at::Tensor& mean, const at::Tensor& rstd);
+// residual: the shape, dtype and device of x. s: the forward's s = x + residual; ds its gradient.
+void check_add_layer_norm_fwd(const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& bias);
+void check_add_layer_norm_bwd(const at::Tensor& dy, const at::Tensor& ds, const at::Tensor& s,
+                              const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd);
 void check_bias_gelu_fwd(const at::Tensor& h, const std::optional<at::Tensor>& bias);
 void check_bias_gelu_bwd(const at::Tensor& dact, const at::Tensor& h, const std::optional<at::Tensor>& bias);
 // strided_kv: k and v may also be views whose heads are contiguous (T, hs) blocks evenly spaced (a

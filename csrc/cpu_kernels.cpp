@@ -163,6 +163,30 @@ GPT2K_HOT void ln_bwd_row(const float* __restrict dy, const float* __restrict x,
   }
 }
 
+// s = x + res rounded to T (what an add in T gives), stored to s_out; returns s as fp32: s_out
+// itself when T is float, else xbuf (rbuf is scratch).
+template <typename T>
+GPT2K_INLINE const float* add_residual(const T* x, const T* res, T* s_out, float* xbuf, float* rbuf, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t i = 0; i < n; ++i) s_out[i] = x[i] + res[i];
+    return s_out;
+  } else {
+    to_f32(x, xbuf, n);
+    to_f32(res, rbuf, n);
+    for (int64_t i = 0; i < n; ++i) {
+      s_out[i] = static_cast<T>(xbuf[i] + rbuf[i]);
+      xbuf[i] = static_cast<float>(s_out[i]);
+    }
+    return xbuf;
+  }
+}
+
+// out += a. A pass of its own after the layer norm's dx is stored, so an fp32 dx + ds rounds
+// exactly as the unfused layer norm followed by autograd's sum of the two gradients.
+GPT2K_INLINE void add_into(float* __restrict out, const float* __restrict a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] += a[i];
+}
+
 // Sum `parts` rows of (n,) partials into out, in a fixed order.
 void sum_partials(const std::vector<float>& part, int64_t parts, int64_t n, float* out) {
   std::fill(out, out + n, 0.0f);
@@ -372,15 +396,17 @@ void load_transposed(const T* src, float* dst, int64_t k0, int64_t nk, int64_t D
 // ---------------------------------------------------------------- drivers
 
 template <typename T>
-void layer_norm_fwd(const T* x, const T* w, const T* b, T* y, float* mean, float* rstd, int64_t N, int64_t C,
-                    float eps) {
+void layer_norm_fwd(const T* x, const T* res, const T* w, const T* b, T* y, T* s, float* mean, float* rstd, int64_t N,
+                    int64_t C, float eps) {
   const std::vector<float> wf = param_f32(w, C, 1.0f), bf = param_f32(b, C, 0.0f);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
   at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<float> xb(std::is_same_v<T, float> ? 0 : C), yb(std::is_same_v<T, float> ? 0 : C);
+    constexpr bool f32 = std::is_same_v<T, float>;
+    std::vector<float> xb(f32 ? 0 : C), yb(f32 ? 0 : C), rb(f32 || res == nullptr ? 0 : C);
     for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = as_f32(x + r * C, xb.data(), C);
-      if constexpr (std::is_same_v<T, float>) {
+      const float* xr = res != nullptr ? add_residual(x + r * C, res + r * C, s + r * C, xb.data(), rb.data(), C)
+                                       : as_f32(x + r * C, xb.data(), C);
+      if constexpr (f32) {
         ln_fwd_row(xr, wf.data(), bf.data(), y + r * C, C, eps, mean + r, rstd + r);
       } else {
         ln_fwd_row(xr, wf.data(), bf.data(), yb.data(), C, eps, mean + r, rstd + r);
@@ -391,25 +417,24 @@ void layer_norm_fwd(const T* x, const T* w, const T* b, T* y, float* mean, float
 }
 
 template <typename T>
-void layer_norm_bwd(const T* dy, const T* x, const T* w, const float* mean, const float* rstd, T* dx, float* dw,
-                    float* db, int64_t N, int64_t C) {
+void layer_norm_bwd(const T* dy, const T* ds, const T* x, const T* w, const float* mean, const float* rstd, T* dx,
+                    float* dw, float* db, int64_t N, int64_t C) {
   const std::vector<float> wf = param_f32(w, C, 1.0f);
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(kChunks, N));
   const int64_t per = (N + parts - 1) / parts;
   std::vector<float> dw_part(parts * C, 0.0f), db_part(parts * C, 0.0f);
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    const bool f32 = std::is_same_v<T, float>;
-    std::vector<float> xb(f32 ? 0 : C), gb(f32 ? 0 : C), ob(f32 ? 0 : C);
+    constexpr bool f32 = std::is_same_v<T, float>;
+    std::vector<float> xb(f32 ? 0 : C), gb(f32 ? 0 : C), ob(f32 ? 0 : C), sb(f32 || ds == nullptr ? 0 : C);
     for (int64_t p = p0; p < p1; ++p) {
       for (int64_t r = p * per; r < std::min(N, (p + 1) * per); ++r) {
         const float* xr = as_f32(x + r * C, xb.data(), C);
         const float* gr = as_f32(dy + r * C, gb.data(), C);
-        if constexpr (std::is_same_v<T, float>) {
-          ln_bwd_row(gr, xr, wf.data(), mean[r], rstd[r], dx + r * C, &dw_part[p * C], &db_part[p * C], C);
-        } else {
-          ln_bwd_row(gr, xr, wf.data(), mean[r], rstd[r], ob.data(), &dw_part[p * C], &db_part[p * C], C);
-          from_f32(ob.data(), dx + r * C, C);
-        }
+        float* out = ob.data();
+        if constexpr (f32) out = dx + r * C;
+        ln_bwd_row(gr, xr, wf.data(), mean[r], rstd[r], out, &dw_part[p * C], &db_part[p * C], C);
+        if (ds != nullptr) add_into(out, as_f32(ds + r * C, sb.data(), C), C);
+        if constexpr (!f32) from_f32(ob.data(), dx + r * C, C);
       }
     }
   });
@@ -566,9 +591,10 @@ void attention_bwd(const T* dy, const T* q, const T* k, const T* v, const T* y, 
 }
 
 #define GPT2K_INSTANTIATE(T)                                                                                    \
-  template void layer_norm_fwd<T>(const T*, const T*, const T*, T*, float*, float*, int64_t, int64_t, float);   \
-  template void layer_norm_bwd<T>(const T*, const T*, const T*, const float*, const float*, T*, float*, float*, \
-                                  int64_t, int64_t);                                                            \
+  template void layer_norm_fwd<T>(const T*, const T*, const T*, const T*, T*, T*, float*, float*, int64_t,      \
+                                  int64_t, float);                                                              \
+  template void layer_norm_bwd<T>(const T*, const T*, const T*, const T*, const float*, const float*, T*,       \
+                                  float*, float*, int64_t, int64_t);                                            \
   template void bias_gelu_fwd<T>(const T*, const T*, T*, int64_t, int64_t);                                     \
   template void bias_gelu_bwd<T>(const T*, const T*, const T*, T*, float*, int64_t, int64_t);                   \
   template void cross_entropy<T>(T*, const int64_t*, float*, const float*, int64_t, int64_t, int64_t, int64_t); \

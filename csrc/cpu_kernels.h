@@ -14,19 +14,26 @@ namespace gpt2k::cpu {
 // version only (not GCC on x86-64 Linux).
 const char* simd_level();
 
-// LayerNorm over rows of length C. w, b may be null (no scale / no shift).
+// LayerNorm over rows of length C. w, b may be null (no scale / no shift). With a residual res, the
+// rows normalised are s = x + res rounded to T, and s is stored (the fused residual add); res and s
+// are both null for a plain layer norm.
 template <typename T>
 void layer_norm_fwd(const T* x,    // (N, C) input
+                    const T* res,  // (N, C) residual or nullptr
                     const T* w,    // (C,) scale or nullptr
                     const T* b,    // (C,) shift or nullptr
                     T* y,          // (N, C) output
+                    T* s,          // (N, C) output x + res, or nullptr (when res is)
                     float* mean,   // (N,) fp32 row means
                     float* rstd,   // (N,) fp32 row 1/sqrt(var + eps)
                     int64_t N, int64_t C, float eps);
 
+// dx = the layer norm's input gradient, plus ds (the gradient of s = x + res, which reaches x and
+// res alike) when ds is not null.
 template <typename T>
-void layer_norm_bwd(const T* dy,         // (N, C) upstream gradient
-                    const T* x,          // (N, C) forward input
+void layer_norm_bwd(const T* dy,         // (N, C) upstream gradient of y
+                    const T* ds,         // (N, C) upstream gradient of s, or nullptr
+                    const T* x,          // (N, C) the forward's normalised input (s with a residual)
                     const T* w,          // (C,) scale or nullptr
                     const float* mean,   // (N,) from the forward
                     const float* rstd,   // (N,) from the forward

@@ -42,16 +42,43 @@ Tensor fp32_empty(const Tensor& like, at::IntArrayRef shape) {
   return at::empty(shape, like.options().dtype(at::kFloat));
 }
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_cuda(const Tensor& x, const optional<Tensor>& weight,
+// y, s, mean, rstd of the (rows, C) x, plus residual when given (then s = x + residual is returned too).
+std::tuple<Tensor, Tensor, Tensor, Tensor> ln_fwd_cuda(const char* op, const Tensor& x,
+                                                       const optional<Tensor>& residual, const optional<Tensor>& weight,
                                                        const optional<Tensor>& bias, double eps) {
-  check_layer_norm_fwd(x, weight, bias);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = x.size(0), C = x.size(1);
   Tensor y = at::empty_like(x), mean = fp32_empty(x, {N}), rstd = fp32_empty(x, {N});
-  check_launch("gpt2k::layer_norm_fwd",
-               cuda::layer_norm_fwd(dtype_of(x), x.const_data_ptr(), opt_ptr(weight), opt_ptr(bias),
-                                    y.mutable_data_ptr(), mean.mutable_data_ptr<float>(),
-                                    rstd.mutable_data_ptr<float>(), N, C, static_cast<float>(eps), stream()));
+  Tensor s = residual.has_value() ? at::empty_like(x) : Tensor();
+  check_launch(op, cuda::layer_norm_fwd(dtype_of(x), x.const_data_ptr(), opt_ptr(residual), opt_ptr(weight),
+                                        opt_ptr(bias), y.mutable_data_ptr(),
+                                        s.defined() ? s.mutable_data_ptr() : nullptr, mean.mutable_data_ptr<float>(),
+                                        rstd.mutable_data_ptr<float>(), N, C, static_cast<float>(eps), stream()));
+  return {y, s, mean, rstd};
+}
+
+// dx (plus ds when given), dweight, dbias of the layer norm of the (rows, C) x.
+std::tuple<Tensor, Tensor, Tensor> ln_bwd_cuda(const char* op, const Tensor& dy, const optional<Tensor>& ds,
+                                               const Tensor& x, const optional<Tensor>& weight, const Tensor& mean,
+                                               const Tensor& rstd) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t N = x.size(0), C = x.size(1);
+  TORCH_CHECK(cuda::colsum_parts(N) <= 65535, op, ": the input has ", N, " rows; the CUDA kernel supports at most ",
+              65535 * cuda::kColSumRows);
+  Tensor dx = at::empty_like(x), dw = fp32_empty(x, {C}), db = fp32_empty(x, {C});
+  Tensor scratch = fp32_empty(x, {cuda::layer_norm_bwd_scratch_floats(N, C)});
+  check_launch(op, cuda::layer_norm_bwd(dtype_of(x), dy.const_data_ptr(), opt_ptr(ds), x.const_data_ptr(),
+                                        opt_ptr(weight), mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(),
+                                        dx.mutable_data_ptr(), dw.mutable_data_ptr<float>(),
+                                        db.mutable_data_ptr<float>(), scratch.mutable_data_ptr<float>(), N, C,
+                                        stream()));
+  return {dx, dw, db};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_cuda(const Tensor& x, const optional<Tensor>& weight,
+                                                       const optional<Tensor>& bias, double eps) {
+  check_layer_norm_fwd(x, weight, bias);
+  auto [y, s, mean, rstd] = ln_fwd_cuda("gpt2k::layer_norm_fwd", x, std::nullopt, weight, bias, eps);
   return {y, mean, rstd};
 }
 
@@ -59,18 +86,21 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_cuda(const Tensor& dy, const T
                                                        const optional<Tensor>& weight, const Tensor& mean,
                                                        const Tensor& rstd) {
   check_layer_norm_bwd(dy, x, weight, mean, rstd);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t N = x.size(0), C = x.size(1);
-  TORCH_CHECK(cuda::colsum_parts(N) <= 65535, "gpt2k::layer_norm_bwd: argument 'x' has ", N,
-              " rows; the CUDA kernel supports at most ", 65535 * cuda::kColSumRows);
-  Tensor dx = at::empty_like(x), dw = fp32_empty(x, {C}), db = fp32_empty(x, {C});
-  Tensor scratch = fp32_empty(x, {cuda::layer_norm_bwd_scratch_floats(N, C)});
-  check_launch("gpt2k::layer_norm_bwd",
-               cuda::layer_norm_bwd(dtype_of(x), dy.const_data_ptr(), x.const_data_ptr(), opt_ptr(weight),
-                                    mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(), dx.mutable_data_ptr(),
-                                    dw.mutable_data_ptr<float>(), db.mutable_data_ptr<float>(),
-                                    scratch.mutable_data_ptr<float>(), N, C, stream()));
-  return {dx, dw, db};
+  return ln_bwd_cuda("gpt2k::layer_norm_bwd", dy, std::nullopt, x, weight, mean, rstd);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_fwd_cuda(const Tensor& x, const Tensor& residual,
+                                                                   const optional<Tensor>& weight,
+                                                                   const optional<Tensor>& bias, double eps) {
+  check_add_layer_norm_fwd(x, residual, weight, bias);
+  return ln_fwd_cuda("gpt2k::add_layer_norm_fwd", x, residual, weight, bias, eps);
+}
+
+std::tuple<Tensor, Tensor, Tensor> add_layer_norm_bwd_cuda(const Tensor& dy, const Tensor& ds, const Tensor& s,
+                                                           const optional<Tensor>& weight, const Tensor& mean,
+                                                           const Tensor& rstd) {
+  check_add_layer_norm_bwd(dy, ds, s, weight, mean, rstd);
+  return ln_bwd_cuda("gpt2k::add_layer_norm_bwd", dy, ds, s, weight, mean, rstd);
 }
 
 Tensor bias_gelu_fwd_cuda(const Tensor& h, const optional<Tensor>& bias) {
@@ -163,6 +193,8 @@ Tensor cross_entropy_fwd_bwd_cuda(Tensor& logits, const Tensor& targets, const T
 TORCH_LIBRARY_IMPL(gpt2k, CUDA, m) {
   m.impl("layer_norm_fwd", &layer_norm_fwd_cuda);
   m.impl("layer_norm_bwd", &layer_norm_bwd_cuda);
+  m.impl("add_layer_norm_fwd", &add_layer_norm_fwd_cuda);
+  m.impl("add_layer_norm_bwd", &add_layer_norm_bwd_cuda);
   m.impl("bias_gelu_fwd", &bias_gelu_fwd_cuda);
   m.impl("bias_gelu_bwd", &bias_gelu_bwd_cuda);
   m.impl("attention_fwd", &attention_fwd_cuda);

@@ -25,22 +25,22 @@ cudaError_t dispatch(DType dt, Fn&& fn) {
 #define GPT2K_T(ptr) static_cast<T*>(ptr)
 #define GPT2K_CT(ptr) static_cast<const T*>(ptr)
 
-cudaError_t layer_norm_fwd(DType dt, const void* x, const void* w, const void* b, void* y, float* mean,
-                           float* rstd, int64_t N, int64_t C, float eps, cudaStream_t stream) {
+cudaError_t layer_norm_fwd(DType dt, const void* x, const void* r, const void* w, const void* b, void* y, void* s,
+                           float* mean, float* rstd, int64_t N, int64_t C, float eps, cudaStream_t stream) {
   return dispatch(dt, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    return layer_norm_fwd_launch<T>(GPT2K_CT(x), GPT2K_CT(w), GPT2K_CT(b), GPT2K_T(y), mean, rstd, N, C, eps,
-                                    stream);
+    return layer_norm_fwd_launch<T>(GPT2K_CT(x), GPT2K_CT(r), GPT2K_CT(w), GPT2K_CT(b), GPT2K_T(y), GPT2K_T(s), mean,
+                                    rstd, N, C, eps, stream);
   });
 }
 
-cudaError_t layer_norm_bwd(DType dt, const void* dy, const void* x, const void* w, const float* mean,
+cudaError_t layer_norm_bwd(DType dt, const void* dy, const void* ds, const void* x, const void* w, const float* mean,
                            const float* rstd, void* dx, float* dw, float* db, float* scratch, int64_t N, int64_t C,
                            cudaStream_t stream) {
   return dispatch(dt, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    return layer_norm_bwd_launch<T>(GPT2K_CT(dy), GPT2K_CT(x), GPT2K_CT(w), mean, rstd, GPT2K_T(dx), dw, db,
-                                    scratch, N, C, stream);
+    return layer_norm_bwd_launch<T>(GPT2K_CT(dy), GPT2K_CT(ds), GPT2K_CT(x), GPT2K_CT(w), mean, rstd, GPT2K_T(dx), dw,
+                                    db, scratch, N, C, stream);
   });
 }
 

@@ -24,11 +24,13 @@ inline int64_t colsum_parts(int64_t N) { return N == 0 ? 1 : (N + kColSumRows - 
 // Largest head size of the attention kernels.
 constexpr int64_t kMaxHeadSize = 128;
 
-// LayerNorm over rows of C; w, b may be null.
-cudaError_t layer_norm_fwd(DType dt, const void* x, const void* w, const void* b, void* y, float* mean,
-                           float* rstd, int64_t N, int64_t C, float eps, cudaStream_t stream);
+// LayerNorm over rows of C; w, b may be null. With a residual r (r and s both set; both null for a
+// plain layer norm), the rows normalised are s = x + r rounded to the dtype, and s is stored.
+cudaError_t layer_norm_fwd(DType dt, const void* x, const void* r, const void* w, const void* b, void* y, void* s,
+                           float* mean, float* rstd, int64_t N, int64_t C, float eps, cudaStream_t stream);
 inline int64_t layer_norm_bwd_scratch_floats(int64_t N, int64_t C) { return 2 * colsum_parts(N) * C; }
-cudaError_t layer_norm_bwd(DType dt, const void* dy, const void* x, const void* w, const float* mean,
+// ds: null, or the gradient of s = x + r, added into dx (x is then s).
+cudaError_t layer_norm_bwd(DType dt, const void* dy, const void* ds, const void* x, const void* w, const float* mean,
                            const float* rstd, void* dx, float* dw, float* db, float* scratch, int64_t N, int64_t C,
                            cudaStream_t stream);
 

@@ -109,8 +109,9 @@ const T* opt_ptr(const optional<Tensor>& p) {
 
 // ---------------------------------------------------------------- checks (declared in checks.h)
 
-void check_layer_norm_fwd(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias) {
-  const char* op = "gpt2k::layer_norm_fwd";
+namespace {
+
+void check_ln_rows(const char* op, const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias) {
   check_dim(op, "x", x, 2, "(rows, C)");
   check_float(op, "x", x);
   check_contiguous(op, "x", x);
@@ -119,18 +120,48 @@ void check_layer_norm_fwd(const Tensor& x, const optional<Tensor>& weight, const
   check_param(op, "bias", bias, x, x.size(1));
 }
 
+// A (rows, C) tensor `arg` (a residual, a gradient) shaped as `x_arg`: same device, dtype, shape, contiguous.
+void check_row_like(const char* op, const char* arg, const Tensor& g, const char* x_arg, const Tensor& x) {
+  check_like(op, arg, g, x_arg, x);
+  TORCH_CHECK(g.sizes() == x.sizes(), op, ": argument '", arg, "' must have the shape of ", x_arg, " ", x.sizes(),
+              ", got ", g.sizes());
+}
+
+// x_arg names the forward's normalised input: x for layer_norm_bwd, s for add_layer_norm_bwd.
+void check_ln_bwd(const char* op, const char* x_arg, const Tensor& dy, const Tensor& x,
+                  const optional<Tensor>& weight, const Tensor& mean, const Tensor& rstd) {
+  check_dim(op, x_arg, x, 2, "(rows, C)");
+  check_float(op, x_arg, x);
+  check_contiguous(op, x_arg, x);
+  check_row_like(op, "dy", dy, x_arg, x);
+  check_param(op, "weight", weight, x, x.size(1));
+  check_fp32_stat(op, "mean", mean, x_arg, x, {x.size(0)});
+  check_fp32_stat(op, "rstd", rstd, x_arg, x, {x.size(0)});
+}
+
+}  // namespace
+
+void check_layer_norm_fwd(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias) {
+  check_ln_rows("gpt2k::layer_norm_fwd", x, weight, bias);
+}
+
 void check_layer_norm_bwd(const Tensor& dy, const Tensor& x, const optional<Tensor>& weight, const Tensor& mean,
                           const Tensor& rstd) {
-  const char* op = "gpt2k::layer_norm_bwd";
-  check_dim(op, "x", x, 2, "(rows, C)");
-  check_float(op, "x", x);
-  check_contiguous(op, "x", x);
-  check_like(op, "dy", dy, "x", x);
-  TORCH_CHECK(dy.sizes() == x.sizes(), op, ": argument 'dy' must have the shape of x ", x.sizes(), ", got ",
-              dy.sizes());
-  check_param(op, "weight", weight, x, x.size(1));
-  check_fp32_stat(op, "mean", mean, "x", x, {x.size(0)});
-  check_fp32_stat(op, "rstd", rstd, "x", x, {x.size(0)});
+  check_ln_bwd("gpt2k::layer_norm_bwd", "x", dy, x, weight, mean, rstd);
+}
+
+void check_add_layer_norm_fwd(const Tensor& x, const Tensor& residual, const optional<Tensor>& weight,
+                              const optional<Tensor>& bias) {
+  const char* op = "gpt2k::add_layer_norm_fwd";
+  check_ln_rows(op, x, weight, bias);
+  check_row_like(op, "residual", residual, "x", x);
+}
+
+void check_add_layer_norm_bwd(const Tensor& dy, const Tensor& ds, const Tensor& s, const optional<Tensor>& weight,
+                              const Tensor& mean, const Tensor& rstd) {
+  const char* op = "gpt2k::add_layer_norm_bwd";
+  check_ln_bwd(op, "s", dy, s, weight, mean, rstd);
+  check_row_like(op, "ds", ds, "s", s);
 }
 
 void check_bias_gelu_fwd(const Tensor& h, const optional<Tensor>& bias) {
@@ -248,18 +279,45 @@ void dispatch_float(const Tensor& t, Fn&& fn) {
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_cpu(const Tensor& x, const optional<Tensor>& weight,
-                                                      const optional<Tensor>& bias, double eps) {
-  check_layer_norm_fwd(x, weight, bias);
+// y, s, mean, rstd of the (rows, C) x, plus residual when given (then s = x + residual is returned too).
+std::tuple<Tensor, Tensor, Tensor, Tensor> ln_fwd_cpu(const Tensor& x, const optional<Tensor>& residual,
+                                                      const optional<Tensor>& weight, const optional<Tensor>& bias,
+                                                      double eps) {
   const int64_t N = x.size(0), C = x.size(1);
   Tensor y = at::empty_like(x);
+  Tensor s = residual.has_value() ? at::empty_like(x) : Tensor();
   Tensor mean = at::empty({N}, x.options().dtype(at::kFloat));
   Tensor rstd = at::empty({N}, x.options().dtype(at::kFloat));
   dispatch_float(x, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    cpu::layer_norm_fwd<T>(x.data_ptr<T>(), opt_ptr<T>(weight), opt_ptr<T>(bias), y.data_ptr<T>(),
-                           mean.data_ptr<float>(), rstd.data_ptr<float>(), N, C, static_cast<float>(eps));
+    cpu::layer_norm_fwd<T>(x.data_ptr<T>(), opt_ptr<T>(residual), opt_ptr<T>(weight), opt_ptr<T>(bias),
+                           y.data_ptr<T>(), s.defined() ? s.data_ptr<T>() : nullptr, mean.data_ptr<float>(),
+                           rstd.data_ptr<float>(), N, C, static_cast<float>(eps));
   });
+  return {y, s, mean, rstd};
+}
+
+// dx (plus ds when given), dweight, dbias of the layer norm of the (rows, C) x.
+std::tuple<Tensor, Tensor, Tensor> ln_bwd_cpu(const Tensor& dy, const optional<Tensor>& ds, const Tensor& x,
+                                              const optional<Tensor>& weight, const Tensor& mean,
+                                              const Tensor& rstd) {
+  const int64_t N = x.size(0), C = x.size(1);
+  Tensor dx = at::empty_like(x);
+  Tensor dw = at::empty({C}, x.options().dtype(at::kFloat));
+  Tensor db = at::empty({C}, x.options().dtype(at::kFloat));
+  dispatch_float(x, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    cpu::layer_norm_bwd<T>(dy.data_ptr<T>(), opt_ptr<T>(ds), x.data_ptr<T>(), opt_ptr<T>(weight),
+                           mean.data_ptr<float>(), rstd.data_ptr<float>(), dx.data_ptr<T>(), dw.data_ptr<float>(),
+                           db.data_ptr<float>(), N, C);
+  });
+  return {dx, dw, db};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_cpu(const Tensor& x, const optional<Tensor>& weight,
+                                                      const optional<Tensor>& bias, double eps) {
+  check_layer_norm_fwd(x, weight, bias);
+  auto [y, s, mean, rstd] = ln_fwd_cpu(x, std::nullopt, weight, bias, eps);
   return {y, mean, rstd};
 }
 
@@ -267,17 +325,21 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_cpu(const Tensor& dy, const Te
                                                       const optional<Tensor>& weight, const Tensor& mean,
                                                       const Tensor& rstd) {
   check_layer_norm_bwd(dy, x, weight, mean, rstd);
-  const int64_t N = x.size(0), C = x.size(1);
-  Tensor dx = at::empty_like(x);
-  Tensor dw = at::empty({C}, x.options().dtype(at::kFloat));
-  Tensor db = at::empty({C}, x.options().dtype(at::kFloat));
-  dispatch_float(x, [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    cpu::layer_norm_bwd<T>(dy.data_ptr<T>(), x.data_ptr<T>(), opt_ptr<T>(weight), mean.data_ptr<float>(),
-                           rstd.data_ptr<float>(), dx.data_ptr<T>(), dw.data_ptr<float>(), db.data_ptr<float>(), N,
-                           C);
-  });
-  return {dx, dw, db};
+  return ln_bwd_cpu(dy, std::nullopt, x, weight, mean, rstd);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_fwd_cpu(const Tensor& x, const Tensor& residual,
+                                                                  const optional<Tensor>& weight,
+                                                                  const optional<Tensor>& bias, double eps) {
+  check_add_layer_norm_fwd(x, residual, weight, bias);
+  return ln_fwd_cpu(x, residual, weight, bias, eps);
+}
+
+std::tuple<Tensor, Tensor, Tensor> add_layer_norm_bwd_cpu(const Tensor& dy, const Tensor& ds, const Tensor& s,
+                                                          const optional<Tensor>& weight, const Tensor& mean,
+                                                          const Tensor& rstd) {
+  check_add_layer_norm_bwd(dy, ds, s, weight, mean, rstd);
+  return ln_bwd_cpu(dy, ds, s, weight, mean, rstd);
 }
 
 Tensor bias_gelu_fwd_cpu(const Tensor& h, const optional<Tensor>& bias) {
@@ -365,6 +427,10 @@ TORCH_LIBRARY(gpt2k, m) {
   m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor y, Tensor mean, Tensor rstd)");
   m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd)"
         " -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  m.def("add_layer_norm_fwd(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps)"
+        " -> (Tensor y, Tensor s, Tensor mean, Tensor rstd)");
+  m.def("add_layer_norm_bwd(Tensor dy, Tensor ds, Tensor s, Tensor? weight, Tensor mean, Tensor rstd)"
+        " -> (Tensor dx, Tensor dweight, Tensor dbias)");
   m.def("bias_gelu_fwd(Tensor h, Tensor? bias) -> Tensor");
   m.def("bias_gelu_bwd(Tensor dact, Tensor h, Tensor? bias) -> (Tensor dh, Tensor dbias)");
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float dropout_p) -> (Tensor y, Tensor lse)");
@@ -377,6 +443,8 @@ TORCH_LIBRARY(gpt2k, m) {
 TORCH_LIBRARY_IMPL(gpt2k, CPU, m) {
   m.impl("layer_norm_fwd", &layer_norm_fwd_cpu);
   m.impl("layer_norm_bwd", &layer_norm_bwd_cpu);
+  m.impl("add_layer_norm_fwd", &add_layer_norm_fwd_cpu);
+  m.impl("add_layer_norm_bwd", &add_layer_norm_bwd_cpu);
   m.impl("bias_gelu_fwd", &bias_gelu_fwd_cpu);
   m.impl("bias_gelu_bwd", &bias_gelu_bwd_cpu);
   m.impl("attention_fwd", &attention_fwd_cpu);

@@ -2,7 +2,7 @@
 
 The module tree and parameter names follow OpenAI's / Hugging Face's GPT-2 (``wte``, ``wpe``,
 ``h.N.ln_1``, ``attn.c_attn``, ``mlp.c_fc``, ``ln_f``, ``lm_head``) so checkpoints map one to one.
-Parameters live only here; the four fused ops (``layer_norm``, ``attention``, ``mlp``,
+Parameters live only here; the fused ops (``layer_norm``, ``add_layer_norm``, ``attention``, ``mlp``,
 ``linear_cross_entropy``) are stateless functions taken from ``kernels.build_ops``, so
 ``set_backend`` can swap them at any time and any checkpoint loads under any backend.
 """
@@ -122,7 +122,7 @@ class KVCache:
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm parameters (bias optional); the math is the registry's ``layer_norm``."""
+    """LayerNorm parameters (bias optional); the math is the registry's ``layer_norm`` / ``add_layer_norm``."""
 
     def __init__(self, n: int, bias: bool):
         super().__init__()
@@ -131,6 +131,11 @@ class LayerNorm(nn.Module):
 
     def forward(self, x, ops):
         return ops.layer_norm(x, self.weight, self.bias, 1e-5)
+
+    def add(self, x, residual, ops):
+        """``(self(x + residual), x + residual)`` in one op. The sum keeps x's dtype (the residual stream's,
+        fp32 under autocast), as ``x + residual`` would for a low-precision residual."""
+        return ops.add_layer_norm(x, residual.to(x.dtype), self.weight, self.bias, 1e-5)
 
 
 def _act_dtype(x: torch.Tensor) -> torch.dtype:
@@ -192,10 +197,15 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, ops, kv_cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x, ops), ops, kv_cache, layer)  # pre-norm residual blocks
-        x = x + self.mlp(self.ln_2(x, ops), ops)
-        return x
+    def forward(self, x, h, next_ln, ops, kv_cache=None, layer=0):
+        """A pre-norm block on the residual stream x (B, T, C), given h = ln_1(x).
+
+        Each residual add runs fused with the norm after it: ln_2 here, then ``next_ln`` (the next
+        block's ln_1, or ln_f after the last block). Returns the new stream and ``next_ln`` of it.
+        """
+        h, x = self.ln_2.add(x, self.attn(h, ops, kv_cache, layer), ops)  # x = x + attn(ln_1(x)); h = ln_2(x)
+        h, x = next_ln.add(x, self.mlp(h, ops), ops)  # x = x + mlp(ln_2(x)); h = next_ln(x)
+        return x, h
 
 
 class GPT(nn.Module):
@@ -314,11 +324,14 @@ class GPT(nn.Module):
         T = idx.shape[1]
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, ops, kv_cache, i)
+        blocks = self.transformer.h
+        h = blocks[0].ln_1(x, ops)
+        next_norms = [b.ln_1 for b in blocks[1:]] + [self.transformer.ln_f]
+        for i, (block, next_ln) in enumerate(zip(blocks, next_norms)):
+            x, h = block(x, h, next_ln, ops, kv_cache, i)  # h = next_ln(x): ln_f(x) after the last block
         if kv_cache is not None:
             kv_cache.pos += T
-        return self.transformer.ln_f(x, ops), ops
+        return h, ops
 
     # ------------------------------------------------------------------ accounting
 

@@ -1,89 +1,30 @@
 """Causal flash attention in Triton: the ``triton`` backend of the registry op ``attention``.
 
-``attention(q, k, v, causal=True, dropout_p=0.0)`` has the signature and semantics of ``kernels.ref.attention``: the
-Tq queries are the last Tq of Tk key positions (query i sits at Tk - Tq + i), the scale is 1/sqrt(hs), the softmax is
-taken in fp32 and the result comes back in q.dtype. No Tq x Tk matrix is ever stored.
+Contract: ``attention(q, k, v, causal=True, dropout_p=0.0)`` has the signature and semantics of
+``kernels.ref.attention``: the Tq queries are the last Tq of Tk key positions (query i sits at Tk - Tq + i), the scale
+is 1/sqrt(hs) (hs = 32, 64 or 128), the softmax is taken in fp32 and the result comes back in q.dtype. No Tq x Tk matrix
+is ever stored. Limits: dropout needs Tq * Tk < 2**31 per head; B * nh must stay within the grid's 65535 on axis 1.
 
-Forward (``_attn_fwd_kernel``, one program per (query block, batch*head)): online softmax over key blocks in base-2
-units (log2 e folded into the scale, exp2), fp32 running max / sum / accumulator, per-row log-sum-exp saved in fp32.
-Key blocks that every row of the query block sees run without masks; the causal diagonal and the ragged end of Tk run
-masked; key blocks past the diagonal are skipped. The heaviest causal query blocks are launched first.
-Backward: ``_attn_bwd_preprocess_kernel`` computes delta = rowsum(dO * O); ``_attn_bwd_dkdv_kernel`` (one program per
-key block) and ``_attn_bwd_dq_kernel`` (one per query block) recompute P from the saved log-sum-exp. Every gradient
-block has a single writer: deterministic, no atomics, at the price of recomputing QK^T and dO V^T in the dQ kernel.
-Dropout: a Philox stream per (batch, head) keyed by (seed, head index) with counter row * Tk + col, drawn inside each
-kernel (``tl.rand``); the backward redraws the same keep-mask and ``dropout_keep_mask`` materialises it for tests.
+Algorithm. Forward (``_attn_fwd_kernel``, one program per (query block, batch*head)): online softmax over key blocks in
+base-2 units, fp32 running max / sum / accumulator, the per-row log-sum-exp saved in fp32; blocks every row sees run
+unmasked, the causal diagonal and the ragged end of Tk masked, blocks past the diagonal are skipped, the heaviest query
+blocks launch first. Backward: ``_attn_bwd_preprocess_kernel`` (delta = rowsum(dO * O)), then ``_attn_bwd_dkdv_kernel``
+(one program per key block) and ``_attn_bwd_dq_kernel`` (one per query block) recompute P from the log-sum-exp: every
+gradient block has a single writer (deterministic, no atomics) at the price of recomputing QK^T and dO V^T for dQ.
+Dropout: a Philox stream per (batch, head), counter row * Tk + col, redrawn by the backward; ``dropout_keep_mask``
+materialises it for tests. Inputs are read by strides when the feature dimension is unit-stride and rows start 16-byte
+aligned (the model's q/k/v views, KV-cache slices); other layouts are copied once. Cached decoding (``_decode_plan``):
+Tq <= 16 without dropout runs one 16-row query tile and, inside a CUDA graph when B*nh programs leave SMs idle, splits
+the keys over programs (flash-decoding: ``_attn_fwd_split_kernel``, then ``_attn_fwd_combine_kernel`` merges exactly,
+same lse); called eagerly the combine's launch costs more host time than the split saves, so it does not split.
 
-Inputs are read by strides, without copies, when the feature dimension is unit-stride and each row starts on a 16-byte
-boundary (the model's q/k/v views and KV-cache slices); the kernels state this to the compiler (``tl.multiple_of``) so
-that loads vectorise identically at run time and in the ahead-of-time report. Other layouts are copied once.
+Tiles (``_TILES``, whose comments give each choice): one (BLOCK_M, BLOCK_N, warps, stages) per kernel, architecture,
+head class and dropout, the largest that fits shared memory without spills; 16-row decode tiles; fp32 on IEEE FMA dots
+(no TF32, so fp32 parity holds on a GPU); sm_75 has no tensor-core tl.dot. ``launch_configs`` lists every one and
+``python -m kernels.report`` compiles them for sm_75..sm_90 with no GPU.
 
-Work and traffic (GPT-2 small on an H100: B*nh = 96, hs = 64, bf16, causal; predictions, nothing here was measured,
-as no GPU was available to this work):
-
-    FLOPs   forward  4 B nh Tq Tk hs / 2 = 12.9 GFLOP (T = 1024), 206 GFLOP (T = 4096)
-            backward 2.5x forward = 32.2 / 515 GFLOP of useful work; these kernels execute 3.5x forward (7 matmuls
-            of T x T x hs instead of 5), the price of a dQ pass without atomics.
-    bytes   forward  read q, k, v, write o and lse: 50.7 MB (T = 1024), 203 MB (T = 4096)
-            backward read q, k, v, o, dO, lse, write dq, dk, dv (and delta): 101 MB / 406 MB
-    floors on an H100 SXM (datasheet 989 TFLOP/s dense bf16, 3.35 TB/s): forward 13 us compute vs 15 us memory at
-            T = 1024 (intensity 254 FLOP/B, near the 295 ridge), 208 us vs 61 us at T = 4096 (compute-bound).
-
-Tiles (``_TILES``; BLOCK_M query rows x BLOCK_N key rows, warps, stages). One configuration per (architecture, head
-class, dropout), at most four per kernel per architecture; each compiled ahead of time for sm_75/80/86/89/90 with
-ptxas and checked for per-block shared memory and spills (``launch_configs``):
-
-    sm_90 fwd  hs<=64: 128x128, 8 warps (two warpgroups of 64 rows, one wgmma m64n128 each), 3 stages:
-               113 KB shared, 194 registers, no spills; each K/V tile fetched is reused by 128 query rows.
-               hs=128 or dropout: 128x64, 8 warps, 3 stages (hs=128: 129 KB, 183 registers, 244 with dropout;
-               hs=64 with dropout: 65 KB, 255 registers, no spills).
-    sm_90 dkdv 64 queries x 128 keys (hs<=64), 32 x 128 (hs=128 or dropout), 32 x 64 (hs=128 with dropout),
-               8 warps, 2 stages: dK, dV for 128 keys accumulate in registers while q/dO blocks stream.
-    sm_90 dq   128 queries x 64 keys (hs<=64), 128 x 32 (hs=128), 8 warps, 2 stages.
-    sm_80/86   the same shapes where they fit, smaller where ptxas spilled (mma.sync keeps more in registers than
-               wgmma) or where sm_86/89's 99 KB would not hold three stages.
-    sm_75      Triton has no tensor-core tl.dot below sm_80, so every dtype runs FMA dots: 32x32 forward, 16x16
-               backward, 8 warps; correct but slow (Turing is not a performance target here).
-    fp32       IEEE FMA dots (``input_precision="ieee"``, no TF32, so fp32 parity holds on a GPU): 32x32 forward
-               (8 warps), 16x16 backward (4 warps dK/dV, 8 warps dQ).
-
-    decode     (Tq <= 16, no dropout) 16 query rows x 128 keys (hs<=64) or 64 keys (hs=128) on sm_90 and sm_80,
-               4 warps, 3 stages: 71 KB shared, 127-142 registers on sm_90 (up to 168 on sm_80), mma.sync (16
-               rows are too few for wgmma's 64). sm_86/89: 16x64 / 16x32, 3 stages; sm_75: 16x32, 1 stage; fp32: 16x32,
-               8 warps, 1 stage (ptxas spilled 16x64 with 4 warps on sm_80/86/89 and with 2 stages on sm_80).
-               The combine kernel: 16 rows x HEAD, 4 warps, no dot.
-
-Cached decoding (``_decode_plan``): Tq <= 16 queries without dropout run the decode tiles (one 16-row query tile,
-the fewest rows of a tensor-core tl.dot, instead of 128 rows of padding), and, when the B*nh programs would leave SMs
-idle, split the keys into S chunks (flash-decoding): ``_attn_fwd_split_kernel`` leaves each chunk's running max, sum
-and unnormalised accumulator in fp32, ``_attn_fwd_combine_kernel`` merges them exactly into o and the same lse, so the
-backward is unchanged. Dropout with few queries keeps the training tiles. Work and traffic of GPT-2 small's decoding
-step (B = 1, nh = 12, hs = 64, Tq = 1, Tk = 1024, bf16, e = 2 bytes), on an H100 SXM (132 SMs):
-
-    FLOPs   4 B nh Tq Tk hs = 3.1 MFLOP
-    bytes   K and V read once, 2 B nh Tk hs e = 3.15 MB (q, o, lse and the split partials: < 20 KB): 1 FLOP/byte,
-            memory-bound. Floor: 3.15 MB at 2.9 TB/s (the copy rate measured on that H100) = 1.1 us, plus one launch
-            (~5 us, as measured for issue 10; ~3 us inside a CUDA graph, where a one-block call took 3.3 us): ~4-6 us.
-    why S   12 programs cannot reach that floor: one program streamed ~38 GB/s (0.85 us per 128-key block, measured),
-            6.9 us for one head's 262 KB. S splits cut the walk to 6.9 / S us at the price of the combine launch.
-    rule    S = min(sms // (B nh), Tk // min_keys): B nh S programs fit the SMs and each split keeps min_keys keys.
-            Inside a CUDA graph min_keys = 256: S = min(132 // 12, 1024 // 256) = 4, predicted 2 x 3 + 6.9 / 4 =
-            7.7 us (S = 1: 3 + 6.9 = 9.9 us). Called eagerly, the combine's launch costs ~65 us of host time
-            (Triton's Python launcher, measured) that a host-bound decoding step pays in full, so min_keys = 16384:
-            S = 1 at GPT-2's lengths.
-    measured kernel time per call (H100 SXM, bf16, CUDA-graph replay, torch 2.11, Triton 3.6; us):
-
-            Tk                          128    512   1024   4096  16384
-            before: 128-row tiles       4.5    9.3   15.7   54.0    210
-            decode tiles, S = 1         3.3    6.1    9.5   29.7    111
-            graph rule (S = 1/2/4/11)   3.4    6.2    7.1   10.0     25
-            PyTorch SDPA                3.5    6.1    5.8    8.0     22
-
-            Eagerly a call costs far more than its kernel: 86 to 146 us (attention_fwd, decode tiles, Tk = 128 and
-            1024, two runs) against 16 to 23 us for SDPA; the launcher's host time, not the kernel, dominates a
-            decoding step.
-
-Known limits: dropout needs Tq * Tk < 2**31 per head; B * nh must stay within the grid's 65535 on axis 1.
+Cost: ``bench.common.op_cost("attention", ...)`` gives the FLOPs and fewest bytes of a call; docs/performance.md holds
+the measurements (H100 and CPU, each with its machine and date).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The chunked loss head that every fused backend shares: one driver, one chunk policy, one autograd Function.
 
-``linear_cross_entropy(h, weight, targets, ignore_index)`` is the mean over non-ignored targets of
+Contract: ``linear_cross_entropy(h, weight, targets, ignore_index)`` is the mean over non-ignored targets of
 ``logsumexp(z_i) - z_i[t_i]`` with ``z = h @ weight.T`` (``kernels.ref.linear_cross_entropy``). A backend supplies
 only a *row kernel*, which turns one chunk of logits into its gradient in place and returns the per-row losses
 (Triton: ``kernels.linear_cross_entropy.cross_entropy_rows_``; the extension: ``kernels.cuda``). The rest is here:
@@ -13,35 +13,23 @@ only a *row kernel*, which turns one chunk of logits into its gradient in place 
         dw      += z.T @ h[s:e]            GEMM into an fp32 accumulator             (Vp, C)
     loss = sum(losses) / n_valid;   backward: dh and dw[:V] times g / (k n_valid), computed in fp32
 
-The gradients are formed in the forward (when an input needs one; a loss-only call skips the two gradient GEMMs
-and the gradient pass), and the backward only scales them by the upstream gradient g.
+The gradients are formed in the forward (a loss-only call skips the two gradient GEMMs), and the backward only scales
+them by the upstream gradient g. In fp16 / bf16 the chunk holds k = 1: softmax - onehot lies in [-1, 1], so no fp16
+sum can overflow, and g / n_valid is applied in fp32 in the backward; folding 1 / n_valid (or a GradScaler's 2^16,
+inf in fp16) into the fp16 chunk would flush the small probabilities, and with them most of the gradient of output
+rows that are never a target. In fp32 the chunk holds k = 1 / n_valid, so a backward seeded with 1.0 has nothing left
+to scale (checked only where reading g costs no device synchronisation: on the CPU).
 
-Where the scaling happens. In fp16 and bf16 the chunk holds k = 1: (softmax - onehot) lies in [-1, 1], the
-fp16 product dh = z @ wp is bounded by 2 max|w|, and dw is accumulated in fp32 by the GEMM itself
-(``_accumulate_dw``), so no per-chunk sum over up to ``rows`` products can overflow fp16's 65504.
-The backward then applies g / n_valid in fp32 and casts once. Folding 1 / n_valid (or g itself: a GradScaler
-seeds 2^16, which is inf in fp16) into the fp16 chunk would flush every probability below ~2^-25 n_valid to
-zero, and with it most of the gradient of output rows that are never a target. (The chunk still holds p in
-fp16: below 6.1e-5 with fewer bits, below 3e-8 as 0, as the dtype itself.) Measured on an H100, N = 4096,
-V = 16384, C = 64, upstream gradient 2^16: the rows of dweight that are never a target have a norm-wise
-relative error of 7.15e-4 against a float64 reference, the same as torch's own fp16 computation; folding
-1 / n_valid in gave 6.4e-2 (and a NaN dh). In fp32 there is no such range problem, so the chunk holds
-k = 1 / n_valid and a backward seeded with 1.0 has nothing left to scale (checked only where reading g costs no
-device synchronisation: on the CPU).
+Chunks: ``chunk_rows`` derives the policy. Padding: the GEMMs run on Vp = V rounded up to ``VOCAB_ALIGN`` wherever
+the weight copy pays for itself (``pads_vocab``): a (rows, 50257) chunk's odd row stride keeps cuBLAS off its aligned
+tensor-core kernels. The row kernels touch only columns < V, so the pad columns stay 0 and add nothing.
 
-Padding. The GEMMs run on Vp = V rounded up to a multiple of 64 (``VOCAB_ALIGN``) wherever the weight copy this
-costs pays for itself (``pads_vocab``: any GPU batch of 500+ rows, CPU batches of 67+ rows). A (rows, 50257)
-chunk has an odd row stride that keeps cuBLAS off its aligned tensor-core kernels (measured on an H100, bf16,
-2048 x 768 chunk: 1.72 / 1.17 / 1.15 ms for the logits / dh / dW GEMMs at V = 50257, 0.234 / 0.223 / 0.224 ms at
-Vp = 50304; a padded buffer viewed as [:, :V] with the unpadded weight stays slow); the CPU's BLAS gains 2-17%.
-The pad rows of wp are zero, so the pad columns of z are exactly 0 after the logits GEMM; the row kernels read and
-write only columns < V, so the pad columns stay 0 and add nothing to dh; dw's pad rows are dropped.
+Host reads: none on a GPU, so a call never stalls its launch queue. ``check_targets_on_host`` (``ValueError`` for a
+target neither ``ignore_index`` nor in [0, V)) and the look at a 1.0 seed run only where they are free
+(``host_reads_are_free``: CPU tensors, outside torch.compile); on a GPU such a target gives its row a NaN loss.
 
-Host reads. Nothing here reads a device value on the host, so a GPU call never stalls its launch queue. The
-only host reads, ``check_targets_on_host`` and the backward's look at a 1.0 seed, run only where they are free
-(``host_reads_are_free``: CPU tensors, outside torch.compile). The check raises ``ValueError`` for a target that
-is neither ``ignore_index`` nor in [0, V); on a GPU such a target gives its row a NaN loss (so the mean loss is
-NaN) and a zero gradient, silently.
+Cost: ``bench.common.op_cost("linear_cross_entropy", ...)`` gives the FLOPs and fewest bytes of a call;
+docs/performance.md holds the measurements (H100 and CPU, each with its machine and date).
 """
 
 from __future__ import annotations

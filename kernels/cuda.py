@@ -1,4 +1,4 @@
-"""The ``cuda`` backend: the four registry ops on the C++/CUDA extension ``kernels._C``.
+"""The ``cuda`` backend: the registry ops on the C++/CUDA extension ``kernels._C``.
 
 The extension (``csrc/``) registers its operators as ``torch.ops.gpt2k.*`` with CPU kernels and,
 when built against a CUDA torch with a CUDA toolkit, CUDA kernels. This module is the Python half:
@@ -6,7 +6,7 @@ when built against a CUDA torch with a CUDA toolkit, CUDA kernels. This module i
 - fake (meta) kernels for every op (``torch.library.register_fake``), so ``torch.compile`` can
   trace a model that calls them, and autograd (``torch.library.register_autograd``) for the
   functional ops;
-- the public functions with the signatures of ``kernels.ref``: ``layer_norm``, ``attention``,
+- the public functions with the signatures of ``kernels.ref``: ``layer_norm``, ``add_layer_norm``, ``attention``,
   ``mlp`` (matmuls by torch, bias + GELU fused in the extension) and ``linear_cross_entropy``
   (``kernels.chunked_loss``'s driver; the extension turns each chunk of logits into its gradient in place).
 
@@ -27,7 +27,8 @@ import torch
 
 from kernels import chunked_loss, ref
 
-__all__ = ["attention", "cpu_simd_level", "has_cuda_kernels", "layer_norm", "linear_cross_entropy", "mlp", "unavailable_reason"]
+__all__ = ["add_layer_norm", "attention", "cpu_simd_level", "has_cuda_kernels", "layer_norm", "linear_cross_entropy",
+           "mlp", "unavailable_reason"]
 
 _BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler; nvcc for CUDA kernels)"
 
@@ -93,6 +94,17 @@ def _register() -> None:
         c = x.shape[1]
         return torch.empty_like(x), x.new_empty((c,), dtype=torch.float32), x.new_empty((c,), dtype=torch.float32)
 
+    @torch.library.register_fake(lib + "add_layer_norm_fwd")
+    def _(x, residual, weight, bias, eps):
+        n = x.shape[0]
+        stat = x.new_empty((n,), dtype=torch.float32)
+        return torch.empty_like(x), torch.empty_like(x), stat, torch.empty_like(stat)
+
+    @torch.library.register_fake(lib + "add_layer_norm_bwd")
+    def _(dy, ds, s, weight, mean, rstd):
+        c = s.shape[1]
+        return torch.empty_like(s), s.new_empty((c,), dtype=torch.float32), s.new_empty((c,), dtype=torch.float32)
+
     @torch.library.register_fake(lib + "bias_gelu_fwd")
     def _(h, bias):
         return torch.empty_like(h)
@@ -132,6 +144,23 @@ def _register() -> None:
         return dx, dw, db, None
 
     torch.library.register_autograd(lib + "layer_norm_fwd", ln_backward, setup_context=ln_setup)
+
+    # add_layer_norm_fwd -> (y, s, mean, rstd); y and s carry gradients, and s feeds y, so x and
+    # residual both get ds + the layer norm's dx.
+    def add_ln_setup(ctx, inputs, output):
+        _x, _residual, weight, bias, _eps = inputs
+        _y, s, mean, rstd = output
+        ctx.save_for_backward(s, weight, mean, rstd)
+        ctx.has_bias = bias is not None
+
+    def add_ln_backward(ctx, dy, ds, _dmean, _drstd):
+        s, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = torch.ops.gpt2k.add_layer_norm_bwd(dy.contiguous(), ds.contiguous(), s, weight, mean, rstd)
+        dw = dw.to(weight.dtype) if weight is not None else None
+        db = db.to(s.dtype) if ctx.has_bias else None
+        return dx, dx, dw, db, None
+
+    torch.library.register_autograd(lib + "add_layer_norm_fwd", add_ln_backward, setup_context=add_ln_setup)
 
     def gelu_setup(ctx, inputs, output):
         h, bias = inputs
@@ -183,6 +212,32 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     b = bias.to(x.dtype).contiguous() if bias is not None else None
     y, _mean, _rstd = ops.layer_norm_fwd(x2, w, b, float(eps))
     return y.reshape(shape)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
+                   bias: torch.Tensor | None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add and layer norm in one pass on the extension: s = x + residual, y = layer_norm(s).
+
+    Args:
+        x: (..., C), float32 / bfloat16 / float16.
+        residual: (..., C), the shape and dtype of x.
+        weight: (C,) or None (no scale).
+        bias: (C,) or None (no shift).
+        eps: added to the variance.
+    Returns:
+        (y, s), both (..., C) in ``x.dtype``.
+    """
+    ops = _ops()
+    shape = x.shape
+    if residual.shape != shape:  # reshaping below would hide a mismatch of equal size
+        raise ValueError(f"add_layer_norm: residual has shape {tuple(residual.shape)} but x has {tuple(shape)}; "
+                         "they must match")
+    x2 = x.reshape(-1, shape[-1]).contiguous()  # (N, C)
+    r2 = residual.reshape(-1, shape[-1]).contiguous()  # (N, C)
+    w = weight.to(x.dtype).contiguous() if weight is not None else None
+    b = bias.to(x.dtype).contiguous() if bias is not None else None
+    y, s, _mean, _rstd = ops.add_layer_norm_fwd(x2, r2, w, b, float(eps))
+    return y.reshape(shape), s.reshape(shape)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,

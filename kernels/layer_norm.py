@@ -1,58 +1,22 @@
-"""The ``triton`` backend of layer normalisation, and a fused residual-add + layer norm.
+"""The ``triton`` backend of ``layer_norm`` and ``add_layer_norm`` (see ``kernels/registry.py``).
 
-``layer_norm(x, weight, bias, eps)`` has exactly the signature and semantics of
-``kernels.ref.layer_norm``: normalise over the last dimension with fp32 mean and variance
-(biased, as ``F.layer_norm``), scale by ``weight`` and shift by ``bias`` when given, return
-``x.dtype``. ``add_layer_norm(x, residual, weight, bias, eps)`` returns ``(y, s)`` with
-``s = x + residual`` rounded to ``x.dtype`` and ``y = layer_norm(s)``, in one pass over memory.
+Contract, as ``kernels.ref``: ``layer_norm(x, weight, bias, eps) -> y`` normalises the last dimension
+with fp32 mean and biased variance and returns ``x.dtype``; ``add_layer_norm(x, residual, weight,
+bias, eps) -> (y, s)`` with ``s = x + residual`` rounded to ``x.dtype`` and ``y = layer_norm(s)``.
+x is fp32, fp16 or bf16 (bf16 only on a GPU), any leading shape, 1 <= C <= 8192, copied when not
+contiguous; weight and bias are (C,) of any float dtype or None, read as fp32 (ones / zeros stand in
+for None, so one compiled kernel serves every case); their gradients come back in their own dtype.
 
-Inputs: ``x`` in fp32, fp16 or bf16 (bf16 only on a GPU: the Triton interpreter has no bf16),
-any leading shape, 1 <= C <= 8192 features. A non-contiguous ``x`` (or upstream gradient) is
-copied to a contiguous one first. ``weight`` and ``bias`` may have another float dtype than ``x``
-(fp32 parameters with fp16/bf16 activations); they are read as fp32 and their gradients come back
-in their own dtype. A missing weight or bias is passed to the kernels as ones / zeros, so one
-compiled kernel serves all four cases (the extra read is C * 4 bytes per program, from L2).
+Algorithm: one program holds BLOCK_R whole rows in registers: mean, then the centred second moment
+(two passes over registers, no cancellation), y, and with a residual s, in one read of the inputs.
+The backward recomputes xhat from the saved fp32 mean / rstd, adds the gradient of s into dx for the
+add variant, and keeps per-program fp32 dweight / dbias sums over a contiguous group of rows (about
+two programs per SM, no atomics: bitwise reproducible), finished by one ``torch.sum``.
 
-Work per call, for N rows of C features in a dtype of ``e`` bytes (GPT-2 small under bf16:
-N = 16384, C = 768, e = 2):
-
-- forward: read x, write y, write mean and rstd: ``2 N C e + 8 N`` bytes (50.5 MB);
-  about 7 FLOPs per element (mean, centre, square-sum, scale, affine): 88 MFLOP.
-- backward: read x, dy, mean, rstd, write dx: ``3 N C e + 8 N`` bytes (75.6 MB), plus the
-  fp32 partial sums of dweight and dbias, ``2 P C 4`` bytes written and read back for P
-  programs (P = 264 on an H100: 1.6 MB each way); about 13 FLOPs per element: 164 MFLOP.
-- the add variant reads ``residual`` and writes ``s`` in the forward (``4 N C e``) and reads the
-  gradient of ``s`` in the backward (``4 N C e``): 8 N C e in all, against 11 N C e for a
-  separate add, layer norm and gradient sum.
-
-At 1.3-2 FLOP per byte every launch is memory bound (an H100's ridge is near 300 FLOP/byte), so
-the only goal is to move the fewest bytes at full bandwidth: one read of each input, one write
-of each output, statistics in registers. Nothing here has been timed on a GPU yet (it was written
-on a CPU-only machine). Prediction for the target case (H100, bf16, C = 768, 16384 rows, fwd +
-bwd): about 129 MB moved at >= 80% of copy bandwidth, and >= 1.5x ``F.layer_norm``, whose
-backward makes more passes for dweight / dbias; to be checked by the benchmark on a GPU.
-
-Launch choices (``_tile``): a program holds a tile of BLOCK_R whole rows x BLOCK_C columns
-(BLOCK_C = next power of two >= C) in registers. Several rows per program keep small-C launches
-(C = 64, 128) from idling most of their threads.
-
-- forward: tiles of about 4096 elements, 16 per thread (two 128-bit loads in fp16/bf16):
-  BLOCK_R = 4096 // BLOCK_C (1 from BLOCK_C = 4096), num_warps = 8 (16 at BLOCK_C = 8192); one
-  program per tile. Compiled for sm_75 .. sm_90 (``python -m kernels.report``): 40-64
-  registers, no spills, <= 17 KB of shared memory.
-- backward: tiles of about 2048 elements, 8 per thread, since it keeps twice the live values (x,
-  dy and two accumulators; 16 per thread took 128-250 registers and spilled in fp32 at 8192):
-  BLOCK_R = 2048 // BLOCK_C, num_warps = 8 (16 at BLOCK_C = 4096, 32 at 8192), 58-72 registers,
-  no spills, <= 33 KB of shared memory (layout conversions of fp16/bf16). At least 16 warps per SM
-  (two 8-warp programs per SM, P = 264 on an H100), each program looping over a contiguous group
-  of rows with its dweight / dbias sums in registers, then writing one fp32 partial row.
-  ``torch.sum`` over the P partial rows finishes the reduction: one small launch reading the 2 P C 4
-  bytes the backward wrote (together ~4% of its traffic at C = 768), already bandwidth-optimal, where a second
-  Triton kernel would only add launch configurations to compile; and a fixed partition with no
-  atomics makes the gradients bitwise reproducible run to run.
-- num_stages = 1 everywhere: there is nothing to software-pipeline (no tl.dot), and no
-  multi-buffered shared memory is wanted on sm_75's 64 KB. ``launch_configs`` lists
-  every launch for the GPT-2 widths and the largest block (8192); C > 8192 is refused.
+Tiles (``_tile``): BLOCK_C = next power of two >= C; about 4096 elements and 16 per thread forward,
+2048 and 8 per thread backward (it keeps twice the live values), num_stages = 1 (no tl.dot to
+pipeline). ``launch_configs`` lists every launch; ``python -m kernels.report`` compiles them for
+sm_75 .. sm_90 (registers, spills, shared memory). FLOPs and fewest bytes: ``bench.common.op_cost``.
 """
 
 from __future__ import annotations

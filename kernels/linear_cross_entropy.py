@@ -1,35 +1,29 @@
 """Fused linear cross-entropy on Triton: GPT-2's loss head without ever holding the full (N, V) logits.
 
-``linear_cross_entropy(h, weight, targets, ignore_index)`` is the mean over non-ignored targets of
-``logsumexp(z_i) - z_i[t_i]`` with ``z = h @ weight.T``, exactly as ``kernels.ref.linear_cross_entropy``.
-The chunked driver, the chunk policy, the vocabulary padding and the autograd Function are shared with the
-extension backend and live in ``kernels/chunked_loss.py`` (read its docstring first): per chunk of rows, cuBLAS
-computes the (rows, Vp) logits, this module's kernel turns them in place into k (softmax - onehot) and writes the
-per-row losses, and cuBLAS folds the chunk into dh and the fp32 dweight accumulator.
+Contract: ``linear_cross_entropy(h, weight, targets, ignore_index)`` is the mean over non-ignored targets of
+``logsumexp(z_i) - z_i[t_i]`` with ``z = h @ weight.T``, exactly as ``kernels.ref.linear_cross_entropy`` (0 when every
+target is ignored). h and weight in fp32, fp16 or bf16 (bf16 needs a GPU of compute capability 8.0+: the interpreter has
+no bf16); the compute dtype is autocast's when autocast is on for the device, else h's (a weight of another dtype, e.g.
+fp32 master weights with fp16 activations, is cast to it). Softmax statistics, the loss and dweight's accumulation are
+fp32; gradients come back in each input's own dtype. Targets outside [0, V) that are not ``ignore_index``: on CPU
+tensors (the interpreter) the driver raises ``ValueError``; on a GPU nothing is read back to the host, so such a row
+gets a NaN loss (the mean is NaN) and a zero gradient. Check the data up front (``gpt2 train`` does).
 
-Work (N rows, C channels, V classes, Vp = V padded to a multiple of 64):
-    FLOPs: 6 N C Vp, the three GEMMs, as the reference (2 N C V forward, 4 N C V backward); the kernel's
-        O(N V) exp / max / sum work is negligible beside them.
-    Bytes of the logits, e = element size of the compute dtype: the logits GEMM writes a chunk, the kernel reads
-        it twice and writes it once, the two gradient GEMMs read it: 6 e N Vp in all. The reference allocates
-        about 20 N V bytes of full-size tensors, each written and read at least once: >= 40 N V bytes.
+Algorithm. The chunked driver, the chunk policy, the vocabulary padding and the autograd Function are shared with the
+extension backend and live in ``kernels/chunked_loss.py`` (read its docstring first): per chunk of rows, a GEMM writes
+the (rows, Vp) logits, this module's row kernel (``cross_entropy_rows_``, one program per row) turns them in place into
+k (softmax - onehot) and writes the row's loss, and two GEMMs fold the chunk into dh and the fp32 dweight accumulator.
+The row kernel streams its row twice (max and sum of exponentials, online; then the gradient), in fp32.
 
-Memory (extra, beyond the inputs): one chunk of logits (rows x Vp x e, reused by every chunk; at most twice the
-fp32 dweight, by the chunk policy), the padded weight copy (Vp x C x e), dh (N x C), the fp32 dweight
-accumulator (Vp x C) and N fp32 losses. The reference peaks at about 20 N V bytes, whatever the dtype.
+Extra memory beyond the inputs: one chunk of logits (reused by every chunk; at most twice the fp32 dweight, by the
+chunk policy), the padded weight copy, dh, the fp32 dweight accumulator and N fp32 losses; the reference holds several
+full (N, V) tensors.
 
-Measured on an H100 (torch 2.11, Triton 3.6), bf16, N = 8192, C = 768, V = 50257, forward + backward: 4.85 ms
-(391 TFLOP/s) and 411 MiB of peak extra memory; the reference 27.1 ms and 7885 MiB; this op before the
-vocabulary padding (2048-row chunks on V = 50257) 18.6 ms and 344 MiB, and the same plan unpadded 18.2 ms.
+Tiles: one block width, ``_BLOCK_V`` classes per loop step with 8 warps, for every V (the loop masks the tail);
+``launch_configs`` lists it per dtype and architecture for ``python -m kernels.report``.
 
-Targets outside [0, V) that are not ``ignore_index``: for CPU tensors (the interpreter) the driver checks them
-and raises ``ValueError``. On a GPU nothing is read back to the host: the kernel gives such a row a NaN loss
-(so the mean loss is NaN) and a zero gradient. Check the data up front (``gpt2 train`` does).
-
-dtypes: h and weight in fp32, fp16 or bf16 (bf16 needs a GPU of compute capability 8.0+: the interpreter has no
-bf16). The compute dtype is autocast's when autocast is on for the device, else h's dtype (a weight of another
-dtype, e.g. fp32 master weights with fp16 activations, is cast to it). Softmax statistics, the loss and
-dweight's accumulation are fp32; gradients come back in each input's own dtype.
+Cost: ``bench.common.op_cost("linear_cross_entropy", ...)`` gives the FLOPs and fewest bytes of a call;
+docs/performance.md holds the measurements (H100 and CPU, each with its machine and date).
 """
 
 from __future__ import annotations

@@ -1,73 +1,32 @@
 """GPT-2's MLP, ``c_proj(gelu_tanh(c_fc(x)))``, on one tiled Triton matmul with fused epilogues.
 
-Every product of the forward and backward pass runs through ``_matmul_kernel`` (C = A @ B for
-operands of arbitrary strides, so a transposed weight or activation is read in place, never
-copied), with the elementwise work folded into its epilogue:
+Contract: ``mlp(x, w_fc, b_fc, w_proj, b_proj)`` is ``kernels.ref.mlp`` (nn.Linear weight layout, either bias may be
+None; fp32, fp16 or bf16, bf16 only on a GPU); weight gradients come back in each weight's own dtype.
+
+Algorithm. Every product runs through ``_matmul_kernel`` (C = A @ B for operands of any strides, so a transposed weight
+or activation is read in place, never copied), with the elementwise work folded into its epilogue:
 
     forward   pre = x @ w_fc^T + b_fc ; act = gelu(pre)    epilogue "gelu"   (bias, GELU, store pre)
               y   = act @ w_proj^T + b_proj                epilogue "none"   + bias
     backward  dpre = (dy @ w_proj) * gelu'(pre)            epilogue "gelu_grad" (+ partial column sums = db_fc)
               dw_proj = dy^T @ act ; dw_fc = dpre^T @ x    epilogue "none"   (split-K when the tile grid is small)
-              dx = dpre @ w_fc                             epilogue "none"
-              db_proj = sum over rows of dy                torch, in fp32
+              dx = dpre @ w_fc                             epilogue "none";  db_proj = dy summed over rows in fp32
 
-What is saved for the backward: x, pre and act. The forward has to write act anyway (it is the
-input of c_proj), so keeping it costs memory (one more (M, H) tensor per layer) but no bytes and
-no FLOPs; the alternative, saving pre only, frees that memory but needs gelu(pre) again for
-dw_proj = dy^T @ act, either as a prologue of that matmul (tanh work on every tile load, C / BLOCK
-times per element, on the CUDA cores next to the tensor cores, and the operand no longer goes
-straight from global to shared memory) or as an extra (M, H) write + read. We take the bytes- and
-FLOP-optimal choice and pay 2 (M, H) tensors of activation memory per layer (pre and act; PyTorch
-eager's reference keeps several fp32 (M, H) intermediates of its GELU instead).
+The forward saves x, pre and act: act has to be written anyway (it is c_proj's input), so keeping it costs activation
+memory but no bytes or FLOPs, where saving pre alone would recompute gelu(pre) for dw_proj. db_fc sums each fp32 dpre
+tile over its rows into a per-row-block partial that torch adds up: no re-read of dpre, no atomics, deterministic.
+Weight gradients have a small output and a long K (= rows): K is split over a second grid axis into an fp32 workspace
+that torch sums, by the smallest split that fills the last wave of programs >= 85% (``_auto_split_k``).
 
-db_fc is fused: each program of the "gelu_grad" matmul sums its fp32 dpre tile over rows and
-writes one (BLOCK_N,) partial per row block into a (cdiv(M, BLOCK_M), H) fp32 buffer that torch
-then sums (128 x 3072 floats at the size below: nothing). That saves re-reading the (M, H) dpre,
-stays deterministic (no atomics) and sums the unrounded fp32 values. db_proj is a torch
-``dy.sum(0, dtype=float32)``: dy is an input of the backward, not produced by any of our kernels,
-and only (M, C), a quarter of an activation.
+Tiles (``_TILES``, whose comments give each choice; ``launch_configs`` lists every launchable one, compiled for
+sm_75..sm_90 by ``python -m kernels.report``): the plain and bias epilogues take the largest tile whose fp32
+accumulator leaves room for the loop (128 x 256 x 64 on sm_80 / sm_90), the GELU epilogues one that does not spill
+(128 x 128 x 64), sm_86 / sm_89 and sm_75 smaller ones, calls of at most ``SMALL_M`` rows (decoding) 64 x 64 x 64;
+fp32 runs IEEE dots on the CUDA cores (no TF32, so fp32 parity holds on a GPU). Program ids are grouped GROUP_M row
+blocks at a time so that a wave shares A and B panels in L2.
 
-Cost at the benchmark size (M = 16384 tokens, C = 768, H = 3072, bf16), computed, not measured:
-
-    FLOPs     forward 2 * M*C*H * 2 = 154.6 GFLOP, backward 2x that = 309.2 GFLOP, total 463.9 GFLOP
-    bytes     fewest for the op itself, each tensor once (x, weights, y; then dy, x, weights, dx and
-              the weight grads): 60 MB forward, 95 MB backward. As done here, with the (M, H)
-              tensors (100.7 MB each) materialised: forward 362 MB (c_fc reads x, w_fc and writes
-              pre, act; c_proj reads act, w_proj and writes y), backward 648 MB (dpre: dy, w_proj,
-              pre -> dpre; dw_proj: dy, act; db_proj: dy; dw_fc: dpre, x; dx: dpre, w_fc -> dx)
-              plus 189 MB of split-K fp32 partials (written, read) for the two weight gradients.
-    bound     463.9 GFLOP / 1.2 GB = ~390 FLOP/byte, above an H100's ~295 FLOP/byte ridge (989
-              TFLOP/s dense bf16 / 3.35 TB/s): compute-bound. At peak that is 0.47 ms of tensor-core
-              work against 0.36 ms of traffic that overlaps it, so tile efficiency and filling the
-              132 SMs decide the time.
-
-Tiles (see ``_TILES``; every launchable one is listed by ``launch_configs``), checked by compiling
-each for sm_75/80/86/89/90 without a GPU (``python -m kernels.report --module mlp``: 128
-configurations, all within shared memory, no spills, HMMA / HGMMA in every fp16 / bf16 one from
-sm_80 up):
-  - plain and bias epilogues (c_proj, dx, weight grads), sm_80 / sm_90: 128 x 256 x 64, 8 warps,
-    3 stages (145 KB on sm_90, 96 KB on sm_80; 188-210 registers on sm_90): the largest tile whose
-    fp32 accumulator (128 registers a thread) leaves room for the loop.
-  - GELU and GELU-gradient epilogues, sm_80 / sm_90: 128 x 128 x 64, 8 warps, 4 stages. At 128 x
-    256 they spill (the accumulator plus the pre tile or the pre store pass 255 registers).
-  - sm_86 / sm_89 (99 KB): 128 x 128 x 64, 8 warps, 3 stages (64 KB).
-  - sm_75: Triton >= 3.3 lowers every tl.dot below sm_80 to CUDA-core FMAs (no mma.sync), so
-    fp16 gets no tensor cores there; 64 x 64 x 16, 4 warps, 2 stages is what fits without spills.
-  - an inference forward of M <= 64 rows (decoding): 64 x 64 x 64 tiles, so a few rows still
-    spread over many programs. Training keeps the large tiles at any M, so each backward launch
-    site has one compiled variant (128 configurations over the five architectures in all).
-  - fp32 operands: 64 x 64 x 32, 4 warps, on the CUDA cores with IEEE dots
-    (``input_precision="ieee"``, not TF32) so fp32 results match the fp32 reference on a GPU too.
-Program ids are grouped GROUP_M = 8 row blocks at a time, so a wave of programs shares a few A
-row panels and B column panels in L2 instead of streaming all of B per row block. The weight
-gradients have a small output and a long K (= M): 768 x 3072 is 72 tiles of 128 x 256, half of
-an H100's 132 SMs, so K is split over a second grid axis into an fp32 workspace that torch sums
-(deterministic, no atomics); the split is the smallest that fills the last wave >= 85% (5 here:
-360 programs in 3 waves, 91%), at the price of 5 x 9.4 MB of fp32 partials written and read.
-
-Not measured yet: this was written without a GPU, so the H100 targets (bf16, 16384 x 768 -> 3072
--> 768, forward + backward at >= 1.1x eager ``kernels.ref.mlp`` and >= 1.0x it under
-torch.compile) are unverified; ``bench/bench_mlp.py`` measures them.
+Cost: ``bench.common.op_cost("mlp", ...)`` gives the FLOPs and fewest bytes of a call; docs/performance.md holds the
+measurements (H100 and CPU, each with its machine and date) and what was predicted before them.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ import math
 
 import torch
 
-__all__ = ["attention", "cross_entropy", "gelu_tanh", "gelu_tanh_grad", "layer_norm", "linear_cross_entropy", "mlp"]
+__all__ = ["add_layer_norm", "attention", "cross_entropy", "gelu_tanh", "gelu_tanh_grad", "layer_norm",
+           "linear_cross_entropy", "mlp"]
 
 # sqrt(2 / pi), the constant of the tanh approximation of GELU that GPT-2 uses.
 GELU_C = math.sqrt(2.0 / math.pi)
@@ -73,6 +74,27 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     if bias is not None:
         y = y + _f32(bias)
     return y.to(x.dtype)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
+                   bias: torch.Tensor | None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add then layer norm: s = x + residual, y = layer_norm(s, weight, bias, eps).
+
+    A pre-norm block's ``x = x + f(x)`` followed by the next norm, as one op so that a backend can
+    read x and residual once. The gradient reaching s (from y and from s's own uses) goes to both
+    x and residual.
+
+    Args:
+        x: (..., C).
+        residual: (..., C), the shape and dtype of x.
+        weight: (C,) or None (no scale).
+        bias: (C,) or None (no shift).
+        eps: added to the variance.
+    Returns:
+        (y, s), both (..., C) in ``x.dtype``; s is rounded to x.dtype before it is normalised.
+    """
+    s = x + residual
+    return layer_norm(s, weight, bias, eps), s
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,

@@ -1,8 +1,11 @@
 """The one op registry: which code implements each (op, backend), and which of those can run here.
 
-Every backend implements the same four functions with the same signatures as ``kernels.ref``:
+Every backend implements the same five functions with the same signatures as ``kernels.ref``:
 
-- ``layer_norm(x, weight, bias, eps=1e-5)``
+- ``layer_norm(x, weight, bias, eps=1e-5) -> y``
+- ``add_layer_norm(x, residual, weight, bias, eps=1e-5) -> (y, s)``: s = x + residual in x's dtype
+  (residual has x's shape and dtype), y = layer_norm(s); the residual add and the next norm of a
+  pre-norm block in one op
 - ``attention(q, k, v, causal=True, dropout_p=0.0)``
 - ``mlp(x, w_fc, b_fc, w_proj, b_proj)``
 - ``linear_cross_entropy(h, weight, targets, ignore_index=-1)``
@@ -25,20 +28,23 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
-OPS = ("layer_norm", "attention", "mlp", "linear_cross_entropy")
+OPS = ("layer_norm", "add_layer_norm", "attention", "mlp", "linear_cross_entropy")
 BACKENDS = ("torch", "triton", "cuda")
 
 # (op, backend) -> "module:function". The single source of truth for where code lives.
 _TABLE: dict[tuple[str, str], str] = {
     ("layer_norm", "torch"): "kernels.ref:layer_norm",
+    ("add_layer_norm", "torch"): "kernels.ref:add_layer_norm",
     ("attention", "torch"): "kernels.ref:attention",
     ("mlp", "torch"): "kernels.ref:mlp",
     ("linear_cross_entropy", "torch"): "kernels.ref:linear_cross_entropy",
     ("layer_norm", "triton"): "kernels.layer_norm:layer_norm",
+    ("add_layer_norm", "triton"): "kernels.layer_norm:add_layer_norm",
     ("attention", "triton"): "kernels.attention:attention",
     ("mlp", "triton"): "kernels.mlp:mlp",
     ("linear_cross_entropy", "triton"): "kernels.linear_cross_entropy:linear_cross_entropy",
     ("layer_norm", "cuda"): "kernels.cuda:layer_norm",
+    ("add_layer_norm", "cuda"): "kernels.cuda:add_layer_norm",
     ("attention", "cuda"): "kernels.cuda:attention",
     ("mlp", "cuda"): "kernels.cuda:mlp",
     ("linear_cross_entropy", "cuda"): "kernels.cuda:linear_cross_entropy",
@@ -190,9 +196,10 @@ def resolve(spec: str = "auto", device="cpu") -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Ops:
-    """The four op functions a model calls, and which backend each came from."""
+    """The op functions a model calls, and which backend each came from."""
 
     layer_norm: Callable
+    add_layer_norm: Callable
     attention: Callable
     mlp: Callable
     linear_cross_entropy: Callable

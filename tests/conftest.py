@@ -1,7 +1,12 @@
-"""Test setup: run Triton kernels under the CPU interpreter when there is no GPU.
+"""Test setup: run Triton kernels under the CPU interpreter when there is no GPU, and the fixtures op tests share.
 
 TRITON_INTERPRET must be set before any ``@triton.jit`` function is defined, so it is set here,
-before the tests import the kernel modules.
+before the tests import the kernel modules (importing ``kernels`` imports no kernel module).
+
+Shared fixtures: ``backend`` (each registry backend in turn, skipped with its reason where it cannot run:
+under the interpreter on a CPU that is torch, triton and cuda, the last when the extension is built),
+``backend_op`` (that backend's function of one op, loaded through the registry), ``highest_fp32_matmul``
+(fp32 references without TF32), ``one_thread`` and ``session_launches``.
 """
 
 import os
@@ -9,8 +14,13 @@ import os
 import pytest
 import torch
 
+import kernels
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The device the op tests run on: the GPU when there is one, else the CPU (Triton under its interpreter).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -31,3 +41,35 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(params=kernels.BACKENDS)
+def backend(request) -> str:
+    """Each backend of the registry in turn; one that cannot run on the test device here is skipped, saying why."""
+    why = kernels.unavailable_reason(request.param, DEVICE)
+    if why is not None:
+        pytest.skip(f"backend {request.param!r} cannot run on {DEVICE} here: {why}")
+    return request.param
+
+
+@pytest.fixture
+def backend_op(backend):
+    """``backend_op("mlp")``: the registry's function of that op in ``backend`` (every other op of the spec is the
+    reference, so only the op under test is imported)."""
+
+    def load(op: str):
+        ops = kernels.build_ops(f"torch,{op}={backend}", DEVICE)
+        assert ops.backends[op] == backend
+        return getattr(ops, op)
+
+    return load
+
+
+@pytest.fixture
+def highest_fp32_matmul():
+    """fp32 matmuls without TF32 for the test, whatever another module set (on a GPU an fp32 reference in TF32
+    would be off by 1e-3); restored afterwards."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(previous)

@@ -1,7 +1,9 @@
-"""Parity, dropout-replay and input-checking tests of the Triton flash-attention op (``kernels/attention.py``).
+"""Tests of the attention op: one parity check for every backend, then the Triton kernels (``kernels/attention.py``):
+tile tables, strides, dropout replay, cached decoding, input checks.
 
 Every forward output and every gradient (dq, dk, dv) is compared with ``kernels.ref.attention`` through the one
-tolerance table, ``kernels.testing.assert_close``. Without a GPU the kernels run under the Triton interpreter
+tolerance table, ``kernels.testing.assert_close``. ``test_matches_reference`` runs for every backend the registry can
+run here (tests/conftest.py's ``backend``). Without a GPU the Triton kernels run under the Triton interpreter
 (tests/conftest.py sets TRITON_INTERPRET=1), which covers fp32 and fp16; bf16 and the long-sequence cases run only
 on a CUDA GPU.
 """
@@ -20,14 +22,7 @@ from kernels.testing import assert_close
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 and long sequences need a CUDA GPU")
 
-
-@pytest.fixture(autouse=True)
-def _fp32_reference_is_fp32():
-    # On a GPU the fp32 reference must not run its matmuls in TF32, whatever another test module set.
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(previous)
+pytestmark = pytest.mark.usefixtures("highest_fp32_matmul")  # on a GPU the fp32 reference must not run in TF32
 
 
 def _qkv(B, nh, Tq, Tk, hs, dtype, seed=0):
@@ -55,9 +50,9 @@ def _check_against_ref(name, got, q, k, v, do, causal, dropout_p=0.0, mask=None)
         assert_close(f"attention {name} {label}", y, r32, rlow)
 
 
-def _run_autograd(q, k, v, do, causal, dropout_p=0.0):
+def _run_autograd(q, k, v, do, causal, dropout_p=0.0, fn=attn.attention):
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-    y = attn.attention(*leaves, causal=causal, dropout_p=dropout_p)
+    y = fn(*leaves, causal=causal, dropout_p=dropout_p)
     y.backward(do)
     return (y.detach(), *(t.grad for t in leaves))
 
@@ -83,12 +78,13 @@ def _case_id(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_matches_reference(case):
+def test_matches_reference(backend, backend_op, case, one_thread):
+    """The op's one parity check, for every backend that runs here: the output and dq, dk, dv in fp32 and fp16."""
     (B, nh, Tq, Tk, hs, causal), dtype = case
     q, k, v = _qkv(B, nh, Tq, Tk, hs, dtype)
     do = torch.randn(B, nh, Tq, hs, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
-    got = _run_autograd(q, k, v, do, causal)
-    _check_against_ref(_case_id(case), got, q, k, v, do, causal)
+    got = _run_autograd(q, k, v, do, causal, fn=backend_op("attention"))
+    _check_against_ref(f"{backend} {_case_id(case)}", got, q, k, v, do, causal)
 
 
 @pytest.mark.parametrize("cc", [90, 75])

@@ -277,6 +277,8 @@ def test_results_do_not_depend_on_thread_count():
     def run_all():
         y, mean, rstd = ops.layer_norm_fwd(x, w, b, 1e-5)
         out = [y, *ops.layer_norm_bwd(x, x, w, mean, rstd), ops.bias_gelu_fwd(x, b)]
+        y, s, mean, rstd = ops.add_layer_norm_fwd(x, x, w, b, 1e-5)
+        out += [y, s, *ops.add_layer_norm_bwd(x, x, s, w, mean, rstd)]
         out += ops.bias_gelu_bwd(x, x, b)
         ya, lse = ops.attention_fwd(q, k, v, True, 0.0)
         out += [ya, lse, *ops.attention_bwd(q, q, k, v, ya, lse, True)]
@@ -322,6 +324,8 @@ def _opcheck_cases():
     r = lambda *s: torch.randn(*s, generator=g)
     x, w, b = r(5, 12), r(12), r(12)
     _, mean, rstd = torch.ops.gpt2k.layer_norm_fwd(x, w, b, 1e-5)
+    res = r(5, 12)
+    _, s, s_mean, s_rstd = torch.ops.gpt2k.add_layer_norm_fwd(x, res, w, b, 1e-5)
     q, k, v = r(1, 2, 3, 8), r(1, 2, 7, 8), r(1, 2, 7, 8)
     y, lse = torch.ops.gpt2k.attention_fwd(q, k, v, True, 0.0)
     h, hb = r(3, 10), r(10)
@@ -332,6 +336,12 @@ def _opcheck_cases():
         ("layer_norm_fwd", ops.layer_norm_fwd.default, (x.requires_grad_(), w.requires_grad_(), b, 1e-5)),
         ("layer_norm_fwd none", ops.layer_norm_fwd.default, (x, None, None, 1e-5)),
         ("layer_norm_bwd", ops.layer_norm_bwd.default, (r(5, 12), x.detach(), w.detach(), mean, rstd)),
+        ("add_layer_norm_fwd", ops.add_layer_norm_fwd.default,
+         (x.detach().clone().requires_grad_(), res.requires_grad_(), w.detach().clone().requires_grad_(),
+          b.clone().requires_grad_(), 1e-5)),
+        ("add_layer_norm_fwd none", ops.add_layer_norm_fwd.default, (x.detach(), res.detach(), None, None, 1e-5)),
+        ("add_layer_norm_bwd", ops.add_layer_norm_bwd.default, (r(5, 12), r(5, 12), s, w.detach(), s_mean, s_rstd)),
+        ("add_layer_norm_bwd none", ops.add_layer_norm_bwd.default, (r(5, 12), r(5, 12), s, None, s_mean, s_rstd)),
         ("bias_gelu_fwd", ops.bias_gelu_fwd.default, (h.requires_grad_(), hb.requires_grad_())),
         ("bias_gelu_bwd", ops.bias_gelu_bwd.default, (r(3, 10), h.detach(), None)),
         ("attention_fwd", ops.attention_fwd.default, (q.requires_grad_(), k, v.requires_grad_(), True, 0.0)),
@@ -365,6 +375,15 @@ BAD = [  # (op, args builder, words the error must contain)
     ("layer_norm_fwd", lambda: (torch.randn(3, 4), None, torch.randn(4).to(torch.bfloat16), 1e-5), ["'bias'", "dtype"]),
     ("layer_norm_fwd", lambda: (torch.randn(4, 3).t(), None, None, 1e-5), ["'x'", "contiguous"]),
     ("layer_norm_fwd", lambda: (torch.randn(2, 3, 4), None, None, 1e-5), ["'x'", "2-D"]),
+    ("add_layer_norm_fwd", lambda: (torch.randn(3, 4), torch.randn(3, 5), None, None, 1e-5), ["'residual'", "shape"]),
+    ("add_layer_norm_fwd", lambda: (torch.randn(3, 4), torch.randn(3, 4).half(), None, None, 1e-5),
+     ["'residual'", "float16"]),
+    ("add_layer_norm_fwd", lambda: (torch.randn(3, 4), torch.randn(4, 3).t(), None, None, 1e-5),
+     ["'residual'", "contiguous"]),
+    ("add_layer_norm_bwd", lambda: (torch.randn(3, 4), torch.randn(2, 4), torch.randn(3, 4), None, torch.randn(3),
+                                    torch.randn(3)), ["'ds'", "shape"]),
+    ("add_layer_norm_bwd", lambda: (torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4), None, torch.randn(3),
+                                    torch.randn(2)), ["'rstd'", "[3]"]),
     ("bias_gelu_fwd", lambda: (torch.randn(3, 4), torch.randn(3)), ["'bias'", "(4,)"]),
     ("bias_gelu_bwd", lambda: (torch.randn(3, 5), torch.randn(3, 4), None), ["'dact'", "shape"]),
     ("attention_fwd", lambda: (torch.randn(1, 1, 5, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8), True, 0.0),
@@ -472,6 +491,26 @@ def test_torch_compile_traces_every_op():
     grads = torch.autograd.grad(loss, args)
     torch._dynamo.reset()
     loss_c = torch.compile(block, backend="aot_eager", fullgraph=True)(*args, t)
+    grads_c = torch.autograd.grad(loss_c, args)
+    assert_close("compiled loss", loss_c, loss)
+    for i, (g, gc) in enumerate(zip(grads, grads_c)):
+        assert_close(f"compiled grad[{i}]", gc, g)
+
+
+def test_torch_compile_traces_add_layer_norm():
+    """The fused add + layer norm under torch.compile (fake kernel + autograd) matches eager, as in a block."""
+
+    def two_adds(x, a, m, w1, b1, w2, b2):
+        h, x = ext.add_layer_norm(x, a, w1, b1)
+        h, x = ext.add_layer_norm(x, m * h, w2, b2)
+        return (h * h).sum() + x.sum()
+
+    shapes = [(2, 7, 16), (2, 7, 16), (2, 7, 16), (16,), (16,), (16,), (16,)]
+    args = [_randn(*s, seed=i).requires_grad_() for i, s in enumerate(shapes)]
+    loss = two_adds(*args)
+    grads = torch.autograd.grad(loss, args)
+    torch._dynamo.reset()
+    loss_c = torch.compile(two_adds, backend="aot_eager", fullgraph=True)(*args)
     grads_c = torch.autograd.grad(loss_c, args)
     assert_close("compiled loss", loss_c, loss)
     for i, (g, gc) in enumerate(zip(grads, grads_c)):

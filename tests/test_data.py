@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gpt2.data import Batcher, DataError, load_dataset, play_to_text, read_shard, shakespeare_texts, write_shard
+from gpt2.tokenizer import EOT_ID, encode
 
 
 def test_shakespeare_is_plain_text_with_speakers():
@@ -27,6 +28,29 @@ def test_shakespeare_split_is_deterministic_and_disjoint_in_size():
     assert np.array_equal(a.train[0], b.train[0]) and np.array_equal(a.val[0], b.val[0])
     n_tr, n_va = a.num_tokens("train"), a.num_tokens("val")
     assert 0.08 < n_va / (n_tr + n_va) < 0.12
+
+
+def test_validation_split_shares_no_token_with_training(tmp_path):
+    """Every token of a corpus lands in exactly one split, training the head and validation the tail. A corpus whose
+    tokens are their own positions makes any overlap (or gap) show as a shared (or missing) value."""
+    n = 10_007
+    corpus = np.arange(n)
+    write_shard(tmp_path / "corpus.bin", corpus)
+    (tmp_path / "shards").mkdir()
+    write_shard(tmp_path / "shards" / "c_train_000000.bin", corpus)  # no val shard: the tail is split off
+    for source in (tmp_path / "corpus.bin", tmp_path / "shards"):
+        ds = load_dataset(str(source))
+        train, val = np.concatenate(ds.train), np.concatenate(ds.val)
+        shared = np.intersect1d(train, val)
+        assert shared.size == 0, f"{source.name}: {shared.size} positions in both splits, from {shared[0]}"
+        assert val.size > 0
+        assert np.array_equal(np.concatenate([train, val]), corpus), f"{source.name}: not head + tail of the corpus"
+    # Text: the document's tokens and its end-of-text token, split the same way.
+    text = "".join(f"Line {i} of a corpus that is split once.\n" for i in range(300))
+    (tmp_path / "doc.txt").write_text(text)
+    ds = load_dataset(str(tmp_path / "doc.txt"))
+    assert np.array_equal(np.concatenate(ds.train + ds.val), np.array(encode(text) + [EOT_ID]))
+    assert ds.num_tokens("val") > 0
 
 
 def test_shard_round_trip_and_memory_map(tmp_path):

@@ -1,8 +1,9 @@
-"""Parity tests of the Triton layer norm and fused add + layer norm against ``kernels.ref``.
+"""Parity tests of the Triton layer norm, and of the fused add + layer norm of every backend, against ``kernels.ref``.
 
 On a machine without a GPU the kernels run under the Triton interpreter (set by conftest.py) in
 fp32 and fp16; the bf16 and large-shape checks need a CUDA GPU and are skipped elsewhere.
-Every test compares the forward output and every gradient with ``kernels.ref.layer_norm``.
+Every test compares the forward outputs and every gradient with ``kernels.ref``. The registry op
+``add_layer_norm`` is checked on every backend that can run here (torch, triton, the extension).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import inspect
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import kernels
 from kernels import layer_norm as ln
 from kernels import ref
 from kernels.testing import assert_close
@@ -52,6 +55,9 @@ def _compare(name, got, ref32, ref_lowp):
     """
     if got is None:
         assert ref32 is None, f"{name}: no gradient, but the reference has one"
+        return
+    if ref_lowp is None:  # the reference's output was unused: a backend may give zeros instead of None
+        assert not got.any(), f"{name}: a non-zero gradient where the reference has none"
         return
     assert got.dtype == ref_lowp.dtype, f"{name}: dtype {got.dtype}, reference {ref_lowp.dtype}"
     if got.dtype == torch.float32:
@@ -183,13 +189,18 @@ def _ref_add_layer_norm(x, r, w, b, eps=1e-5):
     return ref.layer_norm(s, w, b, eps), s
 
 
-def _check_add_layer_norm(shape, dtype, param_dtype, use_y=True, use_s=True, has_w=True, has_b=True):
+def _check_add_layer_norm(shape, dtype, param_dtype, use_y=True, use_s=True, has_w=True, has_b=True,
+                          fn=ln.add_layer_norm, transform=None):
+    """fn (an ``add_layer_norm``) against the reference: y, s and the gradients of x, residual, weight, bias.
+    ``transform`` is applied to x and the residual (e.g. to make them non-contiguous)."""
     x, w, b, dy = _inputs(shape, dtype, param_dtype, has_w, has_b, seed=1)
     g = torch.Generator().manual_seed(2)
     r = torch.randn(shape, generator=g).to(DEVICE, dtype)
     ds = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    if transform is not None:
+        x, r = transform(x), transform(r)
     douts = (dy if use_y else None, ds if use_s else None)
-    outs, grads = _run(ln.add_layer_norm, (x, r, w, b), douts)
+    outs, grads = _run(fn, (x, r, w, b), douts)
     outs32, grads32 = _run(_ref_add_layer_norm, (x, r, w, b), tuple(d.float() if d is not None else None
                                                                     for d in douts), dtype=torch.float32)
     outslo, gradslo = _run(_ref_add_layer_norm, (x, r, w, b), douts)
@@ -213,6 +224,75 @@ def test_add_layer_norm_mixed_precision_no_bias():
 @pytest.mark.parametrize("use_y,use_s", [(True, False), (False, True)], ids=["only_y", "only_s"])
 def test_add_layer_norm_one_output_used(use_y, use_s):
     _check_add_layer_norm((5, 97), torch.float32, torch.float32, use_y=use_y, use_s=use_s)
+
+
+# ---------------------------------------------------------------------------------------------
+# add_layer_norm: the registry op, on every backend
+# ---------------------------------------------------------------------------------------------
+
+
+def _registry_add_layer_norm(backend):
+    why = kernels.unavailable_reason(backend, DEVICE)
+    if why is not None:
+        pytest.skip(f"backend {backend!r} cannot run on {DEVICE} here: {why}")
+    return kernels.build_ops(backend, DEVICE).add_layer_norm
+
+
+def _column_major(t):
+    t = t.transpose(0, 1).contiguous().transpose(0, 1)  # same values, rows no longer contiguous
+    assert not t.is_contiguous()
+    return t
+
+
+BACKENDS = ["torch", "triton", "cuda"]
+ADD_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+              pytest.param(torch.bfloat16, id="bf16", marks=needs_gpu)]
+ADD_SHAPES = [(1, 768), (17, 768), (17, 1), (1, 1), (3, 17, 97)]  # 1 row, 17 rows, C = 1, GPT-2's 768
+
+
+@pytest.mark.parametrize("shape", ADD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", ADD_DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_registry_add_layer_norm(backend, dtype, shape):
+    _check_add_layer_norm(shape, dtype, dtype, fn=_registry_add_layer_norm(backend))
+
+
+@pytest.mark.parametrize("dtype", ADD_DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_registry_add_layer_norm_non_contiguous_no_affine(backend, dtype):
+    fn = _registry_add_layer_norm(backend)
+    _check_add_layer_norm((17, 48), dtype, dtype, fn=fn, transform=_column_major)
+    _check_add_layer_norm((17, 48), dtype, dtype, fn=fn, has_w=False, has_b=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_registry_add_layer_norm_one_output_used(backend):
+    # In a model both outputs are used; with one unused, its gradient is missing (None or zeros).
+    fn = _registry_add_layer_norm(backend)
+    for use_y, use_s in ((True, False), (False, True)):
+        _check_add_layer_norm((17, 97), torch.float32, torch.float32, use_y=use_y, use_s=use_s, fn=fn)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_reference_add_layer_norm_is_the_add_then_the_layer_norm(dtype):
+    # The contract, bitwise: s = x + residual in x's dtype, y = ref.layer_norm(s); the gradients are
+    # those of the unfused composition. In fp32, y also matches F.layer_norm (an independent oracle).
+    x, w, b, dy = _inputs((17, 97), dtype, dtype, seed=5)
+    r = torch.randn(17, 97, generator=torch.Generator().manual_seed(6)).to(DEVICE, dtype)
+    ds = torch.randn(17, 97, generator=torch.Generator().manual_seed(7)).to(DEVICE, dtype)
+
+    def unfused(x_, r_, w_, b_):
+        s = x_ + r_
+        return ref.layer_norm(s, w_, b_), s
+
+    (y, s), grads = _run(ref.add_layer_norm, (x, r, w, b), (dy, ds))
+    (yu, su), grads_u = _run(unfused, (x, r, w, b), (dy, ds))
+    assert y.dtype == s.dtype == dtype
+    assert torch.equal(y, yu) and torch.equal(s, su)
+    for name, got, want in zip(("dx", "dresidual", "dweight", "dbias"), grads, grads_u):
+        assert torch.equal(got, want), name
+    if dtype == torch.float32:
+        assert_close("ref add_layer_norm y vs F.layer_norm", y, F.layer_norm(x + r, (97,), w, b, 1e-5))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,13 +1,15 @@
-"""Parity, memory and error tests of the fused linear cross-entropy: the shared chunked driver
-(kernels/chunked_loss.py) and its Triton backend (kernels/linear_cross_entropy.py).
+"""Tests of the linear cross-entropy op: one parity check for every backend, then the shared chunked driver
+(kernels/chunked_loss.py) and its Triton backend (kernels/linear_cross_entropy.py): memory, padding, GradScaler
+numerics, host reads and errors.
 
 Every loss and gradient is compared with ``kernels.ref.linear_cross_entropy`` through
 ``kernels.testing.assert_close``: fp32 against the reference on the same inputs; fp16 against the
-reference on the upcast inputs, with the reference computed in fp16 as the yardstick. On the CPU
-the kernels run under Triton's interpreter (tests/conftest.py), so shapes stay small; the
-GPT-2-sized (V = 50257) bf16/fp16 tests need a CUDA GPU. The tests of the driver itself (GradScaler
-numerics, vocabulary padding, no host reads) run with every row kernel that runs here: Triton's and,
-when it is built, the C++ extension's.
+reference on the upcast inputs, with the reference computed in fp16 as the yardstick (the fp32 loss of
+fp16 inputs by the fp16 rule). ``test_parity`` runs for every backend the registry can run here
+(tests/conftest.py's ``backend``). On the CPU the Triton kernels run under Triton's interpreter
+(tests/conftest.py), so shapes stay small; the GPT-2-sized (V = 50257) bf16/fp16 tests need a CUDA GPU.
+The tests of the driver itself (chunking, GradScaler numerics, vocabulary padding, no host reads) run
+with every row kernel that runs here: Triton's and, when it is built, the C++ extension's.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from kernels.linear_cross_entropy import (
     linear_cross_entropy,
     linear_cross_entropy_fwd,
 )
-from kernels.testing import TOLERANCES, assert_close
+from kernels.testing import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 and GPT-2-sized V need a CUDA GPU")
@@ -80,24 +82,6 @@ def _chunked(row_kernel=cross_entropy_rows_, chunk_rows=None, vocab=None):
     return fn
 
 
-def _assert_loss_close(name, loss, ref32, ref_lowp, dtype):
-    """The loss is fp32 whatever the inputs: judge it by the tolerance rule of the inputs' dtype.
-
-    (Rounding the fp32 losses to fp16 to reuse ``assert_close`` would add up to half an fp16 ulp
-    of ~10 to one side and not the other.)
-    """
-    if dtype == torch.float32:
-        assert_close(name, loss, ref32)
-        return
-    tol = TOLERANCES[dtype]
-    lowp_err = (ref_lowp - ref32).abs().item()
-    err = (loss - ref32).abs().item()
-    assert err <= tol["factor"] * lowp_err + tol["atol"], (
-        f"{name}: |loss - ref32| = {err:.3e} > {tol['factor']} x {lowp_err:.3e} + {tol['atol']} "
-        f"(loss {loss.item():.6f}, ref32 {ref32.item():.6f}, ref in {dtype} {ref_lowp.item():.6f})"
-    )
-
-
 def _check_parity(h, w, t, ignore_index=-1, chunk_rows=None, grad_scale=1.0, fn=None):
     """Loss, dh and dweight of the op vs the reference (fp32 or fp16 rule of the tolerance table).
 
@@ -112,7 +96,9 @@ def _check_parity(h, w, t, ignore_index=-1, chunk_rows=None, grad_scale=1.0, fn=
     assert ours[0].dtype == torch.float32 and ours[0].dim() == 0
     assert ours[1].dtype == h.dtype and ours[2].dtype == w.dtype and ours[2].shape == w.shape
     what = f"linear_cross_entropy {tuple(h.shape)} V={w.shape[0]} chunk_rows={chunk_rows}"
-    _assert_loss_close(f"{what} loss", ours[0], ref32[0], None if lowp is None else lowp[0], h.dtype)
+    # The loss is fp32 whatever the inputs: judged by the rule of the inputs' dtype (rounding it to fp16 to compare
+    # would add up to half an fp16 ulp of ~10 to one side and not the other).
+    assert_close(f"{what} loss", ours[0], ref32[0], None if lowp is None else lowp[0], dtype=h.dtype)
     for i, name in ((1, "dh"), (2, "dweight")):
         assert_close(f"{what} {name}", ours[i], ref32[i], None if lowp is None else lowp[i])
     return ours
@@ -123,18 +109,17 @@ DTYPES = [torch.float32, torch.float16]
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    "shape,C,V,chunk_rows",
+    "shape,C,V",
     [
-        ((1,), 8, 11, None),  # one row (T = 1), V below one block
-        ((37,), 48, 1000, None),  # prime row count, default chunking (one chunk)
-        ((37,), 48, 1000, 16),  # chunks that do not divide N (16, 16, 5)
-        ((2, 13), 32, 257, None),  # 3-D h, prime V
-        ((2, 13), 32, 257, 7),  # 3-D h over several chunks
+        ((1,), 8, 11),  # one row (T = 1), V below one block
+        ((37,), 48, 1000),  # prime row count
+        ((2, 13), 32, 257),  # 3-D h, prime V
     ],
 )
-def test_parity(dtype, shape, C, V, chunk_rows):
+def test_parity(backend, backend_op, dtype, shape, C, V, one_thread):
+    """The op's one parity check, for every backend that runs here: the loss, dh and dweight, fp32 and fp16."""
     h, w, t = _inputs(shape, C, V, dtype, ignore_frac=0.2 if shape[0] > 1 else 0.0)
-    _check_parity(h, w, t, chunk_rows=chunk_rows)
+    _check_parity(h, w, t, fn=backend_op("linear_cross_entropy"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -224,7 +209,7 @@ def test_mixed_dtypes_and_autocast():
     assert dh.dtype == torch.float16 and dw.dtype == torch.float32
     ref32 = _loss_and_grads(ref.linear_cross_entropy, h16.float(), w32, t)
     lowp = _loss_and_grads(ref.linear_cross_entropy, h16, w32.half(), t)
-    _assert_loss_close("mixed loss", loss, ref32[0], lowp[0], torch.float16)
+    assert_close("mixed loss", loss, ref32[0], lowp[0], dtype=torch.float16)
     assert_close("mixed dh", dh, ref32[1], lowp[1])
     assert_close("mixed dweight", dw.half(), ref32[2], lowp[2])
     # Autocast to fp16 with fp32 inputs: the GEMMs run in fp16, the gradients come back in fp32.
@@ -233,7 +218,7 @@ def test_mixed_dtypes_and_autocast():
         lowp_ac = _loss_and_grads(ref.linear_cross_entropy, h32, w32, t)
     assert dh_ac.dtype == torch.float32 and dw_ac.dtype == torch.float32
     ref32 = _loss_and_grads(ref.linear_cross_entropy, h32, w32, t)
-    _assert_loss_close("autocast loss", loss_ac, ref32[0], lowp_ac[0], torch.float16)
+    assert_close("autocast loss", loss_ac, ref32[0], lowp_ac[0], dtype=torch.float16)
     assert_close("autocast dh", dh_ac.half(), ref32[1], lowp_ac[1].half())
     assert_close("autocast dweight", dw_ac.half(), ref32[2], lowp_ac[2].half())
 
@@ -373,7 +358,7 @@ def test_fp16_gradients_under_a_grad_scaler(backend, spread):
     ref16 = _loss_and_grads(ref.linear_cross_entropy, h, w, t, grad_scale=seed)
     target = torch.zeros(V, dtype=torch.bool, device=device)
     target[t] = True
-    _assert_loss_close(f"{backend} loss", ours[0], ref64[0].float(), ref16[0], torch.float16)
+    assert_close(f"{backend} loss", ours[0], ref64[0].float(), ref16[0], dtype=torch.float16)
     assert_close(f"{backend} dh", ours[1], ref64[1], ref16[1])
     assert_close(f"{backend} dweight, rows never a target", ours[2][~target], ref64[2][~target], ref16[2][~target])
     assert_close(f"{backend} dweight, target rows", ours[2][target], ref64[2][target], ref16[2][target])
@@ -388,6 +373,19 @@ def _row_rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     """The largest ||y_i - ref_i|| / ||ref_i|| over the rows i."""
     y, ref = y.double(), ref.double()
     return ((y - ref).norm(dim=-1) / ref.norm(dim=-1).clamp(min=1e-30)).max().item()
+
+
+@backend_names
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,C,V,chunk", [
+    ((37,), 48, 1000, 16),  # chunks that do not divide N (16, 16, 5)
+    ((2, 13), 32, 257, 7),  # 3-D h over several chunks
+])
+def test_chunks(backend, dtype, shape, C, V, chunk):
+    # The driver over several chunks with each row kernel: the fp32 dweight accumulator across chunks.
+    _, row_kernel, device = BACKENDS[backend]
+    h, w, t = _inputs(shape, C, V, dtype, ignore_frac=0.2, device=device)
+    _check_parity(h, w, t, chunk_rows=chunk, fn=_chunked(row_kernel, chunk_rows=chunk))
 
 
 @backend_names

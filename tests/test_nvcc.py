@@ -189,6 +189,39 @@ def test_emulated_layer_norm(emu, N, C, affine, dtype):
 
 
 @needs_cxx
+@pytest.mark.parametrize("N,C,affine,dtype", _cases([(1, 64, True), (17, 97, True), (70, 33, False), (5, 1, True)],
+                                                    low=1))
+def test_emulated_add_layer_norm(emu, N, C, affine, dtype):
+    # y and s are compared as one (N, 2C) output, cat([y, s]), whose upstream gradient is cat([dy, ds]):
+    # the gradient of x (and of the residual) is then the layer norm's dx plus ds.
+    gen = torch.Generator().manual_seed(4)
+    x, r = ((torch.randn(N, C, generator=gen) * 2 + 0.5).to(dtype) for _ in range(2))
+    w = torch.randn(C, generator=gen).to(dtype) if affine else None
+    b = torch.randn(C, generator=gen).to(dtype) if affine else None
+    dy, ds = (torch.randn(N, C, generator=gen).to(dtype) for _ in range(2))
+    y, s, mean, rstd = torch.empty(N, C, dtype=dtype), torch.empty(N, C, dtype=dtype), torch.empty(N), torch.empty(N)
+    assert _fn(emu, "add_layer_norm_fwd", dtype)(_p(x), _p(r), _p(w), _p(b), _p(y), _p(s), _p(mean), _p(rstd),
+                                                 *_i(N, C), ctypes.c_float(1e-5)) == 0
+    assert torch.equal(s, x + r)  # rounded to the dtype once, as the add in that dtype
+
+    def fn(x, r, w=None, b=None):
+        return torch.cat(ref.add_layer_norm(x, r, w, b), dim=-1)  # (N, 2C)
+
+    inputs = [x, r, w, b] if affine else [x, r]
+    g = torch.cat([dy, ds], dim=-1)
+    _check("emulated add_layer_norm (y, s)", torch.cat([y, s], dim=-1), fn, inputs, g)
+    dx, dw, db = torch.empty(N, C, dtype=dtype), torch.empty(C), torch.empty(C)
+    scratch = torch.empty(emu.emu_layer_norm_bwd_scratch(N, C))
+    assert _fn(emu, "add_layer_norm_bwd", dtype)(_p(dy), _p(ds), _p(s), _p(w), _p(mean), _p(rstd), _p(dx), _p(dw),
+                                                 _p(db), _p(scratch), *_i(N, C)) == 0
+    _check("emulated add_layer_norm dx", dx, fn, inputs, g, 0)
+    _check("emulated add_layer_norm dresidual", dx, fn, inputs, g, 1)
+    if affine:
+        _check("emulated add_layer_norm dw", dw, fn, inputs, g, 2)
+        _check("emulated add_layer_norm db", db, fn, inputs, g, 3)
+
+
+@needs_cxx
 @pytest.mark.parametrize("N,H,has_bias,dtype", _cases([(1, 64, True), (7, 97, True), (66, 300, False)], low=1))
 def test_emulated_bias_gelu(emu, N, H, has_bias, dtype):
     gen = torch.Generator().manual_seed(1)

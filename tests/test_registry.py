@@ -1,12 +1,15 @@
-"""The op registry: spec parsing, availability, lazy imports, and its errors."""
+"""The op registry: spec parsing, availability, lazy imports, its errors, and backends swapped in a model."""
 
+import collections
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import kernels
 from kernels.registry import BackendError, SpecError, parse_spec
+from kernels.testing import assert_close
 
 
 def test_parse_spec_forms():
@@ -39,9 +42,71 @@ def test_torch_backend_everywhere_and_ops_are_the_reference():
     assert all("torch" in b for b in kernels.available("cpu").values())
 
 
-def test_per_op_override():
-    ops = kernels.build_ops("torch,attention=torch", "cpu")
-    assert set(ops.backends.values()) == {"torch"}
+def _other_backend() -> str:
+    """A backend other than the reference that runs on the CPU here (the extension, else Triton under the
+    interpreter): an override or a swap to it must change which functions run."""
+    for backend in ("cuda", "triton"):
+        if kernels.unavailable_reason(backend, "cpu") is None:
+            return backend
+    pytest.skip("no backend but torch runs on the CPU here (no extension, no Triton interpreter)")
+
+
+@pytest.mark.parametrize("op", kernels.OPS)
+@pytest.mark.parametrize("direction", ["reference-default", "reference-override"])
+def test_per_op_override_changes_that_op_and_only_it(op, direction):
+    other = _other_backend()
+    default, override = ("torch", other) if direction == "reference-default" else (other, "torch")
+    ops = kernels.build_ops(f"{default},{op}={override}", "cpu")
+    assert ops.backends == {o: override if o == op else default for o in kernels.OPS}
+    whole = {b: kernels.build_ops(b, "cpu") for b in (default, override)}
+    assert getattr(whole[default], op) is not getattr(whole[override], op)  # the two backends' code differs
+    for o in kernels.OPS:
+        want = override if o == op else default
+        assert getattr(ops, o) is getattr(whole[want], o), f"{o}: not the {want} backend's function"
+
+
+def _count_calls(monkeypatch, backend: str) -> collections.Counter:
+    """Route every op of ``backend`` through a counting wrapper, where the registry loads it from."""
+    calls = collections.Counter()
+    ops = kernels.build_ops(backend, "cpu")
+    for op in kernels.OPS:
+        fn = getattr(ops, op)
+        module = sys.modules[fn.__module__]
+        assert getattr(module, fn.__name__) is fn
+
+        def counted(*args, _fn=fn, _op=op, **kwargs):
+            calls[_op] += 1
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(module, fn.__name__, counted)
+    return calls
+
+
+def test_set_backend_runs_the_new_backend(monkeypatch):
+    # A model built on the reference, swapped to another backend: its ops are that backend's functions, the
+    # forward calls them (counted through wrappers), the loss matches, and swapping back stops the calls.
+    from gpt2.model import GPT, GPTConfig
+
+    other = _other_backend()
+    calls = _count_calls(monkeypatch, other)
+    torch.manual_seed(0)
+    m = GPT(GPTConfig.from_preset("tiny"), backend="torch")
+    idx = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(1))
+    loss_ref = m(idx, idx)[1]
+    assert not calls, f"the torch backend called {other}'s ops: {dict(calls)}"
+    assert m.set_backend(other) is m
+    assert m.ops.backends == {op: other for op in kernels.OPS}
+    for op in kernels.OPS:
+        assert getattr(m.ops, op) is getattr(kernels.build_ops(other, "cpu"), op), op
+    loss = m(idx, idx)[1]
+    n_layer = m.config.n_layer
+    assert (calls["attention"], calls["mlp"], calls["linear_cross_entropy"]) == (n_layer, n_layer, 1), dict(calls)
+    assert calls["layer_norm"] + calls["add_layer_norm"] == 2 * n_layer + 1, dict(calls)  # ln_1, ln_2 per block, ln_f
+    assert_close(f"loss under {other}", loss.detach(), loss_ref.detach())
+    calls.clear()
+    m.set_backend("torch")
+    m(idx, idx)
+    assert not calls, f"back on torch, {other}'s ops still ran: {dict(calls)}"
 
 
 def test_explicit_unavailable_backend_says_why_and_what_is_available():

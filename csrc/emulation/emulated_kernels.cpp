@@ -14,11 +14,20 @@ using namespace gpt2k::cuda;
 #define GPT2K_EMU_EXPORT(SUFFIX, T)                                                                                \
   int emu_layer_norm_fwd_##SUFFIX(const T* x, const T* w, const T* b, T* y, float* mean, float* rstd, int64_t N,  \
                                   int64_t C, float eps) {                                                          \
-    return layer_norm_fwd_launch<T>(x, w, b, y, mean, rstd, N, C, eps, nullptr);                                   \
+    return layer_norm_fwd_launch<T>(x, nullptr, w, b, y, nullptr, mean, rstd, N, C, eps, nullptr);                 \
   }                                                                                                                \
   int emu_layer_norm_bwd_##SUFFIX(const T* dy, const T* x, const T* w, const float* mean, const float* rstd,       \
                                   T* dx, float* dw, float* db, float* scratch, int64_t N, int64_t C) {             \
-    return layer_norm_bwd_launch<T>(dy, x, w, mean, rstd, dx, dw, db, scratch, N, C, nullptr);                     \
+    return layer_norm_bwd_launch<T>(dy, nullptr, x, w, mean, rstd, dx, dw, db, scratch, N, C, nullptr);            \
+  }                                                                                                                \
+  int emu_add_layer_norm_fwd_##SUFFIX(const T* x, const T* r, const T* w, const T* b, T* y, T* s, float* mean,     \
+                                      float* rstd, int64_t N, int64_t C, float eps) {                              \
+    return layer_norm_fwd_launch<T>(x, r, w, b, y, s, mean, rstd, N, C, eps, nullptr);                             \
+  }                                                                                                                \
+  int emu_add_layer_norm_bwd_##SUFFIX(const T* dy, const T* ds, const T* s, const T* w, const float* mean,         \
+                                      const float* rstd, T* dx, float* dw, float* db, float* scratch, int64_t N,   \
+                                      int64_t C) {                                                                 \
+    return layer_norm_bwd_launch<T>(dy, ds, s, w, mean, rstd, dx, dw, db, scratch, N, C, nullptr);                 \
   }                                                                                                                \
   int emu_bias_gelu_fwd_##SUFFIX(const T* h, const T* bias, T* act, int64_t N, int64_t H) {                        \
     return bias_gelu_fwd_launch<T>(h, bias, act, N, H, nullptr);                                                   \
