@@ -9,6 +9,9 @@ A checkpoint (``ckpt.pt`` in a run's out dir) is one ``torch.save`` dict:
 - ``data``: ``Batcher.state_dict()`` of the train and evaluation batchers;
 - ``world_size`` and ``format`` (``FORMAT``).
 
+``train_args["init_from"]`` names the folder a fine-tune took its first weights from (``--init-from``), or is None.
+``open_init_source`` reads such a folder: one of these out dirs, or a Hugging Face GPT-2 folder.
+
 Writes go to a temporary file in the same folder, are fsynced, then renamed over the old file, so
 a crash mid-save leaves the previous checkpoint whole. Loads use ``weights_only=True`` (nothing
 in a checkpoint runs code) and turn every way a file can be broken into one ``CheckpointError``.
@@ -16,9 +19,11 @@ in a checkpoint runs code) and turn every way a file can be broken into one ``Ch
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -92,12 +97,14 @@ def save_checkpoint(path, state: dict) -> None:
 _REQUIRED = ("model", "model_config", "step")
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
+def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
     """Read a checkpoint written by ``save_checkpoint``.
 
     Args:
         path: the ``.pt`` file, or a run's out dir holding ``ckpt.pt``.
         map_location: where tensors are loaded (``torch.load``'s argument).
+        mmap: map the file instead of reading it: tensors are read when first touched (cheap when only the
+            configuration or the weights, not the optimizer state, are wanted).
     Returns:
         The checkpoint dict.
     Raises:
@@ -108,7 +115,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not p.is_file():
         raise FileNotFoundError(f"no checkpoint at {p}: nothing to resume or load (train into that --out-dir first)")
     try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+        ckpt = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # a damaged file fails in many ways: EOF, unpickling, zip errors
         raise CheckpointError(f"checkpoint {p} is corrupt or truncated and cannot be read "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
@@ -127,11 +134,18 @@ def config_from_checkpoint(ckpt: dict, path="checkpoint") -> GPTConfig:
         raise CheckpointError(f"{path}: its model configuration is invalid ({e})") from e
 
 
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+
+
+def shape_differences(saved: GPTConfig, wanted: GPTConfig) -> list[str]:
+    """``"field=saved (asked wanted)"`` for every shape field (``SHAPE_FIELDS``; not dropout) that differs."""
+    return [f"{k}={getattr(saved, k)} (asked {getattr(wanted, k)})" for k in SHAPE_FIELDS
+            if getattr(saved, k) != getattr(wanted, k)]
+
+
 def check_same_shape(saved: GPTConfig, wanted: GPTConfig, path="checkpoint") -> None:
     """Raise ``ConfigError`` naming every shape field where ``wanted`` differs from ``saved``."""
-    keys = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
-    diff = [f"{k}={getattr(saved, k)} (asked {getattr(wanted, k)})" for k in keys
-            if getattr(saved, k) != getattr(wanted, k)]
+    diff = shape_differences(saved, wanted)
     if diff:
         raise ConfigError(f"checkpoint {path} holds a model of another shape: {', '.join(diff)}; resume with the "
                           "checkpoint's --preset or train into a new --out-dir")
@@ -156,6 +170,79 @@ def load_model(path, backend: str = "auto", device="cpu") -> tuple[GPT, dict]:
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {p}: its weights do not fit its own configuration ({e})") from e
     return model.to(device).eval().set_backend(backend), ckpt
+
+
+# ----------------------------------------------------------------------------- --init-from sources
+
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class InitSource:
+    """Where ``gpt2 train --init-from`` takes its first weights from.
+
+    Attributes:
+        path: the ``ckpt.pt`` of a training out dir, or a Hugging Face GPT-2 folder.
+        kind: ``"checkpoint"`` or ``"huggingface"``.
+        config: the model's shape (dropout 0: a training run sets its own).
+    """
+
+    path: Path
+    kind: str
+    config: GPTConfig
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under ``GPT.state_dict()``'s names and shapes (the vocabulary padded as ``GPT`` pads it);
+        only the weights are read, never the optimizer state."""
+        if self.kind == "checkpoint":
+            return load_checkpoint(self.path, mmap=True)["model"]
+        return GPT.from_pretrained(str(self.path), backend="torch").state_dict()
+
+
+def open_init_source(path) -> InitSource:
+    """Find out what an ``--init-from`` path holds and the shape of its model, reading no weights yet.
+
+    A path holding ``ckpt.pt`` (or a ``.pt`` file) is a training checkpoint; else a folder with ``config.json``
+    (``model_type`` ``gpt2``) and ``model.safetensors`` or ``pytorch_model.bin`` is a Hugging Face GPT-2.
+
+    Raises:
+        FileNotFoundError, ConfigError, CheckpointError: one line starting ``--init-from PATH:``.
+    """
+    p, flag = Path(path), f"--init-from {path}"
+    if not p.exists():
+        raise FileNotFoundError(f"{flag}: no such folder")
+    if p.is_file() and p.suffix != ".pt":
+        raise ConfigError(f"{flag}: expected a folder (a training out dir or a Hugging Face GPT-2 folder) or a "
+                          ".pt checkpoint, got another file")
+    ckpt_file = checkpoint_path(p)
+    if ckpt_file.is_file():
+        try:
+            ckpt = load_checkpoint(ckpt_file, mmap=True)
+        except CheckpointError as e:
+            raise CheckpointError(f"{flag}: {e}") from e
+        return InitSource(ckpt_file, "checkpoint", config_from_checkpoint(ckpt, ckpt_file))
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError(f"{flag}: neither a training out dir (no {CKPT_NAME}) nor a Hugging Face GPT-2 folder "
+                          "(no config.json)")
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{flag}: config.json is not valid JSON ({e})") from e
+    kind = hf.get("model_type") if isinstance(hf, dict) else None
+    if kind is None:
+        raise ConfigError(f"{flag}: config.json names no model_type, so this is not a Hugging Face GPT-2 folder; "
+                          f"nor is it a training out dir (no {CKPT_NAME})")
+    if kind != "gpt2":
+        raise ConfigError(f"{flag}: config.json describes a {kind!r} model, not a GPT-2 (model_type 'gpt2')")
+    if not any((p / name).is_file() for name in HF_WEIGHTS):
+        raise ConfigError(f"{flag}: the folder has config.json but no weights ({' or '.join(HF_WEIGHTS)})")
+    try:
+        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                           n_head=hf["n_head"], n_embd=hf["n_embd"])
+    except (KeyError, ConfigError) as e:
+        raise ConfigError(f"{flag}: config.json does not describe a usable GPT-2 ({type(e).__name__}: {e})") from e
+    return InitSource(p, "huggingface", config)
 
 
 # ----------------------------------------------------------------------------- random state

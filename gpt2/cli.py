@@ -1,4 +1,4 @@
-"""The ``gpt2`` command: ``info``, ``prepare``, ``train`` and ``sample``.
+"""The ``gpt2`` command: ``info``, ``prepare``, ``train``, ``sample`` and ``eval``.
 
 Errors a user can cause (a bad flag value, a missing file, a backend that cannot run) end the
 command with one line on stderr and a non-zero exit status, not a traceback (set ``GPT2_DEBUG=1``
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=100_000_000, help="tokens per shard")
     p.set_defaults(func=_prepare)
 
-    from gpt2 import sample, train
+    from gpt2 import evaluate, sample, train
 
     p = sub.add_parser("train", help="train a GPT-2 (default: the shakespeare preset on the built-in corpus)")
     train.add_args(p)
@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate text from a checkpoint or a pretrained folder")
     sample.add_args(p)
     p.set_defaults(func=sample.run)
+
+    p = sub.add_parser("eval", help="a model's loss and perplexity on a corpus (windowed), and its HellaSwag accuracy")
+    evaluate.add_args(p)
+    p.set_defaults(func=evaluate.run)
     return parser
 
 

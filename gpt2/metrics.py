@@ -5,7 +5,8 @@ until a log line, an evaluation or a checkpoint needs them.
 loss, averaged over its micro-steps and processes), ``lr``, ``grad_norm`` (before clipping; NaN without
 ``--grad-clip``), ``tokens_per_s`` and ``mfu`` (the mean over the steps since the previous read of the device, see
 ``PendingSteps``) and ``time_s`` (seconds since the loop started, when the step was queued); per evaluation
-``step`` and ``val_loss``.
+``step`` and ``val_loss``, and with ``--eval-hellaswag`` ``hellaswag_acc`` and ``hellaswag_acc_norm`` (the share of
+examples whose likeliest ending is the right one, plain and length-normalised, as ``gpt2.hellaswag`` scores them).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Metrics:
         self.path = path
         self.train: list[tuple[int, float]] = []
         self.val: list[tuple[int, float]] = []
+        self.hellaswag: list[tuple[int, float, float]] = []  # (step, accuracy, length-normalised accuracy)
         kept = []
         if keep_until is not None and path.is_file():
             for line in path.read_text().splitlines():
@@ -51,6 +53,8 @@ class Metrics:
     def _remember(self, rec: dict) -> None:
         if "val_loss" in rec:
             self.val.append((rec["step"], rec["val_loss"]))
+            if "hellaswag_acc" in rec:
+                self.hellaswag.append((rec["step"], rec["hellaswag_acc"], rec.get("hellaswag_acc_norm", math.nan)))
         elif "loss" in rec:
             self.train.append((rec["step"], rec["loss"]))
 
@@ -64,12 +68,14 @@ class Metrics:
         self._f.close()
 
     def plot(self, path: Path, title: str) -> None:
-        """Write the train and validation loss curves to ``path`` (PNG, replaced atomically)."""
-        plot_losses(path, title, self.train, self.val)
+        """Write the train and validation loss curves (and HellaSwag accuracy) to ``path`` (PNG, replaced
+        atomically)."""
+        plot_losses(path, title, self.train, self.val, self.hellaswag)
 
 
-def plot_losses(path: Path, title: str, train: list, val: list) -> None:
-    """Plot (step, loss) pairs: the raw training loss, its EMA, and the validation loss; write a PNG atomically."""
+def plot_losses(path: Path, title: str, train: list, val: list, hellaswag: list = ()) -> None:
+    """Plot (step, loss) pairs: the raw training loss, its EMA, and the validation loss; and (step, accuracy,
+    normalised accuracy) triples of HellaSwag on a second axis at the right. Write a PNG atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,13 +93,27 @@ def plot_losses(path: Path, title: str, train: list, val: list) -> None:
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    if train or val:
-        ax.legend()
+    handles, top = ax.get_legend_handles_labels()[0], ax
+    if hellaswag:
+        top = ax.twinx()
+        handles += _plot_hellaswag(top, hellaswag)
+    if handles:
+        top.legend(handles=handles, fontsize=8)  # on the top axes, so no curve is drawn over it
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def _plot_hellaswag(ax, points: list) -> list:
+    """HellaSwag accuracy and normalised accuracy against step on ``ax`` (0 to 1); returns the lines."""
+    s, acc, acc_norm = zip(*points)
+    lines = ax.plot(s, acc, "s--", color="tab:green", lw=1.2, ms=3, label="HellaSwag acc")
+    lines += ax.plot(s, acc_norm, "^-", color="tab:red", lw=1.2, ms=3, label="HellaSwag acc_norm")
+    ax.set_ylabel("HellaSwag accuracy")
+    ax.set_ylim(0.0, 1.0)
+    return lines
 
 
 def ema(values, beta: float) -> list[float]:

@@ -3,17 +3,31 @@
 Options come from four places, later ones winning: the defaults (``TrainOptions``' fields), the checkpoint's
 options when resuming (``--resume``), a ``--config FILE.json`` whose keys are flag names, and the command line.
 ``load_options`` reads each place once, and also loads the checkpoint to resume (it holds options).
+
+``--init-from DIR`` starts from the weights of a training out dir or a Hugging Face GPT-2 folder, with a fresh
+optimizer and schedule; the model's shape is the source's, and a ``--preset`` of another shape is an error. Once the
+fine-tune has a checkpoint of its own, ``--resume`` continues that: an ``--init-from`` given with ``--resume`` is
+ignored (one notice line) and the checkpoint's record of its source (``train_args["init_from"]``) is kept. Before
+that, ``--resume --init-from DIR`` starts the fine-tune, so the same command line starts and restarts it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from gpt2.checkpoint import CKPT_NAME, check_same_shape, config_from_checkpoint, load_checkpoint
-from gpt2.model import PRESETS, GPTConfig
+from gpt2.checkpoint import (
+    CKPT_NAME,
+    check_same_shape,
+    config_from_checkpoint,
+    load_checkpoint,
+    open_init_source,
+    shape_differences,
+)
+from gpt2.model import PRESETS, ConfigError, GPTConfig
 
 __all__ = ["SESSION_ONLY", "TrainOptions", "add_args", "given_options", "load_options", "resolve_options"]
 
@@ -53,6 +67,8 @@ class TrainOptions:
     compile: bool = False
     sample_tokens: int = 200
     sample_prompt: str = "\n"
+    init_from: str | None = None  # the fine-tune's source; kept on resume as the record of where it started
+    eval_hellaswag: str | None = None  # a HellaSwag .jsonl file scored at every evaluation; None or "" = off
 
     def __post_init__(self):
         _validate(self)
@@ -91,6 +107,8 @@ def _validate(o: TrainOptions) -> None:
     for k in ("beta1", "beta2", "dropout"):
         need(number(getattr(o, k)) and 0 <= getattr(o, k) < 1, k, "must be in [0, 1)")
     need(o.preset in PRESETS, "preset", f"must be one of {', '.join(PRESETS)}")
+    for k in ("init_from", "eval_hellaswag"):
+        need(getattr(o, k) is None or isinstance(getattr(o, k), str), k, "must be a path")
     need(o.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
     need(o.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "must be auto, float32, bfloat16 or float16")
 
@@ -140,6 +158,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add("--sample-tokens", f"tokens of text to generate at the end; 0 = none (default {d.sample_tokens})",
         type=int)
     add("--sample-prompt", "prompt of the final sample (default a newline)")
+    add("--init-from", "start from these weights: a training out dir (ckpt.pt) or a Hugging Face GPT-2 folder "
+        "(config.json + model.safetensors or pytorch_model.bin); the model's shape is theirs, the optimizer and "
+        "schedule start at step 0. With --resume: ignored once --out-dir holds a checkpoint (that is continued)",
+        metavar="DIR")
+    add("--eval-hellaswag", "score the model on this HellaSwag .jsonl file at every evaluation (under DDP each "
+        "process scores a slice); '' turns it off in a resumed run", metavar="FILE")
 
 
 def _read_config_file(path) -> dict:
@@ -180,22 +204,55 @@ def load_options(args: argparse.Namespace) -> tuple[TrainOptions, dict | None]:
 
     Returns:
         ``(options, checkpoint dict or None)``.
+    ``--resume`` with ``--init-from`` continues the out dir's checkpoint if there is one (``--init-from`` ignored,
+    with a notice), else starts the fine-tune: one command line serves the first session and every later one.
+
     Raises:
         ValueError (and subclasses), FileNotFoundError, TypeError: bad options; no, a corrupt or another shape's
         checkpoint with ``--resume``; an out dir that already holds a checkpoint without ``--resume`` or
-        ``--overwrite``.
+        ``--overwrite``; an unreadable ``--init-from`` source or a ``--preset`` of another shape than it.
     """
     given = given_options(args)
     out_dir = Path(given.get("out_dir", TrainOptions.out_dir))
     ckpt_file = out_dir / CKPT_NAME
-    if not given.get("resume"):
+    resume = given.get("resume")
+    if resume and given.get("init_from") and not ckpt_file.exists():
+        _notice(f"gpt2 train: --resume: no checkpoint in {out_dir} yet; starting from --init-from "
+                f"{given['init_from']}")
+        resume = False
+    if not resume:
         opts = resolve_options(given)
         if ckpt_file.exists() and not opts.overwrite:
             raise ValueError(f"{out_dir} already holds a checkpoint ({CKPT_NAME}); pass --resume to continue it, "
                              "--overwrite to start afresh, or another --out-dir")
+        if opts.init_from:
+            _check_init_shape(opts, given)
         return opts, None
     ckpt = load_checkpoint(ckpt_file)
+    if given.get("init_from") is not None:
+        given = {k: v for k, v in given.items() if k != "init_from"}
+        origin = (ckpt.get("train_args") or {}).get("init_from")
+        _notice(f"gpt2 train: --resume continues {ckpt_file} (step {ckpt['step']}); --init-from is ignored (the "
+                + (f"run started from {origin})" if origin else "run did not start from --init-from)"))
     opts = resolve_options(given, ckpt.get("train_args"))
     if "preset" in given:  # a preset asked for explicitly must be the checkpoint's shape
         check_same_shape(config_from_checkpoint(ckpt, ckpt_file), GPTConfig.from_preset(opts.preset), ckpt_file)
     return opts, ckpt
+
+
+def _check_init_shape(opts: TrainOptions, given: dict) -> None:
+    """``--init-from``: the source must be readable, and a ``--preset`` asked for must be its shape."""
+    source = open_init_source(opts.init_from)
+    if "preset" in given:
+        diff = shape_differences(source.config, GPTConfig.from_preset(opts.preset))
+        if diff:
+            raise ConfigError(f"--preset {opts.preset} is not the shape of the model in --init-from "
+                              f"{opts.init_from}: {', '.join(diff)}; leave --preset out (--init-from sets the shape)")
+
+
+def _notice(msg: str) -> None:
+    """A line on stderr from the first process only (under torchrun every process resolves the options)."""
+    from gpt2.runtime import dist_env
+
+    if (dist_env() or (0,))[0] == 0:
+        print(msg, file=sys.stderr)

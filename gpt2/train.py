@@ -15,6 +15,11 @@ At a sync point a NaN or infinite loss since the previous one stops the run (exi
 good checkpoint, and under DDP the processes agree there whether Ctrl-C was pressed. Ctrl-C saves a checkpoint
 and exits with status 130; ``--resume`` continues exactly where the checkpoint left off.
 
+``--init-from DIR`` fine-tunes: the weights come from a training out dir or a Hugging Face GPT-2 folder (every
+process reads the same file; DDP also broadcasts rank 0's weights when it wraps the model), the shape is theirs,
+and the optimizer, the schedule and the step count start afresh. ``--eval-hellaswag FILE`` adds HellaSwag accuracy
+to every evaluation (under DDP each process scores every world-th example and the counts are summed).
+
 Out dir: ``ckpt.pt`` (see ``gpt2.checkpoint``), ``metrics.jsonl`` (see ``gpt2.metrics``), ``loss.png`` and
 ``config.json``, all replaced atomically as the run goes.
 """
@@ -37,15 +42,17 @@ from gpt2 import runtime
 from gpt2.checkpoint import (
     CKPT_NAME,
     CheckpointError,
+    InitSource,
     atomic_write,
     config_from_checkpoint,
+    open_init_source,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from gpt2.data import Batcher, DataError, load_dataset
 from gpt2.metrics import Metrics, PendingSteps, StepRecord
-from gpt2.model import GPT, GPTConfig, peak_flops
+from gpt2.model import GPT, ConfigError, GPTConfig, peak_flops
 from gpt2.options import TrainOptions, add_args, load_options
 
 __all__ = ["METRICS_NAME", "PLOT_NAME", "Trainer", "add_args", "lr_at", "make_optimizer", "run"]
@@ -91,16 +98,29 @@ def run(args) -> int:
 # ----------------------------------------------------------------------------- set-up
 
 
-def model_config(opts: TrainOptions, ckpt: dict | None) -> tuple[GPTConfig, int]:
-    """The model's shape (the checkpoint's when resuming) and the sequence length T."""
-    config = GPTConfig.from_preset(opts.preset, dropout=float(opts.dropout))
+def model_origin(opts: TrainOptions) -> str:
+    """Where the model's shape comes from, for messages: ``--init-from DIR`` or ``preset NAME``."""
+    return f"--init-from {opts.init_from}" if opts.init_from else f"preset {opts.preset}"
+
+
+def model_config(opts: TrainOptions, ckpt: dict | None, source: InitSource | None = None) -> tuple[GPTConfig, int]:
+    """The model's shape (the checkpoint's when resuming, the ``--init-from`` source's when fine-tuning, else the
+    preset's; dropout always ``--dropout``) and the sequence length T."""
     if ckpt is not None:
-        saved = config_from_checkpoint(ckpt, Path(opts.out_dir) / CKPT_NAME)
-        config = GPTConfig(**{**asdict(saved), "dropout": float(opts.dropout)})
+        shape = config_from_checkpoint(ckpt, Path(opts.out_dir) / CKPT_NAME)
+    else:
+        shape = source.config if source is not None else GPTConfig.from_preset(opts.preset)
+    config = GPTConfig(**{**asdict(shape), "dropout": float(opts.dropout)})
     T = opts.block_size or config.block_size
     if T > config.block_size:
         raise ValueError(f"--block-size {T} is larger than the model's context of {config.block_size} tokens "
-                         f"(preset {opts.preset})")
+                         f"({model_origin(opts)})")
+    from gpt2.tokenizer import VOCAB_SIZE
+
+    if config.vocab_size > VOCAB_SIZE and opts.sample_tokens > 0:
+        raise ConfigError(f"the model's vocabulary of {config.vocab_size} ({model_origin(opts)}) is larger than the "
+                          f"GPT-2 tokenizer's {VOCAB_SIZE}: its final sample could not be decoded; pass "
+                          "--sample-tokens 0")
     return config, T
 
 
@@ -123,7 +143,7 @@ def load_data(opts: TrainOptions, config: GPTConfig, T: int, rt: runtime.Runtime
         top = max(int(a.max()) for a in arrays) if small else -1
         if top >= config.vocab_size:
             raise DataError(f"data {opts.data!r} holds token id {top}, outside the model's vocabulary of "
-                            f"{config.vocab_size} (preset {opts.preset})")
+                            f"{config.vocab_size} ({model_origin(opts)})")
     rows, n_train = opts.batch_size * rt.world, ds.num_tokens("train")
     if rows * T > n_train:
         raise DataError(f"a batch of {rows} x {T} tokens does not fit the {n_train:,}-token training split of "
@@ -134,6 +154,31 @@ def load_data(opts: TrainOptions, config: GPTConfig, T: int, rt: runtime.Runtime
     val = Batcher(ds.split("val"), opts.batch_size, T, seed=opts.seed + 1, rank=rt.rank, world_size=rt.world,
                   vocab_size=per_batch)
     return ds, train, val
+
+
+def load_hellaswag_file(opts: TrainOptions, config: GPTConfig) -> list | None:
+    """``--eval-hellaswag``'s examples, read and checked once at set-up, so a bad file (or one this model cannot
+    score: a token outside its vocabulary, an ending longer than its context) fails before training; None when
+    off."""
+    if not opts.eval_hellaswag:
+        return None
+    from gpt2.hellaswag import load_hellaswag
+    from gpt2.tokenizer import encode
+
+    flag = f"--eval-hellaswag {opts.eval_hellaswag}"
+    examples = load_hellaswag(opts.eval_hellaswag)
+    if not examples:
+        raise DataError(f"{flag} holds no examples")
+    for i, ex in enumerate(examples):
+        ends = [encode(" " + e) for e in ex.endings]
+        top = max(max(ids, default=0) for ids in [encode(ex.ctx), *ends])
+        if top >= config.vocab_size:
+            raise DataError(f"{flag}: example {i + 1} tokenizes to id {top}, outside the model's vocabulary of "
+                            f"{config.vocab_size} ({model_origin(opts)})")
+        if max(len(ids) for ids in ends) > config.block_size:
+            raise DataError(f"{flag}: example {i + 1} has an ending longer than the model's context of "
+                            f"{config.block_size} tokens")
+    return examples
 
 
 class _StopRequest:
@@ -171,7 +216,9 @@ class Trainer:
         self.out_dir = Path(opts.out_dir)
         self.ckpt_file = self.out_dir / CKPT_NAME
         self.resumed = ckpt is not None
-        self.config, self.T = model_config(opts, ckpt)
+        self.source = open_init_source(opts.init_from) if opts.init_from and ckpt is None else None
+        self.config, self.T = model_config(opts, ckpt, self.source)
+        self.hellaswag = load_hellaswag_file(opts, self.config)
         self.ds, self.train_batcher, self.val_batcher = load_data(opts, self.config, self.T, rt)
         self.val_start = self.val_batcher.state_dict()  # every evaluation sees the same batches
         torch.manual_seed(opts.seed)
@@ -187,12 +234,24 @@ class Trainer:
         if ckpt is not None:
             self.restore(ckpt)
         else:
+            if self.source is not None:
+                self.load_source()
             torch.manual_seed(opts.seed + rt.rank)  # dropout masks differ between ranks; the weights were drawn above
         self.model = self._wrap(self.raw_model)
         self.tokens_per_step = opts.batch_size * self.T * opts.grad_accum * rt.world
         self.peak = peak_flops(rt.device)  # datasheet FLOP/s, for MFU; None when unknown
         self.pending = PendingSteps()
         self.metrics, self.bar, self.updating = None, None, False
+
+    def load_source(self) -> None:
+        """``--init-from``: the source's weights into the model built above (which keeps its tied head, padded
+        vocabulary rows and parameter groups, so it trains as a fresh model of that shape would). The optimizer,
+        schedule and step count stay fresh."""
+        try:
+            self.raw_model.load_state_dict(self.source.state_dict())
+        except (RuntimeError, KeyError) as e:
+            raise ConfigError(f"--init-from {self.opts.init_from}: its weights do not fit its own configuration "
+                              f"({str(e).splitlines()[0]})") from e
 
     def restore(self, ckpt: dict) -> None:
         """Continue from a checkpoint: weights, optimizer, scaler, counters, data position, random streams."""
@@ -405,6 +464,22 @@ class Trainer:
         self.raw_model.train()
         return float(rt.all_sum(total / n) / rt.world)
 
+    def evaluate_hellaswag(self) -> dict:
+        """``--eval-hellaswag``: ``hellaswag_acc`` and ``hellaswag_acc_norm`` over the whole file, each process
+        scoring every world-th example, the counts summed; {} when off."""
+        if self.hellaswag is None:
+            return {}
+        from gpt2.hellaswag import score_hellaswag
+
+        rt = self.rt
+        mine = self.hellaswag[rt.rank::rt.world]
+        counts = [0, 0, 0]  # right, right when length-normalised, scored
+        if mine:  # score_hellaswag runs the model in eval mode without gradients, and restores its mode
+            r = score_hellaswag(self.raw_model, mine, device=rt.device, autocast=rt.autocast)
+            counts = [round(r["accuracy"] * r["n"]), round(r["accuracy_norm"] * r["n"]), r["n"]]
+        right, right_norm, n = rt.all_sum(torch.tensor(counts, dtype=torch.float64, device=rt.device)).tolist()
+        return {"hellaswag_acc": right / max(n, 1), "hellaswag_acc_norm": right_norm / max(n, 1)}
+
     def evaluate_and_save(self, stop: _StopRequest) -> int | None:
         """A sync point, then evaluate, checkpoint, log and plot. An exit status if the run must stop."""
         if (status := self.sync(stop.requested)) is not None:
@@ -415,12 +490,16 @@ class Trainer:
             self.say_last(f"gpt2 train: the validation loss is {val} at step {self.step}; stopping. The last good "
                           f"checkpoint ({self.ckpt_file}, step {last}) is untouched")
             return 1
+        scores = self.evaluate_hellaswag()
         self.last_eval_step, self.best_val = self.step, min(self.best_val, val)
         self.save()
         if self.rt.master:
-            self.metrics.log(step=self.step, val_loss=val)
+            self.metrics.log(step=self.step, val_loss=val, **scores)
             self.metrics.plot(self.out_dir / PLOT_NAME, self.title)
-            self.say(f"eval step {self.step}: val loss {val:.4f} (best {self.best_val:.4f}) | saved {self.ckpt_file}")
+            hs = (f" | hellaswag {scores['hellaswag_acc']:.4f} (norm {scores['hellaswag_acc_norm']:.4f})"
+                  if scores else "")
+            self.say(f"eval step {self.step}: val loss {val:.4f} (best {self.best_val:.4f}){hs} | saved "
+                     f"{self.ckpt_file}")
         self.t_mark = time.time()  # the next log line's speed leaves the evaluation out
         return None
 
@@ -450,9 +529,9 @@ class Trainer:
 
     def _announce(self) -> None:
         o, rt, m, cfg = self.opts, self.rt, self.raw_model, self.config
-        self.title = (f"{o.preset} ({m.num_params() / 1e6:.1f}M params) on {o.data}, "
-                      f"{self.tokens_per_step:,} tokens/step")
-        self.say(f"gpt2 train: preset {o.preset} ({m.num_params():,} parameters, {cfg.n_layer} layers, "
+        name = f"from {Path(o.init_from).name}" if o.init_from else o.preset
+        self.title = f"{name} ({m.num_params() / 1e6:.1f}M params) on {o.data}, {self.tokens_per_step:,} tokens/step"
+        self.say(f"gpt2 train: {model_origin(o)} ({m.num_params():,} parameters, {cfg.n_layer} layers, "
                  f"{cfg.n_head} heads, {cfg.n_embd} wide, context {cfg.block_size}) | data {self.ds.name}: "
                  f"{self.ds.num_tokens('train'):,} train / {self.ds.num_tokens('val'):,} val tokens")
         self.say(f"gpt2 train: device {rt.device} ({rt.world} process{'es' if rt.ddp else ''}), dtype "
