@@ -3,7 +3,7 @@
 The optional C++/CUDA extension (``kernels._C``) is built here too when torch is importable at
 build time (install with ``--no-build-isolation`` so the build sees your torch); see
 ``_extension_modules``. Set ``GPT2_KERNELS_NO_EXT=1`` to skip it. Without it the package still
-installs, and ``gpt2 info`` says why the ``cuda`` backend is missing.
+installs, and ``gpt2 info`` says why the ``ext`` backend is missing.
 """
 
 import os
@@ -82,7 +82,7 @@ def _extension_modules():
                 except Exception as e:  # noqa: BLE001
                     error = e
             print(f"gpt2-kernels: WARNING: building the C++/CUDA extension kernels._C failed ({error!r}); the "
-                  "package is installed without it, so the 'cuda' backend is unavailable "
+                  "package is installed without it, so the 'ext' backend is unavailable "
                   "(`gpt2 info` says why).", file=sys.stderr)
 
     return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}

@@ -7,20 +7,10 @@ backend that cannot run this device, dtype or shape is skipped with PyTorch's ow
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.common import (
-    DTYPES,
-    InputSet,
-    OpCase,
-    Unavailable,
-    compiled_reference,
-    is_peer,
-    registry_impl,
-    run_op_benchmark,
-)
+from bench.common import DTYPES, InputSet, Unavailable, time_case
 
 OP = "attention"
 _SDPA = {"sdpa-math": "MATH", "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-flash": "FLASH_ATTENTION",
@@ -67,20 +57,9 @@ def _flash_attn(device: torch.device, dtype: torch.dtype):
     return attention
 
 
-def load(case: OpCase, device: torch.device):
-    dtype = DTYPES[case.dtype]
-    if case.impl == "torch-compile":
-        return compiled_reference(OP, (case.shape, case.dtype))
-    if case.impl in _SDPA:
-        return _sdpa(case.impl, device, dtype)
-    if case.impl == "flash-attn":
-        return _flash_attn(device, dtype)
-    return registry_impl(OP, case.impl, device)
+PEERS = {name: (lambda case, device: _sdpa(case.impl, device, DTYPES[case.dtype])) for name in _SDPA}
+PEERS["flash-attn"] = lambda case, device: _flash_attn(device, DTYPES[case.dtype])
 
 
 def test_attention(benchmark, op_case, device, ceilings, settings):
-    try:
-        fn = load(op_case, device)
-    except Unavailable as e:
-        pytest.skip(str(e))
-    run_op_benchmark(benchmark, op_case, make_inputs, fn, ceilings, settings, device, peer=is_peer(op_case.impl))
+    time_case(benchmark, op_case, make_inputs, device, ceilings, settings, peers=PEERS)

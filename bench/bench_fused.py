@@ -15,7 +15,7 @@ where the matmuls set the pace on every backend. These two rows isolate what a b
   gradient instead of logits: the same work, and every value stays finite.
 
 Shapes: the ``mlp`` and ``linear_cross_entropy`` shapes of the grid (bench/shapes.py). Only the
-``torch`` reference and the ``cuda`` extension run here: the Triton backend fuses these pieces into
+``torch`` reference and the ``ext`` extension run here: the Triton backend fuses these pieces into
 its matmul kernels, so it has no separate piece to time. Memory-bound: read GB/s against the copy
 ceiling.
 """
@@ -31,7 +31,7 @@ from bench import cases
 from bench.common import DTYPE_ALIASES, DTYPES, bench_device, device_name, record_rates, synchronize
 from bench.shapes import GRIDS, grid_name
 
-IMPLS = ("torch", "cuda")
+IMPLS = ("torch", "ext")
 PIECES = {"bias_gelu": "mlp", "cross_entropy": "linear_cross_entropy"}  # piece -> op whose shapes it takes
 
 
@@ -66,13 +66,13 @@ def pytest_generate_tests(metafunc):
 
 
 def _extension(device: torch.device):
-    from kernels import cuda as ext
+    from kernels import ext
 
     why = ext.unavailable_reason()
     if why is None and device.type == "cuda" and not ext.has_cuda_kernels():
         why = "the extension was built without its CUDA kernels"
     if why is not None:
-        pytest.skip(f"cuda backend unavailable: {why}")
+        pytest.skip(f"ext backend unavailable: {why}")
     return torch.ops.gpt2k
 
 

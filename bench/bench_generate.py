@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from bench.common import DTYPES, device_name, synchronize
+from bench.common import DTYPES, autocast, device_name, model_backend_or_skip, synchronize
 
 NEW_TOKENS = 256
 PROMPT = 128
@@ -24,24 +24,12 @@ CONTEXT = PROMPT + NEW_TOKENS
 _RECOMPUTE: dict = {}  # (backend, dtype, device) -> (median seconds, tokens) of the no-cache row
 
 
-def _autocast(device, dtype):
-    import contextlib
-
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
 
 @pytest.mark.parametrize("use_cache", [False, True], ids=["recompute", "kv-cache"])
 def test_generate(benchmark, model_case, use_cache, device, settings):
-    import kernels
     from gpt2.model import GPT, GPTConfig
 
-    if model_case.backend == "triton" and device.type == "cpu":
-        pytest.skip("triton runs on the CPU only under TRITON_INTERPRET=1, an interpreter far too slow to benchmark")
-    why = kernels.unavailable_reason(model_case.backend, device)
-    if why is not None:
-        pytest.skip(f"backend {model_case.backend!r} cannot run on {device.type}: {why}")
+    model_backend_or_skip(model_case.backend, device)
     dtype = DTYPES[model_case.dtype]
     preset = "gpt2" if device.type == "cuda" else "shakespeare"
     torch.manual_seed(0)
@@ -51,7 +39,7 @@ def test_generate(benchmark, model_case, use_cache, device, settings):
     out = {}
 
     def run(n=NEW_TOKENS):
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             out["tokens"] = model.generate(prompt, n, use_cache=use_cache, greedy=True)
         synchronize(device)  # inside the timed call
 

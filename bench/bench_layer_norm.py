@@ -24,14 +24,13 @@ from bench.common import (
     OpCase,
     Unavailable,
     bench_device,
-    compiled_reference,
     device_name,
-    is_peer,
+    liger,
+    load_impl,
     op_cost,
     record_rates,
-    registry_impl,
-    run_op_benchmark,
     synchronize,
+    time_case,
 )
 from bench.shapes import grid_name
 
@@ -52,13 +51,8 @@ def _torch_functional(x, weight, bias, eps=1e-5):
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def _liger(device: torch.device):
-    try:
-        from liger_kernel.ops.layer_norm import LigerLayerNormFunction
-    except ImportError as e:
-        raise Unavailable(f"Liger-Kernel is not importable here ({e})") from None
-    if device.type != "cuda":
-        raise Unavailable("Liger-Kernel's Triton kernels need a CUDA GPU")
+def _liger(case, device: torch.device):
+    LigerLayerNormFunction = liger("ops.layer_norm", device).LigerLayerNormFunction
 
     def layer_norm(x, weight, bias, eps=1e-5):
         return LigerLayerNormFunction.apply(x, weight, bias, eps)
@@ -66,29 +60,18 @@ def _liger(device: torch.device):
     return layer_norm
 
 
-def load(case: OpCase, device: torch.device):
-    if case.impl == "torch-compile":
-        return compiled_reference(case.op, (case.shape, case.dtype))
-    if case.impl == "F.layer_norm":
-        return _torch_functional
-    if case.impl == "liger":
-        return _liger(device)
-    return registry_impl(case.op, case.impl, device)
+PEERS = {"F.layer_norm": lambda case, device: _torch_functional, "liger": _liger}
 
 
 def test_layer_norm(benchmark, op_case, device, ceilings, settings):
-    try:
-        fn = load(op_case, device)
-    except Unavailable as e:
-        pytest.skip(str(e))
-    run_op_benchmark(benchmark, op_case, make_inputs, fn, ceilings, settings, device, peer=is_peer(op_case.impl))
+    time_case(benchmark, op_case, make_inputs, device, ceilings, settings, peers=PEERS)
 
 
 # --------------------------------------------------------------------------------------------
 # add_layer_norm: (y, s) = (layer_norm(x + residual), x + residual), forward + backward
 # --------------------------------------------------------------------------------------------
 
-ADD_IMPLS = ("torch", "torch-compile", "triton", "cuda")
+ADD_IMPLS = ("torch", "torch-compile", "triton", "ext")
 
 
 def _add_cases(config) -> list:
@@ -121,7 +104,7 @@ def add_cost(case: OpCase, dtype: torch.dtype) -> tuple[float, float]:
 
 def test_add_layer_norm(benchmark, add_case, device, ceilings, settings):
     try:
-        fn = load(add_case, device)
+        fn = load_impl(add_case, device, PEERS)
     except Unavailable as e:
         pytest.skip(str(e))
     dtype = DTYPES[add_case.dtype]

@@ -7,18 +7,9 @@ nor flash-attn ships a tanh-GELU MLP with this math, so there is no outside peer
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from bench.common import (
-    InputSet,
-    OpCase,
-    Unavailable,
-    compiled_reference,
-    is_peer,
-    registry_impl,
-    run_op_benchmark,
-)
+from bench.common import InputSet, time_case
 
 OP = "mlp"
 
@@ -36,15 +27,8 @@ def make_inputs(shape, dtype, device, gen) -> InputSet:
     return InputSet((x, w_fc, b_fc, w_proj, b_proj), {}, (x, w_fc, b_fc, w_proj, b_proj), dy)
 
 
-def load(case: OpCase, device: torch.device):
-    if case.impl == "torch-compile":
-        return compiled_reference(OP, (case.shape, case.dtype))
-    return registry_impl(OP, case.impl, device)
+PEERS: dict = {}
 
 
 def test_mlp(benchmark, op_case, device, ceilings, settings):
-    try:
-        fn = load(op_case, device)
-    except Unavailable as e:
-        pytest.skip(str(e))
-    run_op_benchmark(benchmark, op_case, make_inputs, fn, ceilings, settings, device, peer=is_peer(op_case.impl))
+    time_case(benchmark, op_case, make_inputs, device, ceilings, settings, peers=PEERS)

@@ -9,7 +9,6 @@ peak (``mfu_vs_datasheet``; None on a CPU).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import resource
 import time
@@ -17,7 +16,7 @@ import time
 import pytest
 import torch
 
-from bench.common import DTYPES, OOM, device_name, synchronize
+from bench.common import DTYPES, OOM, autocast, device_name, model_backend_or_skip, synchronize
 
 
 def _config(device):
@@ -26,21 +25,11 @@ def _config(device):
     return "shakespeare", 4, 128
 
 
-def _autocast(device, dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
 
 def test_train_step(benchmark, model_case, device, ceilings, settings):
-    import kernels
     from gpt2.model import GPT, GPTConfig
 
-    if model_case.backend == "triton" and device.type == "cpu":
-        pytest.skip("triton runs on the CPU only under TRITON_INTERPRET=1, an interpreter far too slow to benchmark")
-    why = kernels.unavailable_reason(model_case.backend, device)
-    if why is not None:
-        pytest.skip(f"backend {model_case.backend!r} cannot run on {device.type}: {why}")
+    model_backend_or_skip(model_case.backend, device)
     dtype = DTYPES[model_case.dtype]
     preset, B, T = _config(device)
     torch.manual_seed(0)
@@ -60,7 +49,7 @@ def test_train_step(benchmark, model_case, device, ceilings, settings):
     def step():
         idx, targets = batches[state["i"] % len(batches)]
         state["i"] += 1
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             _, loss = model(idx, targets)
         loss.backward()
         opt.step()

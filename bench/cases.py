@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from bench.common import ALL_IMPL_NAMES, DTYPE_ALIASES, DTYPES, IMPL_NAMES, MODES, OpCase
 from bench.shapes import select_shapes
 
-MODEL_BACKENDS = ("torch", "triton", "cuda")  # the registry backends a whole model can run on
+MODEL_BACKENDS = ("torch", "triton", "ext")  # the registry backends a whole model can run on
 
 
 def parse_list(value: str | None) -> list[str] | None:

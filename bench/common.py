@@ -33,7 +33,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
 
 # The registry's backends, the reference under torch.compile, and the peers each op is measured against.
-REGISTRY_IMPLS = ("torch", "torch-compile", "triton", "cuda")
+REGISTRY_IMPLS = ("torch", "torch-compile", "triton", "ext")
 IMPL_NAMES = {
     "attention": REGISTRY_IMPLS + ("sdpa-math", "sdpa-efficient", "sdpa-flash", "sdpa-cudnn", "flash-attn"),
     "layer_norm": REGISTRY_IMPLS + ("F.layer_norm", "liger"),
@@ -50,7 +50,7 @@ OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 def is_peer(impl: str) -> bool:
     """True for code this project did not write (torch.compile's output included)."""
-    return impl not in ("torch", "triton", "cuda")
+    return impl not in ("torch", "triton", "ext")
 
 
 class Unavailable(Exception):
@@ -272,6 +272,59 @@ def registry_impl(op: str, backend: str, device: torch.device) -> Callable:
     except ImportError as e:
         raise Unavailable(f"backend {backend!r} failed to import: {e}") from None
     return getattr(ops, op)
+
+
+def load_impl(case, device: torch.device, peers: dict | None = None) -> Callable:
+    """The function ``case.impl`` names: the reference under torch.compile, a peer (``peers`` maps a name to
+    a loader called with the case and the device), or a registry backend. Raises Unavailable with the reason."""
+    if case.impl == "torch-compile":
+        return compiled_reference(case.op, (case.shape, case.dtype))
+    if peers and case.impl in peers:
+        return peers[case.impl](case, device)
+    return registry_impl(case.op, case.impl, device)
+
+
+def time_case(benchmark, case, make_inputs: Callable, device: torch.device, ceilings, settings,
+             peers: dict | None = None) -> None:
+    """Time one op case (see ``run_op_benchmark``), or skip it with the reason it cannot run here."""
+    try:
+        fn = load_impl(case, device, peers)
+    except Unavailable as e:
+        pytest.skip(str(e))
+    run_op_benchmark(benchmark, case, make_inputs, fn, ceilings, settings, device, peer=is_peer(case.impl))
+
+
+def liger(module: str, device: torch.device):
+    """Import ``liger_kernel.<module>``, or raise Unavailable: not installed, or not a CUDA device."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"liger_kernel.{module}")
+    except ImportError as e:
+        raise Unavailable(f"Liger-Kernel is not importable here ({e})") from None
+    if device.type != "cuda":
+        raise Unavailable("Liger-Kernel's Triton kernels need a CUDA GPU")
+    return mod
+
+
+def model_backend_or_skip(backend: str, device: torch.device) -> None:
+    """Skip a whole-model benchmark whose backend cannot run (or only crawls) on ``device``."""
+    import kernels
+
+    if backend == "triton" and device.type == "cpu":
+        pytest.skip("triton runs on the CPU only under TRITON_INTERPRET=1, an interpreter far too slow to benchmark")
+    why = kernels.unavailable_reason(backend, device)
+    if why is not None:
+        pytest.skip(f"backend {backend!r} cannot run on {device.type}: {why}")
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """The autocast context of a whole-model benchmark in ``dtype`` (none for fp32)."""
+    import contextlib
+
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 _COMPILED: dict = {}

@@ -2,7 +2,7 @@
 
 Options (all optional; list options are comma-separated):
 
-  --bench-backends  implementations to run, e.g. ``torch,torch-compile,cuda,sdpa-flash`` (default: all)
+  --bench-backends  implementations to run, e.g. ``torch,torch-compile,ext,sdpa-flash`` (default: all)
   --bench-shapes    shape names such as ``124M-B16-T1024`` or model names such as ``1.5B`` (default: the grid)
   --bench-dtypes    ``fp32``, ``fp16``, ``bf16`` (default: fp32 on the CPU, bf16 on a GPU)
   --bench-modes     ``fwd``, ``bwd``, ``fwd+bwd`` (default: all three)
@@ -37,7 +37,7 @@ from bench.common import BenchSettings, Ceilings, bench_device
 from bench.shapes import grid_name
 
 _START = time.monotonic()
-_MODULE_ORDER = ("bench_train_step", "bench_generate", "bench_attention", "bench_mlp", "bench_loss",
+_MODULE_ORDER = ("bench_train_step", "bench_generate", "bench_attention", "bench_mlp", "bench_linear_cross_entropy",
                  "bench_layer_norm", "bench_fused")
 
 

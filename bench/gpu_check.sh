@@ -105,7 +105,7 @@ build() {
     "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . \
         || { echo "pip install failed; trying setup.py build_ext --inplace"; "$PY" setup.py build_ext --inplace; }
     "$PY" -c "import kernels; why = kernels.unavailable_reason('cuda', 'cuda'); \
-print('cuda backend:', 'available' if why is None else 'unavailable: ' + why)"
+print('ext backend:', 'available' if why is None else 'unavailable: ' + why)"
 }
 # The build (CPU) runs beside the hazards script's Triton-only sections (GPU); the sections that compare
 # backends, the extension among them, run once the build is done.

@@ -245,7 +245,7 @@ def sec_fp16_loss_scale(dev, smoke):
     never = torch.ones(V, dtype=torch.bool)
     never[t.unique()] = False
     row("fp16_loss_scale", "shape N, V, C / non-target rows", f"{N}, {V}, {C} / {int(never.sum())}")
-    for backend in ("torch", "triton", "cuda"):
+    for backend in ("torch", "triton", "ext"):
         if kernels.unavailable_reason(backend, dev) is not None:
             continue
         try:
@@ -281,7 +281,7 @@ def sec_grad_scaler(dev, smoke):
     V = cfg_model.config.vocab_size
     batches = [torch.randint(0, V, (B, T + 1), device=dev) for _ in range(steps)]
     ref_losses = None
-    for backend in ("torch", "triton", "cuda"):
+    for backend in ("torch", "triton", "ext"):
         if kernels.unavailable_reason(backend, dev) is not None:
             continue
         for dtype in (torch.float32, torch.float16):
@@ -376,7 +376,7 @@ def sec_determinism(dev, smoke):
     import kernels
 
     preset, B, T = ("gpt2", 4, 256) if not smoke else ("tiny", 2, 16)
-    for backend in ("triton", "cuda"):
+    for backend in ("triton", "ext"):
         if kernels.unavailable_reason(backend, dev) is not None:
             continue
         try:
@@ -412,7 +412,7 @@ def sec_decode(dev, smoke):
             f"{t_tri * 1e3:.1f} / {t_sdpa * 1e3:.1f}")
 
     preset, prompt, new = ("gpt2", 64, 128) if not smoke else ("tiny", 4, 8)
-    for backend in ("torch", "triton", "cuda"):
+    for backend in ("torch", "triton", "ext"):
         if kernels.unavailable_reason(backend, dev) is not None:
             continue
         for dtype in ((default_dtype(dev), torch.float32) if dev.type == "cuda" else (torch.float32,)):

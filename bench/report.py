@@ -172,6 +172,17 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
+def _save(fig, out_dir: str, name: str) -> str:
+    """Write ``fig`` as out_dir/name (made safe) and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = os.path.join(out_dir, _safe(name))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plots(entries: list[dict], out_dir: str) -> list[str]:
     """Write the PNG plots into out_dir; returns their paths (none without matplotlib)."""
     try:
@@ -210,11 +221,7 @@ def plots(entries: list[dict], out_dir: str) -> list[str]:
             ax.set_title(f"attention {mode}, {model} {dtype}")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = os.path.join(out_dir, _safe(f"attention_time_vs_T_{model}_{dtype}.png"))
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir, f"attention_time_vs_T_{model}_{dtype}.png"))
 
     # Per op: % of the binding ceiling (roofline floor / measured time), bars per implementation.
     ops = [op for op in OP_ORDER if any(b["extra_info"].get("op") == op for b in entries)]
@@ -241,11 +248,7 @@ def plots(entries: list[dict], out_dir: str) -> list[str]:
         ax.set_title(f"{op}: fraction of the binding ceiling")
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = os.path.join(out_dir, _safe(f"ceiling_fraction_{op}.png"))
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir, f"ceiling_fraction_{op}.png"))
     return written
 
 

@@ -73,8 +73,8 @@ def test_groups_differ_only_by_implementation():
 
 
 def test_model_choices_skip_unknown_backends():
-    choices = cases.model_choices("cpu", False, ["cuda", "warp-drive"], None)
-    assert [c.case.backend for c in choices if c.case] == ["cuda"]
+    choices = cases.model_choices("cpu", False, ["ext", "warp-drive"], None)
+    assert [c.case.backend for c in choices if c.case] == ["ext"]
     assert any(c.skip and "'warp-drive'" in c.skip for c in choices)
 
 
@@ -102,11 +102,11 @@ def test_costs_scale_with_dtype_and_size():
         op_cost("softmax", s, "fwd", torch.float32)
 
 
-@pytest.mark.parametrize("module", ["bench_attention", "bench_layer_norm", "bench_mlp", "bench_loss"])
+@pytest.mark.parametrize("module", ["bench_attention", "bench_layer_norm", "bench_mlp", "bench_linear_cross_entropy"])
 def test_every_listed_implementation_loads_or_says_why(module):
     import importlib
 
-    from bench.common import OpCase
+    from bench.common import OpCase, load_impl
 
     mod = importlib.import_module(f"bench.{module}")
     shape = GRIDS["cpu"][mod.OP][0]
@@ -114,7 +114,7 @@ def test_every_listed_implementation_loads_or_says_why(module):
         if impl == "torch-compile":
             continue  # compiling is the benchmark's job, and slow
         try:
-            fn = mod.load(OpCase(mod.OP, impl, "fwd", "fp32", shape), torch.device("cpu"))
+            fn = load_impl(OpCase(mod.OP, impl, "fwd", "fp32", shape), torch.device("cpu"), mod.PEERS)
         except Unavailable as e:
             assert str(e), impl
         else:
@@ -152,7 +152,7 @@ def _fake_results(tmp_path):
                 "stats": {"median": median, "rounds": 5}}
 
     g = "layer_norm fwd fp32 124M-B1-T128"
-    benches = [entry(g, "torch", 2.0), entry(g, "cuda", 0.5)]
+    benches = [entry(g, "torch", 2.0), entry(g, "ext", 0.5)]
     for T, t_ref, t_fast in ((128, 1e-3, 5e-4), (256, 3e-3, 1e-3)):
         ga = f"attention fwd fp32 124M-B1-T{T}"
         benches += [entry(ga, "torch", t_ref, op="attention", T=T), entry(ga, "sdpa-math", t_fast, op="attention", T=T)]
@@ -167,7 +167,7 @@ def test_report_tables_and_plots(tmp_path):
     assert report.main([str(path), "--out", str(out)]) == 0
     md = (out / "bench_report.md").read_text()
     # cuda: 0.5 s against the reference's 2 s; 4e9 B / 0.5 s = 8 GB/s = 80% of the 10 GB/s ceiling.
-    row = next(line for line in md.splitlines() if line.startswith("| cuda "))
+    row = next(line for line in md.splitlines() if line.startswith("| ext "))
     assert "4.00x" in row and "| 8 |" in row and "80.0%" in row
     ref_row = next(line for line in md.splitlines() if line.startswith("| torch ") and "2 s" in line)
     assert "1.00x" in ref_row

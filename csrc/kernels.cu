@@ -2,8 +2,8 @@
 // dispatching on the dtype tag to the templated launchers of the .cuh files. Needs only the
 // CUDA toolkit (nvcc alone compiles it; tests/test_nvcc.py does, for sm_75 .. sm_90).
 #include "attention.cuh"
-#include "cross_entropy.cuh"
-#include "gelu.cuh"
+#include "linear_cross_entropy.cuh"
+#include "mlp.cuh"
 #include "launchers.h"
 #include "layer_norm.cuh"
 

@@ -48,7 +48,7 @@ void check_float(const char* op, const char* arg, const Tensor& t) {
 
 void check_contiguous(const char* op, const char* arg, const Tensor& t) {
   TORCH_CHECK(t.is_contiguous(), op, ": argument '", arg, "' must be contiguous (got strides ", t.strides(),
-              " for shape ", t.sizes(), "); kernels.cuda makes its inputs contiguous before calling the op");
+              " for shape ", t.sizes(), "); kernels.ext makes its inputs contiguous before calling the op");
 }
 
 void check_dim(const char* op, const char* arg, const Tensor& t, int64_t dim, const char* layout) {
@@ -210,7 +210,7 @@ void check_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, doub
       check_same_kind(op, name, t, "q", q);
       TORCH_CHECK(uniform_head_stride(t) >= 0, op, ": argument '", name, "' must be contiguous, or a view whose "
                   "heads are contiguous (T, hs) blocks evenly spaced (got strides ", t.strides(), " for shape ",
-                  t.sizes(), "); kernels.cuda makes its inputs contiguous before calling the op");
+                  t.sizes(), "); kernels.ext makes its inputs contiguous before calling the op");
     }
   } else {
     check_like(op, "k", k, "q", q);
@@ -470,7 +470,7 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
 #else
   const int with_cuda = 0;
 #endif
-  // WITH_CUDA tells kernels.cuda whether CUDA kernels were compiled in (registered under the CUDA key).
+  // WITH_CUDA tells kernels.ext whether CUDA kernels were compiled in (registered under the CUDA key).
   // CPU_SIMD: which build of the CPU kernels this CPU runs (see gpt2k::cpu::simd_level).
   if (module != nullptr && (PyModule_AddIntConstant(module, "WITH_CUDA", with_cuda) != 0 ||
                             PyModule_AddStringConstant(module, "CPU_SIMD", gpt2k::cpu::simd_level()) != 0)) {

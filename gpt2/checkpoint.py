@@ -9,6 +9,11 @@ A checkpoint (``ckpt.pt`` in a run's out dir) is one ``torch.save`` dict:
 - ``data``: ``Batcher.state_dict()`` of the train and evaluation batchers;
 - ``world_size`` and ``format`` (``FORMAT``).
 
+A run sharded with FSDP (``gpt2 train --fsdp``) writes the same file: ``gather_full`` assembles whole tensors from
+the shards (every process takes part, rank 0 keeps them), and on resume ``shard_optimizer_state`` cuts the whole
+optimizer state back into the shards of the parameters it belongs to. So ``gpt2 sample``, ``gpt2 eval`` and
+``load_model`` read any checkpoint, and a run may resume with or without ``--fsdp`` whichever way it was written.
+
 ``train_args["init_from"]`` names the folder a fine-tune took its first weights from (``--init-from``), or is None.
 ``open_init_source`` reads such a folder: one of these out dirs, or a Hugging Face GPT-2 folder.
 
@@ -19,6 +24,7 @@ in a checkpoint runs code) and turn every way a file can be broken into one ``Ch
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import random
@@ -170,6 +176,67 @@ def load_model(path, backend: str = "auto", device="cpu") -> tuple[GPT, dict]:
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {p}: its weights do not fit its own configuration ({e})") from e
     return model.to(device).eval().set_backend(backend), ckpt
+
+
+# ----------------------------------------------------------------------------- FSDP: whole tensors from shards
+
+
+def _is_dtensor(x) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(x, DTensor)
+
+
+@torch.no_grad()
+def gather_full(state, keep: bool, _seen: dict | None = None):
+    """``state`` (a state dict: nested dicts and lists of tensors and plain values) with every DTensor replaced by
+    the whole tensor, on the CPU. A collective: every process calls it with the same structure (the same
+    ``state_dict()`` of the same sharded model or optimizer), in the same order.
+
+    Args:
+        state: e.g. ``model.state_dict(keep_vars=True)`` (so tied parameters are one object, gathered once and
+            stored once) or ``optimizer.state_dict()``.
+        keep: this process keeps the result (rank 0); the others take part in the gathers and get None.
+    """
+    seen = {} if _seen is None else _seen
+    if isinstance(state, dict):
+        out = {k: gather_full(v, keep, seen) for k, v in state.items()}
+    elif isinstance(state, (list, tuple)):
+        out = type(state)(gather_full(v, keep, seen) for v in state)
+    elif _is_dtensor(state):
+        if id(state) not in seen:
+            whole = state.full_tensor()  # an all-gather
+            seen[id(state)] = (state, whole.detach().cpu() if keep else None)  # the key object kept alive
+        out = seen[id(state)][1]
+    else:
+        out = state.detach() if isinstance(state, torch.Tensor) else state
+    return out if keep else None
+
+
+def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A whole optimizer state dict (``optimizer.state_dict()`` of an unsharded run, or ``gather_full`` of a sharded
+    one) made loadable by ``optimizer``, whose parameters are FSDP's DTensors: each per-parameter tensor of its
+    parameter's shape is cut like that parameter (scalars such as Adam's ``step`` stay as they are). Parameters are
+    matched by position, as ``Optimizer.load_state_dict`` matches them."""
+    from torch.distributed.tensor import distribute_tensor
+
+    # Each process holds the whole tensor, so it can take its own piece without a scatter (torch >= 2.6).
+    local = {"src_data_rank": None} if "src_data_rank" in inspect.signature(distribute_tensor).parameters else {}
+    saved_ids = [i for g in state["param_groups"] for i in g["params"]]
+    params = dict(zip(saved_ids, (p for g in optimizer.param_groups for p in g["params"])))
+    out = {}
+    for i, per_param in state["state"].items():
+        p = params.get(i)
+
+        def cut(v, p=p):
+            if p is None or not _is_dtensor(p) or not isinstance(v, torch.Tensor) or v.shape != p.shape:
+                return v
+            return distribute_tensor(v.to(p.device), p.device_mesh, p.placements, **local)
+
+        out[i] = {k: cut(v) for k, v in per_param.items()}
+    return {**state, "state": out}
 
 
 # ----------------------------------------------------------------------------- --init-from sources

@@ -1,4 +1,4 @@
-"""The ``gpt2`` command: ``info``, ``prepare``, ``train``, ``sample`` and ``eval``.
+"""The ``gpt2`` command: ``info``, ``prepare``, ``train``, ``sample``, ``eval`` and ``plan``.
 
 Errors a user can cause (a bad flag value, a missing file, a backend that cannot run) end the
 command with one line on stderr and a non-zero exit status, not a traceback (set ``GPT2_DEBUG=1``
@@ -53,10 +53,10 @@ def _info(args) -> int:
         for b, why in reasons.items():
             if why is not None:
                 print(f"  {b}: {why}")
-        if dev == "cpu" and reasons["cuda"] is None:
-            from kernels.cuda import cpu_simd_level
+        if dev == "cpu" and reasons["ext"] is None:
+            from kernels.ext import cpu_simd_level
 
-            print(f"  cuda: the extension's CPU kernels run their {cpu_simd_level()} build here")
+            print(f"  ext: the extension's CPU kernels run their {cpu_simd_level()} build here")
     return 0
 
 
@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="a model's loss and perplexity on a corpus (windowed), and its HellaSwag accuracy")
     evaluate.add_args(p)
     p.set_defaults(func=evaluate.run)
+
+    from gpt2 import plan
+
+    p = sub.add_parser("plan", help="peak GPU memory of a training step, and the largest micro-batch that fits "
+                       "(exit 1 when nothing does)")
+    plan.add_args(p)
+    p.set_defaults(func=plan.run)
     return parser
 
 
@@ -119,7 +126,7 @@ def allocator_defaults() -> None:
     # Large CPU tensors (the loss head's (V, C) gradient, activations) are mmap'd fresh on every
     # allocation, and first-touching them 4 KiB page by page took about a third of a training step
     # on the 2-core test machine. With transparent huge pages (torch's THP_MEM_ALLOC_ENABLE) the
-    # shakespeare-preset step went from 348 to 248 ms (torch backend) and 187 to 170 ms (cuda
+    # shakespeare-preset step went from 348 to 248 ms (torch backend) and 187 to 170 ms (ext
     # backend). torch reads the variable once, at its first allocation, so this runs before torch
     # is imported; a value the user set wins.
     if "torch" not in sys.modules:

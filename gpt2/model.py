@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 import kernels
@@ -33,6 +34,10 @@ PRESETS: dict[str, dict] = {
     # The main job's default: GPT-2's vocabulary, sized to train on a 2-core CPU in minutes.
     "shakespeare": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128},
 }
+
+
+# Activation recompute: which part of each block is recomputed in the backward instead of stored.
+RECOMPUTE_MODES = ("none", "attn", "mlp", "block")
 
 
 class ConfigError(ValueError):
@@ -197,15 +202,58 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, h, next_ln, ops, kv_cache=None, layer=0):
+    def forward(self, x, h, next_ln, ops, kv_cache=None, layer=0, recompute="none"):
         """A pre-norm block on the residual stream x (B, T, C), given h = ln_1(x).
 
         Each residual add runs fused with the norm after it: ln_2 here, then ``next_ln`` (the next
         block's ln_1, or ln_f after the last block). Returns the new stream and ``next_ln`` of it.
+
+        ``recompute`` (one of ``RECOMPUTE_MODES``; the caller passes ``"none"`` unless training with
+        grad enabled) drops a part's activations and recomputes them in the backward. Because the
+        pre-norm of each sub-block is fused with the residual add before it, a part runs from the
+        normed input h it is given to the fused add + norm after it: ``attn`` is attention's qkv
+        projection, attention, out projection and the add + ln_2; ``mlp`` is the MLP and the add +
+        ``next_ln``; ``block`` is both. Only (x, h) at the part's entrance are kept.
         """
-        h, x = self.ln_2.add(x, self.attn(h, ops, kv_cache, layer), ops)  # x = x + attn(ln_1(x)); h = ln_2(x)
-        h, x = next_ln.add(x, self.mlp(h, ops), ops)  # x = x + mlp(ln_2(x)); h = next_ln(x)
+        if recompute == "block":
+            return _checkpoint(self._forward, x, h, next_ln, ops)
+        attn_part = _checkpoint if recompute == "attn" else _call
+        mlp_part = _checkpoint if recompute == "mlp" else _call
+        h, x = attn_part(self._attn_part, x, h, ops, kv_cache, layer)  # x = x + attn(ln_1(x)); h = ln_2(x)
+        h, x = mlp_part(self._mlp_part, x, h, next_ln, ops)  # x = x + mlp(ln_2(x)); h = next_ln(x)
         return x, h
+
+    def _forward(self, x, h, next_ln, ops):
+        h, x = self._attn_part(x, h, ops)
+        h, x = self._mlp_part(x, h, next_ln, ops)
+        return x, h
+
+    def _attn_part(self, x, h, ops, kv_cache=None, layer=0):
+        return self.ln_2.add(x, self.attn(h, ops, kv_cache, layer), ops)
+
+    def _mlp_part(self, x, h, next_ln, ops):
+        return next_ln.add(x, self.mlp(h, ops), ops)
+
+
+def _call(fn, *args):
+    return fn(*args)
+
+
+def _checkpoint(fn, *args):
+    """``fn(*args)`` whose activations are recomputed in the backward instead of stored.
+
+    Non-reentrant checkpointing (works under DDP, FSDP2 and torch.compile). ``preserve_rng_state``
+    replays the dropout masks: it restores the CPU generator, from which the Triton attention draws
+    its dropout seed, and the generators of the inputs' devices, which ``nn.Dropout`` and the
+    reference attention use.
+
+    For later, inside the kernels (not done here): the Triton MLP saves x, pre and act = gelu(pre),
+    two (B, T, 4C) tensors; saving x and pre only and recomputing GELU in its backward epilogue would
+    halve that at no matmul cost, where ``mlp`` mode reruns both matmuls. The Triton attention already
+    recomputes P from q, k, v and the log-sum-exp, so ``attn`` mode buys back q, k, v, the output and
+    the projections' inputs at the cost of a second qkv and out projection.
+    """
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
 
 
 class GPT(nn.Module):
@@ -214,10 +262,11 @@ class GPT(nn.Module):
     Args:
         config: the model's shape.
         backend: kernel backend spec for ``kernels.build_ops`` (``"auto"``, ``"torch"``,
-            ``"triton"``, ``"cuda"``, or per op such as ``"triton,attention=torch"``).
+            ``"triton"``, ``"ext"``, or per op such as ``"triton,attention=torch"``).
+        recompute: activation recompute, one of ``RECOMPUTE_MODES`` (see ``set_recompute``).
     """
 
-    def __init__(self, config: GPTConfig, backend: str = "auto"):
+    def __init__(self, config: GPTConfig, backend: str = "auto", recompute: str = "none"):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict({
@@ -239,6 +288,7 @@ class GPT(nn.Module):
         self.backend_spec = backend
         self.ops = None
         self._ops_device = None
+        self.set_recompute(recompute)
 
     @staticmethod
     def _init_weights(module):
@@ -256,6 +306,20 @@ class GPT(nn.Module):
         device = self.transformer.wte.weight.device
         self.ops = kernels.build_ops(spec, device)
         self.backend_spec, self._ops_device = spec, device.type
+        return self
+
+    def set_recompute(self, mode: str) -> GPT:
+        """Choose which activations each block recomputes in the backward instead of storing: ``"none"``,
+        ``"attn"`` (the attention sub-block), ``"mlp"`` (the MLP sub-block) or ``"block"`` (the whole block);
+        see ``Block.forward``. It applies only in training mode with grad enabled: evaluation, generation and
+        cached decoding never recompute. Returns self.
+
+        Raises:
+            ValueError: an unknown mode.
+        """
+        if mode not in RECOMPUTE_MODES:
+            raise ValueError(f"unknown recompute mode {mode!r}; modes are {', '.join(RECOMPUTE_MODES)}")
+        self.recompute = mode
         return self
 
     def _ops_for(self, device: torch.device):
@@ -327,8 +391,9 @@ class GPT(nn.Module):
         blocks = self.transformer.h
         h = blocks[0].ln_1(x, ops)
         next_norms = [b.ln_1 for b in blocks[1:]] + [self.transformer.ln_f]
+        recompute = self.recompute if self.training and torch.is_grad_enabled() and kv_cache is None else "none"
         for i, (block, next_ln) in enumerate(zip(blocks, next_norms)):
-            x, h = block(x, h, next_ln, ops, kv_cache, i)  # h = next_ln(x): ln_f(x) after the last block
+            x, h = block(x, h, next_ln, ops, kv_cache, i, recompute)  # h = next_ln(x): ln_f(x) after the last block
         if kv_cache is not None:
             kv_cache.pos += T
         return h, ops

@@ -27,7 +27,7 @@ from gpt2.checkpoint import (
     open_init_source,
     shape_differences,
 )
-from gpt2.model import PRESETS, ConfigError, GPTConfig
+from gpt2.model import PRESETS, RECOMPUTE_MODES, ConfigError, GPTConfig
 
 __all__ = ["SESSION_ONLY", "TrainOptions", "add_args", "given_options", "load_options", "resolve_options"]
 
@@ -44,7 +44,7 @@ class TrainOptions:
     backend: str = "auto"
     device: str = "auto"
     dtype: str = "auto"
-    batch_size: int = 8
+    batch_size: int | str = 8  # "auto": the largest micro-batch that fits the GPU (gpt2.plan), resolved by the trainer
     block_size: int | None = None  # None: the model's context
     grad_accum: int = 1
     max_iters: int = 700
@@ -65,6 +65,8 @@ class TrainOptions:
     overwrite: bool = False
     stop_at: int | None = None
     compile: bool = False
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the processes (FSDP2)
+    recompute: str = "none"  # activation recompute: gpt2.model.RECOMPUTE_MODES
     sample_tokens: int = 200
     sample_prompt: str = "\n"
     init_from: str | None = None  # the fine-tune's source; kept on resume as the record of where it started
@@ -94,7 +96,8 @@ def _validate(o: TrainOptions) -> None:
     def integer(v, least):
         return isinstance(v, int) and not isinstance(v, bool) and v >= least
 
-    for k in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
+    need(o.batch_size == "auto" or integer(o.batch_size, 1), "batch_size", "must be an integer >= 1 or auto")
+    for k in ("grad_accum", "eval_interval", "eval_iters", "log_interval"):
         need(integer(getattr(o, k), 1), k, "must be an integer >= 1")
     for k in ("max_iters", "warmup_iters", "seed", "sample_tokens"):
         need(integer(getattr(o, k), 0), k, "must be an integer >= 0")
@@ -107,9 +110,12 @@ def _validate(o: TrainOptions) -> None:
     for k in ("beta1", "beta2", "dropout"):
         need(number(getattr(o, k)) and 0 <= getattr(o, k) < 1, k, "must be in [0, 1)")
     need(o.preset in PRESETS, "preset", f"must be one of {', '.join(PRESETS)}")
+    need(o.recompute in RECOMPUTE_MODES, "recompute", f"must be one of {', '.join(RECOMPUTE_MODES)}")
     for k in ("init_from", "eval_hellaswag"):
         need(getattr(o, k) is None or isinstance(getattr(o, k), str), k, "must be a path")
     need(o.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
+    need(not (o.fsdp and o.eval_hellaswag), "eval_hellaswag", "is not supported with --fsdp (score the "
+         "checkpoint with gpt2 eval --ckpt DIR --hellaswag FILE instead, or pass --eval-hellaswag '')")
     need(o.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "must be auto, float32, bfloat16 or float16")
 
 
@@ -126,13 +132,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add("--preset", f"model preset: {', '.join(PRESETS)} (default {d.preset})")
     add("--data", f"'shakespeare', a .txt file or folder of them, or .bin token shards (a file or folder) "
         f"(default {d.data})")
-    add("--backend", f"kernel backend spec, e.g. torch, triton, cuda, auto, 'triton,attention=torch' "
+    add("--backend", f"kernel backend spec, e.g. torch, triton, ext, auto, 'triton,attention=torch' "
         f"(default {d.backend})")
     add("--device", "auto (CUDA if present, else CPU), cpu or cuda (default auto)", choices=["auto", "cpu", "cuda"])
     add("--dtype", "auto (bf16 autocast on GPUs of compute capability 8.0 or newer, fp16 with loss scaling on "
         "older ones, float32 on the CPU), float32, bfloat16 or float16 (default auto)",
         choices=["auto", "float32", "bfloat16", "float16"])
-    add("--batch-size", f"sequences per micro-step per process (default {d.batch_size})", type=int)
+    add("--batch-size", f"sequences per micro-step per process, or auto: the largest that fits the GPU's memory "
+        f"(gpt2 plan; a GPU only) (default {d.batch_size})", type=_batch_size)
     add("--block-size", "tokens per sequence, at most the model's context (default: the model's)", type=int)
     add("--grad-accum", f"micro-steps per optimizer step (default {d.grad_accum})", type=int)
     add("--max-iters", f"optimizer steps in the whole run (default {d.max_iters})", type=int)
@@ -155,6 +162,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add("--stop-at", "save and stop after this step (the schedule still follows --max-iters); for splitting a "
         "run into sessions", type=int)
     add("--compile", "torch.compile the model", action="store_true")
+    add("--fsdp", "under torchrun, shard the parameters, gradients and optimizer state over the processes (FSDP2) "
+        "instead of replicating them (DDP); a resumed run keeps its checkpoint's choice unless --fsdp or --no-fsdp "
+        "is given (checkpoints are whole either way)", action=argparse.BooleanOptionalAction)
+    add("--recompute", "activation recompute, trading compute for memory: recompute each block's attention "
+        "(attn), MLP (mlp) or all of it (block) in the backward instead of storing its activations; none, attn, "
+        f"mlp or block (default {d.recompute})", metavar="MODE")
     add("--sample-tokens", f"tokens of text to generate at the end; 0 = none (default {d.sample_tokens})",
         type=int)
     add("--sample-prompt", "prompt of the final sample (default a newline)")
@@ -164,6 +177,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         metavar="DIR")
     add("--eval-hellaswag", "score the model on this HellaSwag .jsonl file at every evaluation (under DDP each "
         "process scores a slice); '' turns it off in a resumed run", metavar="FILE")
+
+
+def _batch_size(text: str) -> int | str:
+    """``--batch-size``: an integer, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer or auto, got {text!r}") from None
 
 
 def _read_config_file(path) -> dict:

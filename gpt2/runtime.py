@@ -6,6 +6,9 @@ GradScaler, the distributed set-up under ``torchrun``, and the few collectives t
 (compute capability 8.0 or newer), float16 with a GradScaler on older GPUs (Turing, where
 ``torch.cuda.is_bf16_supported()`` says True but only emulates it, and the Triton kernels refuse it), float32 on
 the CPU.
+
+``Runtime.shard`` shards a model with FSDP2 (``gpt2 train --fsdp``): parameters, gradients and optimizer state are
+split over the processes, each group of parameters gathered whole only while its module computes.
 """
 
 from __future__ import annotations
@@ -14,14 +17,15 @@ import contextlib
 import os
 import resource
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from kernels.runtime import capability, default_dtype, has_native_bf16
 
-__all__ = ["DTYPES", "Runtime", "dist_env", "dtype_unsupported", "peak_memory", "resolve_device", "resolve_dtype",
-           "start"]
+__all__ = ["DTYPES", "Runtime", "dist_env", "dtype_unsupported", "fsdp_api", "peak_memory", "resolve_device",
+           "resolve_dtype", "start"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -91,6 +95,16 @@ def peak_memory(device: torch.device) -> str:
     return f"{rss_bytes / 2**30:.2f} GiB rss"
 
 
+def fsdp_api():
+    """FSDP2's ``(fully_shard, MixedPrecisionPolicy)``: in ``torch.distributed.fsdp`` from torch 2.6, in
+    ``torch.distributed._composable.fsdp`` in torch 2.5."""
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    return fully_shard, MixedPrecisionPolicy
+
+
 @dataclass(frozen=True)
 class Runtime:
     """A process's device, compute dtype and place among the ``world`` processes of a run."""
@@ -138,6 +152,36 @@ class Runtime:
         out = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
+
+    def shard(self, model: torch.nn.Module, units: list[torch.nn.Module]) -> None:
+        """Shard ``model`` in place over this run's processes with FSDP2 (``fully_shard``): each of ``units``
+        (submodules that the forward calls as modules) becomes a group of its own, gathered whole just before its
+        forward and backward and freed after; the rest of the parameters form the root group, gathered for the
+        whole forward. Afterwards every parameter is a DTensor holding this process's shard: build the optimizer
+        after this call, so that its state is sharded too.
+
+        Mixed precision: the units' parameters are gathered and computed in the compute dtype (halving the
+        all-gathers and the gathered copies in bfloat16); the root's (embeddings, LayerNorms, the tied head) stay
+        float32, so the residual stream stays float32 as under DDP with autocast. Gradients are reduced in float32.
+
+        Raises:
+            ValueError: no process group (not under torchrun), or float16, whose loss scaler would have to agree
+                on overflow across the shards (not supported: use bfloat16 or float32).
+        """
+        if not self.distributed:
+            raise ValueError("--fsdp shards the model over the processes of a torchrun launch; run under torchrun "
+                             "(torchrun --nproc-per-node N -m gpt2 train --fsdp ...; N = 1 works) or leave --fsdp out")
+        if self.dtype == torch.float16:
+            raise ValueError("--fsdp does not support float16 (its loss scaler would have to agree on overflow "
+                             "across the shards); use --dtype bfloat16 or float32")
+        fully_shard, MixedPrecisionPolicy = fsdp_api()
+        low = None if self.dtype == torch.float32 else self.dtype
+        # The model's attention and MLP return views (dropout of p=0, .view) that FSDP2 warns could be modified
+        # in place; the model never does (the residual adds are out of place, LayerNorm.add).
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        for unit in units:
+            fully_shard(unit, mp_policy=MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32))
+        fully_shard(model, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
 
     def close(self) -> None:
         """Leave the process group, if this process joined one."""

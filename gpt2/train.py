@@ -1,4 +1,4 @@
-"""``gpt2 train``: the training loop, on one CPU or GPU or under ``torchrun`` with DDP.
+"""``gpt2 train``: the training loop, on one CPU or GPU or under ``torchrun`` with DDP or FSDP.
 
 With no arguments it trains the ``shakespeare`` preset on the built-in corpus on the best device present, and
 prints a sample at the end. Options: ``gpt2.options``; device, dtype and processes: ``gpt2.runtime``; what is
@@ -8,6 +8,11 @@ The loop: AdamW (weight decay on 2-D weights only), linear warmup then cosine de
 accumulation (no DDP all-reduce on all but the last micro-step), gradient clipping, autocast in the runtime's
 dtype (a GradScaler with float16), optional ``torch.compile``. The loss is the registry's fused
 ``linear_cross_entropy`` (the model calls it when given targets).
+
+``--fsdp`` (under torchrun) shards parameters, gradients and AdamW's state over the processes with FSDP2 instead of
+replicating them: each block's attention and MLP are a group gathered only while they compute (``fsdp_units``), the
+optimizer is built on the shards, gradient accumulation skips the reduce-scatter on all but the last micro-step, and
+gradient clipping uses the norm of the whole gradient. Checkpoints are gathered whole, the same file as DDP's.
 
 The host reads device values only at sync points: each log line, evaluation and checkpoint. Each step's loss and
 gradient norm wait on the device until then (``PendingSteps``), so nothing stalls the launch queue in between.
@@ -27,6 +32,7 @@ Out dir: ``ckpt.pt`` (see ``gpt2.checkpoint``), ``metrics.jsonl`` (see ``gpt2.me
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -45,10 +51,12 @@ from gpt2.checkpoint import (
     InitSource,
     atomic_write,
     config_from_checkpoint,
+    gather_full,
     open_init_source,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    shard_optimizer_state,
 )
 from gpt2.data import Batcher, DataError, load_dataset
 from gpt2.metrics import Metrics, PendingSteps, StepRecord
@@ -81,6 +89,14 @@ def make_optimizer(model: torch.nn.Module, o: TrainOptions, device: torch.device
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), **kw)
+
+
+def fsdp_units(model: GPT) -> list[torch.nn.Module]:
+    """FSDP's groups under the root: each block's attention and MLP. Not whole blocks: a block's forward also
+    applies the next block's ln_1 (fused with the residual add, see ``gpt2.model.Block``), whose parameters would
+    still be sharded then. The LayerNorms (4 x n_embd per block), the embeddings and the tied head form the root
+    group."""
+    return [m for block in model.transformer.h for m in (block.attn, block.mlp)]
 
 
 def run(args) -> int:
@@ -181,6 +197,19 @@ def load_hellaswag_file(opts: TrainOptions, config: GPTConfig) -> list | None:
     return examples
 
 
+def auto_batch(opts: TrainOptions, config: GPTConfig, T: int, rt: runtime.Runtime) -> TrainOptions:
+    """``--batch-size auto``: the options with the largest micro-batch whose step fits this GPU (``gpt2.plan``,
+    for this run's dtype, processes, ``--fsdp``, ``--recompute`` and backend). On a CPU it is an error: there is
+    no memory budget to size to. The number is what the checkpoint records."""
+    from gpt2.plan import auto_batch_size
+
+    batch = auto_batch_size(config, T, rt.dtype, rt.device, rt.world, opts.fsdp, opts.recompute, opts.backend)
+    if rt.master:
+        print(f"gpt2 train: --batch-size auto: {batch} sequences per micro-step fit {rt.device} (gpt2 plan)",
+              file=sys.stderr)
+    return dataclasses.replace(opts, batch_size=batch)
+
+
 class _StopRequest:
     """SIGINT sets a flag that the loop reads at its sync points; a second Ctrl-C interrupts at once."""
 
@@ -218,24 +247,30 @@ class Trainer:
         self.resumed = ckpt is not None
         self.source = open_init_source(opts.init_from) if opts.init_from and ckpt is None else None
         self.config, self.T = model_config(opts, ckpt, self.source)
+        if opts.batch_size == "auto":
+            opts = self.opts = auto_batch(opts, self.config, self.T, rt)
         self.hellaswag = load_hellaswag_file(opts, self.config)
         self.ds, self.train_batcher, self.val_batcher = load_data(opts, self.config, self.T, rt)
         self.val_start = self.val_batcher.state_dict()  # every evaluation sees the same batches
         torch.manual_seed(opts.seed)
         np.random.seed(opts.seed)
-        self.raw_model = GPT(self.config).to(rt.device)
+        self.raw_model = GPT(self.config, recompute=opts.recompute).to(rt.device)
         # The per-forward id check costs a host sync (and a graph break under --compile): every id was checked on
         # the host already (load_data).
         self.raw_model.check_inputs = False
         self.raw_model.set_backend(opts.backend)  # resolved now: an unavailable backend fails before training
+        if ckpt is not None:
+            self.load_weights(ckpt)
+        elif self.source is not None:
+            self.load_source()
+        if opts.fsdp:  # the whole weights are in; the optimizer is built on the shards
+            rt.shard(self.raw_model, fsdp_units(self.raw_model))
         self.optimizer = make_optimizer(self.raw_model, opts, rt.device)
         self.scaler = rt.grad_scaler()
         self.step, self.last_eval_step, self.best_val = 0, None, float("inf")
         if ckpt is not None:
             self.restore(ckpt)
         else:
-            if self.source is not None:
-                self.load_source()
             torch.manual_seed(opts.seed + rt.rank)  # dropout masks differ between ranks; the weights were drawn above
         self.model = self._wrap(self.raw_model)
         self.tokens_per_step = opts.batch_size * self.T * opts.grad_accum * rt.world
@@ -253,11 +288,20 @@ class Trainer:
             raise ConfigError(f"--init-from {self.opts.init_from}: its weights do not fit its own configuration "
                               f"({str(e).splitlines()[0]})") from e
 
-    def restore(self, ckpt: dict) -> None:
-        """Continue from a checkpoint: weights, optimizer, scaler, counters, data position, random streams."""
+    def load_weights(self, ckpt: dict) -> None:
+        """The checkpoint's (whole) weights into the model, before any sharding."""
         try:
             self.raw_model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {self.ckpt_file} does not fit this model "
+                                  f"({str(e).splitlines()[0]})") from e
+
+    def restore(self, ckpt: dict) -> None:
+        """Continue from a checkpoint (its weights are in already): optimizer, scaler, counters, data position,
+        random streams."""
+        try:
+            state = ckpt["optimizer"]
+            self.optimizer.load_state_dict(shard_optimizer_state(state, self.optimizer) if self.opts.fsdp else state)
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"checkpoint {self.ckpt_file} does not fit this model or optimizer "
                                   f"({str(e).splitlines()[0]})") from e
@@ -275,13 +319,14 @@ class Trainer:
             set_rng_state(rngs[self.rt.rank] if self.rt.rank < len(rngs) else rngs[0])
 
     def _wrap(self, model: GPT) -> torch.nn.Module:
-        """The model the loop calls: compiled with ``--compile``, in DDP under torchrun."""
+        """The model the loop calls: compiled with ``--compile`` (after FSDP's sharding), in DDP under torchrun
+        without ``--fsdp``."""
         if self.rt.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         if self.opts.compile:
             model = torch.compile(model)
-        if self.rt.ddp:
+        if self.rt.ddp and not self.opts.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             model = DDP(model, device_ids=[self.rt.local_rank] if self.rt.device.type == "cuda" else None)
@@ -357,8 +402,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=rt.device)
         for micro in range(o.grad_accum):
             x, y = self.train_batcher.next(rt.device)
-            sync = not rt.ddp or micro == o.grad_accum - 1  # DDP all-reduces gradients on the last micro-step
-            with contextlib.nullcontext() if sync else self.model.no_sync():
+            sync = not rt.ddp or micro == o.grad_accum - 1  # gradients are reduced on the last micro-step only
+            with self._grad_sync(sync):
                 with rt.autocast():
                     _, loss = self.model(x, y)
                 loss = loss / o.grad_accum
@@ -368,6 +413,8 @@ class Trainer:
         if o.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), o.grad_clip)
+            if hasattr(norm, "full_tensor"):  # FSDP: a DTensor, already the norm of the whole gradient
+                norm = norm.full_tensor()
         self.updating = True
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -375,6 +422,14 @@ class Trainer:
         self.pending.add(self.step + 1, loss_sum, norm, lr, round(time.time() - self.t_start, 3))
         self.step += 1
         self.updating = False
+
+    def _grad_sync(self, sync: bool):
+        """The context of a micro-step's backward: without ``sync``, gradients accumulate locally (DDP: no
+        all-reduce; FSDP: no reduce-scatter, whole gradients kept until the last micro-step)."""
+        if self.opts.fsdp:
+            self.raw_model.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if sync else self.model.no_sync()
 
     def _after_step(self, stop: _StopRequest) -> int | None:
         """The sync point after a step, when one is due: a log line, ``--stop-at``, or Ctrl-C (one process;
@@ -506,10 +561,14 @@ class Trainer:
     def save(self, rng: dict | None = None) -> None:
         """Write the checkpoint (rank 0; every rank's random state). Callers pass a sync point first."""
         rngs = self.rt.gather(rng or rng_state())
+        model_state, optimizer_state = self.raw_model.state_dict(), self.optimizer.state_dict()
+        if self.opts.fsdp:  # whole tensors: every process takes part in the gathers, rank 0 keeps them
+            model_state = gather_full(self.raw_model.state_dict(keep_vars=True), self.rt.master)
+            optimizer_state = gather_full(optimizer_state, self.rt.master)
         if not self.rt.master:
             return
         save_checkpoint(self.ckpt_file, {
-            "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": model_state, "optimizer": optimizer_state,
             "scaler": self.scaler.state_dict(), "step": self.step, "last_eval_step": self.last_eval_step,
             "best_val_loss": self.best_val, "model_config": asdict(self.config), "train_args": self.opts.to_dict(),
             "rng": rngs, "world_size": self.rt.world,
@@ -534,9 +593,11 @@ class Trainer:
         self.say(f"gpt2 train: {model_origin(o)} ({m.num_params():,} parameters, {cfg.n_layer} layers, "
                  f"{cfg.n_head} heads, {cfg.n_embd} wide, context {cfg.block_size}) | data {self.ds.name}: "
                  f"{self.ds.num_tokens('train'):,} train / {self.ds.num_tokens('val'):,} val tokens")
-        self.say(f"gpt2 train: device {rt.device} ({rt.world} process{'es' if rt.ddp else ''}), dtype "
+        self.say(f"gpt2 train: device {rt.device} ({rt.world} process{'es' if rt.ddp else ''}"
+                 f"{', FSDP' if o.fsdp else ''}), dtype "
                  f"{str(rt.dtype).replace('torch.', '')}, backend {m.ops}, batch {o.batch_size} x {self.T} x "
                  f"{o.grad_accum} accum x {rt.world} = {self.tokens_per_step:,} tokens/step, {o.max_iters} steps"
+                 + (f", recompute {o.recompute}" if o.recompute != "none" else "")
                  + (f", resuming at step {self.step}" if self.resumed else ""))
 
     def _finish(self) -> None:
@@ -545,13 +606,28 @@ class Trainer:
         self.say(f"gpt2 train: done, {self.step} steps; best val loss {self.best_val:.4f}; "
                  f"{time.time() - self.t_start:.0f} s in the loop; wrote {self.ckpt_file}, "
                  f"{self.out_dir / METRICS_NAME}, {self.out_dir / PLOT_NAME}")
-        if not self.rt.master or o.sample_tokens <= 0:
+        if o.sample_tokens <= 0:
+            return
+        model = self._whole_model()
+        if not self.rt.master:
             return
         from gpt2.sample import stream_text
 
         self.say(f"sample ({o.sample_tokens} tokens, temperature 0.8, top-k 200, seed {o.seed}):")
         gen = torch.Generator(device=self.rt.device).manual_seed(o.seed)
         with self.rt.autocast():
-            stream_text(self.raw_model, o.sample_prompt, o.sample_tokens, temperature=0.8, top_k=200,
+            stream_text(model, o.sample_prompt, o.sample_tokens, temperature=0.8, top_k=200,
                         generator=gen, out=sys.stdout)
         print(flush=True)
+
+    def _whole_model(self) -> GPT | None:
+        """The model to sample from: the trained one; under FSDP a whole copy on rank 0, gathered from the shards
+        (every process takes part; the others get None)."""
+        if not self.opts.fsdp:
+            return self.raw_model
+        state = gather_full(self.raw_model.state_dict(keep_vars=True), self.rt.master)
+        if not self.rt.master:
+            return None
+        model = GPT(self.config).to(self.rt.device)
+        model.load_state_dict(state)
+        return model.set_backend(self.opts.backend)

@@ -2,7 +2,7 @@
 
 ``kernels.ref`` is the plain-PyTorch reference (the ``torch`` backend); Triton kernels live one op
 per file (``kernels/attention.py``, ``kernels/layer_norm.py``, ``kernels/mlp.py``,
-``kernels/linear_cross_entropy.py``); ``kernels.cuda`` wraps the optional C++/CUDA extension.
+``kernels/linear_cross_entropy.py``); ``kernels.ext`` wraps the optional C++/CUDA extension.
 Importing this package imports neither Triton nor the extension.
 """
 

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from kernels.aot import LaunchConfig
-from kernels.runtime import arch, capability, check_dtype, interpreting, launch, sm_count
+from kernels.runtime import LIBRARY, arch, capability, check_dtype, interpreting, launch, sm_count
 
 __all__ = ["AttentionFunction", "attention", "attention_bwd", "attention_fwd", "dropout_keep_mask", "launch_configs"]
 
@@ -854,8 +854,53 @@ def dropout_keep_mask(seed: int, B: int, nh: int, Tq: int, Tk: int, dropout_p: f
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Autograd and the public op
+# The registered ops (what torch.compile sees), autograd and the public op
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(f"{LIBRARY}::attention_fwd", mutates_args=(),
+                         schema="(Tensor q, Tensor k, Tensor v, bool causal, float dropout_p, Tensor seed) "
+                                "-> (Tensor o, Tensor lse)")
+def _attention_fwd_op(q, k, v, causal, dropout_p, seed):
+    # seed: a 0-dim int64 CPU tensor (an int drawn under torch.compile would be a host read, a graph break); read
+    # here, on the host, for free.
+    return attention_fwd(q, k, v, causal, dropout_p, int(seed))
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, causal, dropout_p, seed):
+    B, nh, Tq, hs = q.shape
+    o = q.new_empty((B, Tq, nh, hs)).transpose(1, 2)  # the launcher's layout (see attention_fwd)
+    return o, q.new_empty((B, nh, Tq), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{LIBRARY}::attention_bwd", mutates_args=(),
+                         schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal, "
+                                "float dropout_p, Tensor seed) -> (Tensor dq, Tensor dk, Tensor dv)")
+def _attention_bwd_op(do, q, k, v, o, lse, causal, dropout_p, seed):
+    return attention_bwd(do, q, k, v, o, lse, causal, dropout_p, int(seed))
+
+
+@_attention_bwd_op.register_fake
+def _(do, q, k, v, o, lse, causal, dropout_p, seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, causal, dropout_p, seed = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, o, lse, seed)
+    ctx.causal, ctx.dropout_p = causal, dropout_p
+
+
+def _attention_backward(ctx, do, _dlse):
+    q, k, v, o, lse, seed = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd_op(do, q, k, v, o, lse, ctx.causal, ctx.dropout_p, seed)
+    return dq, dk, dv, None, None, None
+
+
+_attention_fwd_op.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -890,6 +935,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     Returns:
         (B, nh, Tq, hs) in q.dtype.
     """
+    if torch.compiler.is_compiling():  # the registered op (it checks the inputs when it runs)
+        seed = torch.randint(0, 2**31 - 1, (), device="cpu") if dropout_p > 0.0 else torch.zeros((), dtype=torch.long)
+        return _attention_fwd_op(q, k, v, causal, float(dropout_p), seed)[0]
     _check_inputs(q, k, v, causal, dropout_p)
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0.0 else 0
     return AttentionFunction.apply(q, k, v, causal, float(dropout_p), seed)

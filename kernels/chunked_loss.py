@@ -3,7 +3,7 @@
 Contract: ``linear_cross_entropy(h, weight, targets, ignore_index)`` is the mean over non-ignored targets of
 ``logsumexp(z_i) - z_i[t_i]`` with ``z = h @ weight.T`` (``kernels.ref.linear_cross_entropy``). A backend supplies
 only a *row kernel*, which turns one chunk of logits into its gradient in place and returns the per-row losses
-(Triton: ``kernels.linear_cross_entropy.cross_entropy_rows_``; the extension: ``kernels.cuda``). The rest is here:
+(Triton: ``kernels.linear_cross_entropy.cross_entropy_rows_``; the extension: ``kernels.ext``). The rest is here:
 
     wp = weight in the compute dtype, padded with zero rows to Vp                    (Vp, C)
     for each chunk of rows [s, e):
@@ -42,7 +42,7 @@ import torch
 __all__ = [
     "VOCAB_ALIGN", "ChunkPlan", "LinearCrossEntropyFunction", "RowKernel", "check_inputs",
     "check_targets_on_host", "chunk_plan", "chunk_rows", "chunked_forward", "compute_dtype_of",
-    "host_reads_are_free", "linear_cross_entropy", "padded_vocab", "pads_vocab",
+    "host_reads_are_free", "linear_cross_entropy", "padded_vocab", "pads_vocab", "register_forward_op",
 ]
 
 _OP = "linear_cross_entropy"
@@ -412,12 +412,90 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return (None if gh is None else gh.reshape(ctx.h_shape)), gw, None, None, None, None, None
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# The registered op: what torch.compile sees
+
+_OP_SCHEMA = ("(Tensor h, Tensor weight, Tensor targets, int ignore_index, ScalarType compute_dtype, bool need_dh, "
+              "bool need_dweight) -> (Tensor loss, Tensor dh, Tensor dweight, Tensor pending)")
+
+
+def register_forward_op(name: str, forward: Callable):
+    """Register a backend's chunked forward as the ``torch.library`` op ``name``, with a fake kernel and autograd.
+
+    The op is what ``linear_cross_entropy(..., op=...)`` calls while torch.compile traces: one opaque node that runs
+    the chunk loop as eagerly (no functionalised copies of the in-place chunk), returning the loss and the
+    gradients formed in the forward as outputs that no gradient flows into; its backward scales them by the
+    upstream gradient as ``LinearCrossEntropyFunction`` does, out of place (a compiled graph is functional).
+
+    Args:
+        name: ``"namespace::op_name"``.
+        forward: ``forward(h, weight, targets, ignore_index, *, need_dh, need_dweight, compute_dtype)`` returning
+            ``chunked_forward``'s (loss, dh, dw, pending), e.g. ``kernels.linear_cross_entropy.
+            linear_cross_entropy_fwd`` (the backend's input checks included).
+    Returns:
+        The op: ``op(h, weight, targets, ignore_index, compute_dtype, need_dh, need_dweight) -> (loss, dh,
+        dweight, pending)``, with loss 0-dim fp32, dh (N, C) in the compute dtype, dweight (V, C) fp32, pending 0-dim
+        fp32; an output that is not formed (not asked for; pending where the chunk held 1 / n_valid) is an empty
+        (0,) fp32 tensor.
+    """
+
+    @torch.library.custom_op(name, mutates_args=(), schema=_OP_SCHEMA)
+    def op(h, weight, targets, ignore_index, compute_dtype, need_dh, need_dweight):
+        loss, dh, dw, pending = forward(h, weight, targets, ignore_index, need_dh=need_dh,
+                                        need_dweight=need_dweight, compute_dtype=compute_dtype)
+        dw = None if dw is None else dw[: weight.shape[0]]  # (V, C) of the (Vp, C) buffer
+        return loss, *(_or_empty(t, h) for t in (dh, dw, pending))
+
+    @op.register_fake
+    def _(h, weight, targets, ignore_index, compute_dtype, need_dh, need_dweight):
+        n_classes, n_channels = weight.shape
+        f32 = torch.float32
+        pending = (need_dh or need_dweight) and compute_dtype != f32  # the chunk holds 1 / n_valid in fp32
+        return (h.new_empty((), dtype=f32),
+                h.new_empty((h.numel() // n_channels, n_channels) if need_dh else (0,),
+                            dtype=compute_dtype if need_dh else f32),
+                h.new_empty((n_classes, n_channels) if need_dweight else (0,), dtype=f32),
+                h.new_empty(() if pending else (0,), dtype=f32))
+
+    op.register_autograd(_op_backward, setup_context=_op_setup)
+    return op
+
+
+def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    # An op returns no None; each stand-in is its own tensor (outputs may not alias each other).
+    return like.new_empty((0,), dtype=torch.float32) if t is None else t
+
+
+def _op_setup(ctx, inputs, output):
+    h, weight = inputs[:2]
+    _loss, dh, dw, pending = output
+    ctx.mark_non_differentiable(dh, dw, pending)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(dh, dw, pending)
+    ctx.h_shape, ctx.h_dtype, ctx.w_dtype = h.shape, h.dtype, weight.dtype
+
+
+def _op_backward(ctx, grad, _ddh, _ddw, _dpending):
+    dh, dw, pending = ctx.saved_tensors  # formed ones are 2-D (dh, dw) and 0-dim (pending); empty (0,) ones are not
+    if grad is None:
+        return (None,) * 7
+    s = grad.float() * pending if pending.dim() == 0 else grad.float()  # () fp32
+    gh = _scaled(dh, s, ctx.h_dtype, False).reshape(ctx.h_shape) if dh.dim() == 2 else None
+    gw = _scaled(dw, s, ctx.w_dtype, False) if dw.dim() == 2 else None
+    return gh, gw, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The public driver
+
+
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                          row_kernel: RowKernel, *, compute_dtype: torch.dtype,
-                         plan: ChunkPlan | None = None) -> torch.Tensor:
+                         plan: ChunkPlan | None = None, op=None) -> torch.Tensor:
     """Mean cross-entropy of ``h @ weight.T`` over the non-ignored targets, chunked, with ``row_kernel``.
 
-    Through the autograd Function when a gradient is wanted; else the loss alone (no gradient pass).
+    Through the autograd Function when a gradient is wanted; else the loss alone (no gradient pass). While
+    torch.compile traces, through ``op`` when given (``register_forward_op``; the default chunk plan only).
 
     Args:
         h: (..., C) hidden states.
@@ -427,9 +505,15 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         row_kernel: the backend's ``RowKernel``.
         compute_dtype: dtype of the GEMMs and the logits chunk.
         plan: chunking and padding (default: ``chunk_plan``).
+        op: the backend's registered forward, for torch.compile (``register_forward_op``), or None.
     Returns:
         A 0-dim fp32 tensor (0 when every target is ignored; NaN when a target is out of range on a GPU).
     """
+    if op is not None and plan is None and torch.compiler.is_compiling():
+        grad = torch.is_grad_enabled()
+        loss, _, _, _ = op(h, weight, targets, ignore_index, compute_dtype, grad and h.requires_grad,
+                           grad and weight.requires_grad)
+        return loss
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return LinearCrossEntropyFunction.apply(h, weight, targets, ignore_index, row_kernel, compute_dtype, plan)
     with torch.autocast(h.device.type, enabled=False):

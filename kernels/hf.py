@@ -266,7 +266,7 @@ def patch_gpt2(model, backend: str = "auto", *, logits_with_loss: bool = True):
 
     Args:
         model: a ``transformers.GPT2LMHeadModel`` or ``GPT2Model``. Patching a patched model re-patches it.
-        backend: a backend spec of ``kernels.build_ops`` (``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``,
+        backend: a backend spec of ``kernels.build_ops`` (``"auto"``, ``"torch"``, ``"triton"``, ``"ext"``,
             ``"torch,attention=triton"``), resolved for the model's device now and again if it moves.
         logits_with_loss: with ``labels``, also return the logits (as HF does). False returns ``logits=None``
             then, so the (B, T, vocab) logits are never built (the point of the fused loss; Trainer's training

@@ -27,7 +27,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from kernels.aot import LaunchConfig
-from kernels.runtime import check_dtype, interpreting, launch, sm_count
+from kernels.runtime import LIBRARY, check_dtype, interpreting, launch, sm_count
 
 __all__ = [
     "MAX_C",
@@ -318,6 +318,65 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | Non
 
 
 # ----------------------------------------------------------------------------------------------
+# Registered ops: what torch.compile sees (the eager path below calls the launchers directly)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(f"{LIBRARY}::layer_norm_fwd", mutates_args=(),
+                         schema="(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor? residual) "
+                                "-> (Tensor y, Tensor s, Tensor mean, Tensor rstd)")
+def _layer_norm_fwd_op(x, weight, bias, eps, residual):
+    # x (and residual) contiguous; s is an empty (0,) tensor without a residual (an op returns no None).
+    y, s, mean, rstd = layer_norm_fwd(x, weight, bias, eps, residual=residual)
+    return y, (s if s is not None else x.new_empty((0,))), mean, rstd
+
+
+@_layer_norm_fwd_op.register_fake
+def _(x, weight, bias, eps, residual):
+    stat = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    s = x.new_empty(x.shape) if residual is not None else x.new_empty((0,))
+    return x.new_empty(x.shape), s, stat, torch.empty_like(stat)
+
+
+@torch.library.custom_op(f"{LIBRARY}::layer_norm_bwd", mutates_args=(),
+                         schema="(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, Tensor? ds) "
+                                "-> (Tensor dx, Tensor dweight, Tensor dbias)")
+def _layer_norm_bwd_op(dy, x, weight, mean, rstd, ds):
+    return layer_norm_bwd(dy, x, weight, mean, rstd, ds=ds)
+
+
+@_layer_norm_bwd_op.register_fake
+def _(dy, x, weight, mean, rstd, ds):
+    C = x.shape[-1]
+    return x.new_empty(x.shape), x.new_empty((C,), dtype=torch.float32), x.new_empty((C,), dtype=torch.float32)
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    x, weight, bias, _eps, residual = inputs
+    _y, s, mean, rstd = output
+    ctx.has_residual = residual is not None
+    ctx.mark_non_differentiable(mean, rstd, *(() if ctx.has_residual else (s,)))
+    ctx.set_materialize_grads(False)  # an unused output gives None: nothing to allocate or read
+    ctx.save_for_backward(s if ctx.has_residual else x, weight, mean, rstd)  # the normalised input
+    ctx.weight_dtype = weight.dtype if weight is not None else None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _layer_norm_backward(ctx, dy, ds, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    ds = ds if ctx.has_residual else None
+    if dy is None:  # only s was used: y's path contributes nothing
+        return ds, None, None, None, ds
+    dx, dw, db = _layer_norm_bwd_op(dy, x, weight, mean, rstd, ds)
+    dweight, dbias = _param_grads(ctx, dw, db, 1, 2)
+    # x and residual get the same gradient, as for a plain x + residual.
+    return dx, dweight, dbias, None, (dx if ctx.has_residual else None)
+
+
+_layer_norm_fwd_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
+
+
+# ----------------------------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------------------------
 
@@ -365,6 +424,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     Returns:
         (..., C) in ``x.dtype``.
     """
+    if torch.compiler.is_compiling():  # the registered op: opaque to the compiler, no graph break
+        return _layer_norm_fwd_op(x.contiguous(), weight, bias, float(eps), None)[0]
     return LayerNormFunction.apply(x, weight, bias, eps)
 
 
@@ -406,6 +467,9 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     Returns:
         (y, s), both (..., C) in ``x.dtype``.
     """
+    if torch.compiler.is_compiling():
+        y, s, _, _ = _layer_norm_fwd_op(x.contiguous(), weight, bias, float(eps), residual.contiguous())
+        return y, s
     return AddLayerNormFunction.apply(x, residual, weight, bias, eps)
 
 

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from kernels import chunked_loss
 from kernels.aot import LaunchConfig
-from kernels.runtime import check_dtype, launch
+from kernels.runtime import LIBRARY, check_dtype, launch
 from kernels.runtime import interpreting as interpreter_enabled
 
 __all__ = [
@@ -197,6 +197,10 @@ def linear_cross_entropy_fwd(h: torch.Tensor, weight: torch.Tensor, targets: tor
                                             need_dweight=need_dweight, plan=plan)
 
 
+# What torch.compile calls: the forward above as one registered op (kernels.chunked_loss.register_forward_op).
+_forward_op = chunked_loss.register_forward_op(f"{LIBRARY}::linear_cross_entropy_fwd", linear_cross_entropy_fwd)
+
+
 # ----------------------------------------------------------------------------------------------
 # Public function (the autograd Function is kernels.chunked_loss.LinearCrossEntropyFunction)
 # ----------------------------------------------------------------------------------------------
@@ -217,6 +221,9 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     Returns:
         A 0-dim fp32 tensor (0 when every target is ignored).
     """
+    if torch.compiler.is_compiling():  # the registered op checks the inputs when it runs
+        return chunked_loss.linear_cross_entropy(h, weight, targets, ignore_index, cross_entropy_rows_,
+                                                 compute_dtype=chunked_loss.compute_dtype_of(h), op=_forward_op)
     compute_dtype = _checked_compute_dtype(h, weight, targets, ignore_index, None)
     return chunked_loss.linear_cross_entropy(h, weight, targets, ignore_index, cross_entropy_rows_,
                                              compute_dtype=compute_dtype)

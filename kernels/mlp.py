@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from kernels.aot import LaunchConfig
-from kernels.runtime import arch, capability, check_dtype, interpreting, launch, sm_count
+from kernels.runtime import LIBRARY, arch, capability, check_dtype, interpreting, launch, sm_count
 
 __all__ = ["MLPFunction", "launch_configs", "matmul", "mlp", "mlp_bwd", "mlp_fwd"]
 
@@ -461,6 +461,67 @@ def mlp_bwd(dy: torch.Tensor, x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch
 
 
 # --------------------------------------------------------------------------------------------
+# Registered ops: what torch.compile sees (the eager path below calls the launchers directly)
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(f"{LIBRARY}::mlp_fwd", mutates_args=(),
+                         schema="(Tensor x, Tensor w_fc, Tensor? b_fc, Tensor w_proj, Tensor? b_proj, bool save_pre) "
+                                "-> (Tensor y, Tensor pre, Tensor act)")
+def _mlp_fwd_op(x, w_fc, b_fc, w_proj, b_proj, save_pre):
+    # x (M, C) rows, every tensor in x's dtype; pre is an empty (0,) tensor unless save_pre (an op returns no None).
+    _check(x, w_fc, b_fc, w_proj, b_proj)
+    y, pre, act = mlp_fwd(x, w_fc, b_fc, w_proj, b_proj, save_pre=save_pre)
+    return y, (pre if pre is not None else x.new_empty((0,))), act
+
+
+@_mlp_fwd_op.register_fake
+def _(x, w_fc, b_fc, w_proj, b_proj, save_pre):
+    (M, C), H = x.shape, w_fc.shape[0]
+    return x.new_empty((M, C)), x.new_empty((M, H) if save_pre else (0,)), x.new_empty((M, H))
+
+
+@torch.library.custom_op(f"{LIBRARY}::mlp_bwd", mutates_args=(),
+                         schema="(Tensor dy, Tensor x, Tensor w_fc, Tensor w_proj, Tensor pre, Tensor act, "
+                                "bool[] needs) -> (Tensor dx, Tensor dw_fc, Tensor db_fc, Tensor dw_proj, "
+                                "Tensor db_proj)")
+def _mlp_bwd_op(dy, x, w_fc, w_proj, pre, act, needs):
+    # needs: which of (dx, dw_fc, db_fc, dw_proj, db_proj) to compute; the others come back as empty (0,) tensors.
+    grads = mlp_bwd(dy, x, w_fc, w_proj, pre, act, needs=tuple(needs))
+    return tuple(g if g is not None else x.new_empty((0,)) for g in grads)
+
+
+@_mlp_bwd_op.register_fake
+def _(dy, x, w_fc, w_proj, pre, act, needs):
+    (M, C), H = x.shape, w_fc.shape[0]
+    shapes = ((M, C), (H, C), (H,), (C, H), (C,))
+    return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
+
+
+def _mlp_setup(ctx, inputs, output):
+    x, w_fc, _b_fc, w_proj, _b_proj, _save_pre = inputs
+    _y, pre, act = output
+    ctx.mark_non_differentiable(pre, act)
+    ctx.set_materialize_grads(False)  # pre and act are never used downstream: no zero gradients allocated
+    ctx.save_for_backward(x, w_fc, w_proj, pre, act)
+
+
+def _mlp_backward(ctx, dy, _dpre, _dact):
+    needs = tuple(ctx.needs_input_grad[:5])
+    if dy is None or not any(needs):
+        return None, None, None, None, None, None
+    x, w_fc, w_proj, pre, act = ctx.saved_tensors
+    if pre.shape != act.shape:
+        raise RuntimeError("mlp: no backward without the pre-activation; call the op with save_pre=True when a "
+                           "gradient is wanted")
+    grads = _mlp_bwd_op(dy.contiguous(), x, w_fc, w_proj, pre, act, list(needs))  # contiguous: see MLPFunction
+    return (*(g if need else None for g, need in zip(grads, needs)), None)
+
+
+_mlp_fwd_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
+
+
+# --------------------------------------------------------------------------------------------
 # Autograd
 # --------------------------------------------------------------------------------------------
 
@@ -548,14 +609,19 @@ def mlp(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor | None, w_proj: 
     Returns:
         (..., C) in ``x.dtype``.
     """
-    _check(x, w_fc, b_fc, w_proj, b_proj)
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # the registered op checks when it runs (the GPU queries here are not for tracing)
+        _check(x, w_fc, b_fc, w_proj, b_proj)
     dt = x.dtype
     w_fc, w_proj = w_fc.to(dt), w_proj.to(dt)
     b_fc = b_fc.to(dt) if b_fc is not None else None
     b_proj = b_proj.to(dt) if b_proj is not None else None
     C = x.shape[-1]
     x2 = x.reshape(-1, C)  # (M, C)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, w_fc, b_fc, w_proj, b_proj)):
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, w_fc, b_fc, w_proj, b_proj))
+    if compiling:
+        y = _mlp_fwd_op(x2, w_fc, b_fc, w_proj, b_proj, grad)[0]  # (M, C)
+    elif grad:
         y = MLPFunction.apply(x2, w_fc, b_fc, w_proj, b_proj)  # (M, C)
     else:
         # Inference (no_grad / inference_mode, or nothing needs a gradient): skip the autograd node, whose

@@ -11,7 +11,9 @@ Every backend implements the same five functions with the same signatures as ``k
 - ``linear_cross_entropy(h, weight, targets, ignore_index=-1)``
 
 A backend *spec* is a string: a default backend optionally followed by per-op overrides, e.g.
-``"triton"``, ``"triton,attention=torch"``, ``"auto"`` or ``"auto,mlp=cuda"``. ``auto`` picks the
+``"triton"``, ``"triton,attention=torch"``, ``"auto"`` or ``"auto,mlp=ext"``. The backends: ``torch``
+(``kernels.ref``), ``triton`` (the Triton kernels) and ``ext`` (the C++ extension: CPU kernels, and CUDA kernels
+when built with a CUDA toolkit; ``cuda`` is accepted as its old name). ``auto`` picks the
 best backend available for the device, per op, and says once what it picked.
 
 Imports are lazy: nothing here imports Triton or the C++ extension until a backend that needs
@@ -29,7 +31,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 OPS = ("layer_norm", "add_layer_norm", "attention", "mlp", "linear_cross_entropy")
-BACKENDS = ("torch", "triton", "cuda")
+BACKENDS = ("torch", "triton", "ext")
+# Older names still accepted in a spec. The extension serves CPU tensors too, so "cuda" was not true on a CPU.
+ALIASES = {"cuda": "ext"}
 
 # (op, backend) -> "module:function". The single source of truth for where code lives.
 _TABLE: dict[tuple[str, str], str] = {
@@ -43,16 +47,16 @@ _TABLE: dict[tuple[str, str], str] = {
     ("attention", "triton"): "kernels.attention:attention",
     ("mlp", "triton"): "kernels.mlp:mlp",
     ("linear_cross_entropy", "triton"): "kernels.linear_cross_entropy:linear_cross_entropy",
-    ("layer_norm", "cuda"): "kernels.cuda:layer_norm",
-    ("add_layer_norm", "cuda"): "kernels.cuda:add_layer_norm",
-    ("attention", "cuda"): "kernels.cuda:attention",
-    ("mlp", "cuda"): "kernels.cuda:mlp",
-    ("linear_cross_entropy", "cuda"): "kernels.cuda:linear_cross_entropy",
+    ("layer_norm", "ext"): "kernels.ext:layer_norm",
+    ("add_layer_norm", "ext"): "kernels.ext:add_layer_norm",
+    ("attention", "ext"): "kernels.ext:attention",
+    ("mlp", "ext"): "kernels.ext:mlp",
+    ("linear_cross_entropy", "ext"): "kernels.ext:linear_cross_entropy",
 }
 
 # Preference order of ``auto`` per device type. On the CPU, Triton only runs under its (slow)
 # interpreter, so ``auto`` never picks it there.
-_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cuda", "torch")}
+_AUTO_ORDER = {"cuda": ("triton", "ext", "torch"), "cpu": ("ext", "torch")}
 
 
 class BackendError(RuntimeError):
@@ -80,6 +84,7 @@ def unavailable_reason(backend: str, device="cpu") -> str | None:
     Imports the backend's dependencies (Triton, the extension) to find out, so call it only when
     that is wanted.
     """
+    backend = ALIASES.get(backend, backend)
     if backend not in BACKENDS:
         raise SpecError(f"unknown backend {backend!r}; backends are {', '.join(BACKENDS)}")
     dev = _device_type(device)
@@ -98,9 +103,9 @@ def unavailable_reason(backend: str, device="cpu") -> str | None:
         if dev not in ("cpu", "cuda"):
             return f"Triton kernels do not run on device type {dev!r}"
         return None
-    # backend == "cuda": the C++/CUDA extension.
+    # backend == "ext": the C++/CUDA extension.
     try:
-        from kernels import cuda as ext
+        from kernels import ext
     except ImportError as e:  # pragma: no cover - depends on the build
         return f"the C++/CUDA extension module is missing ({e})"
     why = ext.unavailable_reason()
@@ -129,11 +134,12 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     default = None
     overrides: dict[str, str] = {}
     names = BACKENDS + ("auto",)
-    for part in (p.strip() for p in spec.split(",")):
+    for part in (ALIASES.get(p.strip(), p.strip()) for p in spec.split(",")):
         if not part:
             raise SpecError(f"backend spec {spec!r} has an empty entry")
         if "=" in part:
             op, _, backend = (s.strip() for s in part.partition("="))
+            backend = ALIASES.get(backend, backend)
             if op not in OPS:
                 raise SpecError(f"unknown op {op!r} in backend spec {spec!r}; ops are {', '.join(OPS)}")
             if backend not in names:

@@ -21,8 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from kernels import chunked_loss, ref
-from kernels import cuda as ext
+from kernels import chunked_loss, ext, ref
 from kernels import linear_cross_entropy as lce
 from kernels.chunked_loss import ChunkPlan, chunk_plan, chunk_rows, padded_vocab
 from kernels.linear_cross_entropy import (
@@ -42,10 +41,10 @@ _EXT_GPU = DEVICE == "cuda" and _EXT_WHY is None and ext.has_cuda_kernels()
 # for it, else the CPU -- Triton there under the interpreter, the extension with its CPU kernels).
 BACKENDS = {
     "triton": (linear_cross_entropy, cross_entropy_rows_, DEVICE),
-    "cuda": (ext.linear_cross_entropy, ext._cross_entropy_rows_, "cuda" if _EXT_GPU else "cpu"),
+    "ext": (ext.linear_cross_entropy, ext._cross_entropy_rows_, "cuda" if _EXT_GPU else "cpu"),
 }
 backend_names = pytest.mark.parametrize("backend", [
-    "triton", pytest.param("cuda", marks=pytest.mark.skipif(_EXT_WHY is not None, reason=f"extension: {_EXT_WHY}")),
+    "triton", pytest.param("ext", marks=pytest.mark.skipif(_EXT_WHY is not None, reason=f"extension: {_EXT_WHY}")),
 ])
 
 
@@ -467,7 +466,7 @@ def test_no_host_read_on_the_device_path(backend, monkeypatch):
     for got in (kept, freed):
         assert_close(f"{backend} dh", got[0], want[1])
         assert_close(f"{backend} dweight", got[1], want[2])
-    if device == "cpu" and backend == "cuda":
+    if device == "cpu" and backend == "ext":
         return  # the extension's CPU op checks its targets itself (a CPU op reads them for free)
     t[4] = 100
     hh = h.clone().requires_grad_()
@@ -562,14 +561,19 @@ def test_gpt2_vocab_gpu(dtype):
     _check_parity(h, w, t, fn=_chunked(chunk_rows=300, vocab=50257))  # unpadded
 
 
+def _gpu_op(backend: str):
+    """The backend's op on a GPU; the extension's only where its CUDA kernels were built."""
+    if backend == "ext" and not _EXT_GPU:
+        pytest.skip(f"the extension's CUDA kernels are not available here ({_EXT_WHY or 'a CPU-only build'})")
+    return BACKENDS[backend][0]
+
+
 @needs_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", "ext"])
 def test_gpt2_fp16_grad_scaler_gpu(backend):
     # The H100 report: N = 4096, V = 16384, C = 64, upstream gradient 2^16, fp16: non-target dweight rows and dh.
-    if backend == "cuda" and not _EXT_GPU:
-        pytest.skip(f"the extension's CUDA kernels are not available here ({_EXT_WHY or 'a CPU-only build'})")
-    op = BACKENDS[backend][0]
+    op = _gpu_op(backend)
     h, w, t = _inputs((4096,), 64, 16384, torch.float16)
     t = (t % 8) * 2039
     ours = _loss_and_grads(op, h, w, t, grad_scale=2.0**16)
@@ -602,15 +606,14 @@ def test_gpt2_peak_memory_gpu(dtype):
 
 @needs_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", "ext"])
 def test_out_of_range_target_gpu(backend):
     # No host read on a GPU: the bad row's loss is NaN (so is the mean) and its gradient 0; no error.
-    if backend == "cuda" and not _EXT_GPU:
-        pytest.skip(f"the extension's CUDA kernels are not available here ({_EXT_WHY or 'a CPU-only build'})")
+    op = _gpu_op(backend)
     h, w, t = _inputs((64,), 64, 1000, torch.float16)
     t[10] = 1000
     hh = h.clone().requires_grad_()
-    loss = BACKENDS[backend][0](hh, w, t)
+    loss = op(hh, w, t)
     loss.backward()
     assert torch.isnan(loss).item()
     assert not hh.grad[10].any() and torch.isfinite(hh.grad).all()

@@ -1,7 +1,7 @@
 """Model-level parity: one state dict under each backend gives the reference's logits, loss, every
 parameter gradient, a 5-step AdamW loss trajectory, and greedy samples.
 
-Runs for every backend that can run here (``triton`` under the CPU interpreter, ``cuda`` when the
+Runs for every backend that can run here (``triton`` under the CPU interpreter, ``ext`` when the
 extension is built); each backend that cannot run is skipped with its reason.
 """
 
@@ -50,7 +50,7 @@ def _trajectory(model, idx, tgt, steps=5):
     return losses
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", "ext"])
 def test_backend_matches_torch(base, backend):
     why = unavailable_reason(backend, _device())
     if why is not None:

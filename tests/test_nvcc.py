@@ -10,7 +10,7 @@
    ``csrc/emulation/cuda_emulation.h`` (threads, barriers and warp shuffles emulated on the CPU)
    and their results compared with ``kernels.ref`` on small awkward shapes. Skipped without a
    C++20 compiler. The fp16 / bf16 paths and real-GPU behaviour are left to the GPU tests of
-   tests/test_cuda_ext.py.
+   tests/test_ext.py.
 """
 
 from __future__ import annotations

@@ -16,7 +16,14 @@ def test_parse_spec_forms():
     assert parse_spec("torch") == ("torch", {})
     assert parse_spec("triton,attention=torch") == ("triton", {"attention": "torch"})
     assert parse_spec("attention=torch") == ("auto", {"attention": "torch"})
-    assert parse_spec(" auto , mlp = cuda ") == ("auto", {"mlp": "cuda"})
+    assert parse_spec(" auto , mlp = ext ") == ("auto", {"mlp": "ext"})
+
+
+def test_cuda_is_the_extension_s_old_name():
+    """``cuda`` names the extension backend (``ext``) in a spec, as a default and as an override."""
+    assert parse_spec("cuda") == ("ext", {})
+    assert parse_spec("torch,mlp=cuda") == ("torch", {"mlp": "ext"})
+    assert kernels.unavailable_reason("cuda", "cpu") == kernels.unavailable_reason("ext", "cpu")
 
 
 @pytest.mark.parametrize("spec,needle", [
@@ -45,7 +52,7 @@ def test_torch_backend_everywhere_and_ops_are_the_reference():
 def _other_backend() -> str:
     """A backend other than the reference that runs on the CPU here (the extension, else Triton under the
     interpreter): an override or a swap to it must change which functions run."""
-    for backend in ("cuda", "triton"):
+    for backend in ("ext", "triton"):
         if kernels.unavailable_reason(backend, "cpu") is None:
             return backend
     pytest.skip("no backend but torch runs on the CPU here (no extension, no Triton interpreter)")
@@ -139,15 +146,12 @@ def test_auto_resolves_and_states_its_choice_once(capsys):
     err = capsys.readouterr().err
     assert err.count("backend 'auto' on cpu chose") == 1
     assert set(a) == set(kernels.OPS)
-    assert all(b in ("cuda", "torch") for b in a.values())  # never the slow interpreter on CPU
+    assert all(b in ("ext", "torch") for b in a.values())  # never the slow interpreter on CPU
 
 
 def test_torch_backend_never_imports_triton():
-    code = ("import sys, kernels, gpt2\n"
-            "from gpt2.model import GPT, GPTConfig\n"
-            "import torch\n"
-            "m = GPT(GPTConfig.from_preset('tiny'), backend='torch')\n"
-            "m(torch.zeros(1, 4, dtype=torch.long))\n"
-            "print('triton' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    model = "GPT(GPTConfig.from_preset('tiny'), backend='torch')"
+    code = f"import sys, torch; from gpt2.model import GPT, GPTConfig; {model}(torch.zeros(1, 4, dtype=torch.long))"
+    out = subprocess.run([sys.executable, "-c", code + "; print('triton' in sys.modules)"], capture_output=True,
+                         text=True, check=True).stdout
     assert out.strip() == "False"

@@ -122,9 +122,14 @@ def test_toy_oversized_shared_memory_is_flagged_per_arch(toy):
     assert fits80.shared == over86.shared
     assert report.SHARED_LIMIT[86] < over86.shared <= report.SHARED_LIMIT[80]
     assert fits80.ok, fits80.problems
-    assert not over86.ok
-    assert any("shared memory" in p for p in over86.problems), over86.problems
-    assert "SMEM" in report.format_table([over86])
+    _assert_flagged(over86, "shared memory", "SMEM")
+
+
+def _assert_flagged(r, problem: str, tag: str) -> None:
+    """``r`` is not ok, a problem names ``problem`` and the table marks the row ``tag``."""
+    assert not r.ok
+    assert any(problem in p for p in r.problems), r.problems
+    assert tag in report.format_table([r])
 
 
 @needs_tools
@@ -133,9 +138,7 @@ def test_toy_spilling_config_is_flagged(toy):
     assert r.error is None, r.error
     assert r.spill_stores > 0 and r.spill_loads > 0
     assert r.spill_source == "ptxas"
-    assert not r.ok
-    assert any("spills" in p for p in r.problems), r.problems
-    assert "SPILL" in report.format_table([r])
+    _assert_flagged(r, "spills", "SPILL")
 
 
 @needs_tools

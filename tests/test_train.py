@@ -101,7 +101,7 @@ def test_config_file_and_flags_merge(tmp_path):
     with pytest.raises(ValueError, match="unknown option 'batch_sise'"):
         given_options(build_parser().parse_args(["train", "--config", str(cfg)]))
     cfg.write_text(json.dumps({"batch_size": 2.5}))
-    with pytest.raises(ValueError, match="--batch-size must be an integer >= 1, got 2.5"):
+    with pytest.raises(ValueError, match="--batch-size must be an integer >= 1 or auto, got 2.5"):
         resolve_options(given_options(build_parser().parse_args(["train", "--config", str(cfg)])))
 
 

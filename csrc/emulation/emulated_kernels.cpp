@@ -5,8 +5,8 @@
 #define GPT2K_CUDA_EMULATION 1
 
 #include "../attention.cuh"
-#include "../cross_entropy.cuh"
-#include "../gelu.cuh"
+#include "../linear_cross_entropy.cuh"
+#include "../mlp.cuh"
 #include "../layer_norm.cuh"
 
 using namespace gpt2k::cuda;

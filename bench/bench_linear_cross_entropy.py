@@ -12,18 +12,9 @@ fp32 on a CPU when the upstream gradient is 1.0); the reference does one matmul 
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from bench.common import (
-    InputSet,
-    OpCase,
-    Unavailable,
-    compiled_reference,
-    is_peer,
-    registry_impl,
-    run_op_benchmark,
-)
+from bench.common import InputSet, liger, time_case
 
 OP = "linear_cross_entropy"
 
@@ -38,14 +29,8 @@ def make_inputs(shape, dtype, device, gen) -> InputSet:
     return InputSet((h, w, t), {"ignore_index": -1}, (h, w), None)
 
 
-def _liger(device: torch.device):
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except ImportError as e:
-        raise Unavailable(f"Liger-Kernel is not importable here ({e})") from None
-    if device.type != "cuda":
-        raise Unavailable("Liger-Kernel's Triton kernels need a CUDA GPU")
-    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=-1)
+def _liger(case, device: torch.device):
+    loss = liger("transformers", device).LigerFusedLinearCrossEntropyLoss(ignore_index=-1)
 
     def linear_cross_entropy(h, weight, targets, ignore_index=-1):
         return loss(weight, h.reshape(-1, h.shape[-1]), targets.reshape(-1))
@@ -53,17 +38,8 @@ def _liger(device: torch.device):
     return linear_cross_entropy
 
 
-def load(case: OpCase, device: torch.device):
-    if case.impl == "torch-compile":
-        return compiled_reference(OP, (case.shape, case.dtype))
-    if case.impl == "liger":
-        return _liger(device)
-    return registry_impl(OP, case.impl, device)
+PEERS = {"liger": _liger}
 
 
 def test_linear_cross_entropy(benchmark, op_case, device, ceilings, settings):
-    try:
-        fn = load(op_case, device)
-    except Unavailable as e:
-        pytest.skip(str(e))
-    run_op_benchmark(benchmark, op_case, make_inputs, fn, ceilings, settings, device, peer=is_peer(op_case.impl))
+    time_case(benchmark, op_case, make_inputs, device, ceilings, settings, peers=PEERS)

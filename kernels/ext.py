@@ -15,7 +15,7 @@ why, and the registry reports it. Calling an op then raises that reason.
 
 ``attention`` with ``dropout_p > 0`` is not implemented by the extension; it falls back to
 ``kernels.ref.attention`` (with a one-time warning) so that training with attention dropout
-still works under ``--backend cuda``.
+still works under ``--backend ext``.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _ops():
     if not torch.compiler.is_compiling():
         mod, why = _load()
         if mod is None:
-            raise RuntimeError(f"kernels.cuda: {why}")
+            raise RuntimeError(f"kernels.ext: {why}")
     return torch.ops.gpt2k
 
 
@@ -82,7 +82,12 @@ def _ops():
 
 def _register() -> None:
     """Fake kernels and autograd for every gpt2k op (runs once, after the library is loaded)."""
-    lib = "gpt2k::"
+    _register_fakes("gpt2k::")
+    _register_autograd("gpt2k::")
+
+
+def _register_fakes(lib: str) -> None:
+    """Output shapes and dtypes of every op, for torch.compile's tracing."""
 
     @torch.library.register_fake(lib + "layer_norm_fwd")
     def _(x, weight, bias, eps):
@@ -129,6 +134,9 @@ def _register() -> None:
     def _(logits, targets, scale, ignore_index):
         return logits.new_empty((logits.shape[0],), dtype=torch.float32)
 
+
+def _register_autograd(lib: str) -> None:
+    """The backward of every differentiable op (the loss head forms its gradients in its forward)."""
     # layer_norm_fwd -> (y, mean, rstd); only y carries a gradient.
     def ln_setup(ctx, inputs, output):
         x, weight, bias, _eps = inputs
@@ -256,7 +264,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         (B, nh, Tq, hs) in ``q.dtype``.
     """
     if dropout_p > 0.0:
-        warnings.warn("kernels.cuda.attention: the extension has no dropout; using kernels.ref.attention for "
+        warnings.warn("kernels.ext.attention: the extension has no dropout; using kernels.ref.attention for "
                       f"dropout_p={dropout_p}", stacklevel=2)
         return ref.attention(q, k, v, causal=causal, dropout_p=dropout_p)
     ops = _ops()

@@ -1,4 +1,4 @@
-"""Tests of the C++/CUDA extension backend (``kernels.cuda`` on ``kernels._C``).
+"""Tests of the C++/CUDA extension backend (``kernels.ext`` on ``kernels._C``).
 
 Every op's forward and every gradient is compared with ``kernels.ref`` on the CPU in fp32 and
 bf16 (and on a GPU, when there is one, in fp32 / fp16 / bf16), on awkward shapes: T = 1, prime
@@ -18,8 +18,7 @@ import sys
 import pytest
 import torch
 
-from kernels import cuda as ext
-from kernels import ref, registry
+from kernels import ext, ref, registry
 from kernels.testing import assert_close
 
 _WHY = ext.unavailable_reason()
@@ -312,7 +311,7 @@ def test_cpu_kernels_run_the_vector_build_this_cpu_supports():
 
 
 def test_registry_builds_cuda_backend_on_cpu():
-    ops = registry.build_ops("cuda", "cpu")
+    ops = registry.build_ops("ext", "cpu")
     assert ops.layer_norm is ext.layer_norm and ops.linear_cross_entropy is ext.linear_cross_entropy
 
 
@@ -433,7 +432,7 @@ def test_cuda_device_mismatch_names_the_argument():
 def test_cuda_layer_norm(dtype):
     for lead, C in (((1, 1), 64), ((3, 97), 768), ((2, 5), 1600), ((7,), 33)):
         x = _randn(*lead, C, scale=2.0) + 0.5
-        _parity(f"cuda layer_norm {lead}x{C}", "layer_norm", [x, _randn(C, seed=1), _randn(C, seed=2)], dtype, "cuda")
+        _parity(f"ext layer_norm {lead}x{C}", "layer_norm", [x, _randn(C, seed=1), _randn(C, seed=2)], dtype, "ext")
 
 
 @needs_gpu
@@ -442,7 +441,7 @@ def test_cuda_mlp(dtype):
     for lead, C, H in (((1, 1), 16, 64), ((4, 97), 768, 3072), ((3, 13), 24, 97)):
         args = [_randn(*lead, C), _randn(H, C, seed=1, scale=C ** -0.5), _randn(H, seed=3, scale=0.5),
                 _randn(C, H, seed=2, scale=H ** -0.5), _randn(C, seed=4, scale=0.1)]
-        _parity(f"cuda mlp {lead} C={C} H={H}", "mlp", args, dtype, "cuda")
+        _parity(f"ext mlp {lead} C={C} H={H}", "mlp", args, dtype, "ext")
 
 
 @needs_gpu
@@ -450,7 +449,7 @@ def test_cuda_mlp(dtype):
 @pytest.mark.parametrize("B,nh,Tq,Tk,hs,causal", ATTN_CASES + [(2, 12, 1025, 1025, 64, True), (1, 2, 129, 200, 128, False)])
 def test_cuda_attention(B, nh, Tq, Tk, hs, causal, dtype):
     q, k, v = (_randn(B, nh, T, hs, seed=s) for s, T in ((0, Tq), (1, Tk), (2, Tk)))
-    _parity(f"cuda attention {B},{nh},{Tq},{Tk},{hs},{causal}", "attention", [q, k, v], dtype, "cuda", causal=causal)
+    _parity(f"ext attention {B},{nh},{Tq},{Tk},{hs},{causal}", "attention", [q, k, v], dtype, "ext", causal=causal)
 
 
 @needs_gpu
@@ -462,7 +461,7 @@ def test_cuda_linear_cross_entropy(dtype):
         h, w = _randn(*lead, C), _randn(V, C, seed=1, scale=C ** -0.5)
         t = torch.randint(0, V, lead, generator=torch.Generator().manual_seed(2))
         t.view(-1)[:n_ign] = -1
-        _parity(f"cuda linear_cross_entropy {lead} V={V}", "linear_cross_entropy", [h, w, t], dtype, "cuda")
+        _parity(f"ext linear_cross_entropy {lead} V={V}", "linear_cross_entropy", [h, w, t], dtype, "ext")
 
 
 @needs_gpu
@@ -518,7 +517,7 @@ def test_torch_compile_traces_add_layer_norm():
 
 
 def test_missing_extension_is_reported_not_raised():
-    """Without kernels._C, importing kernels.cuda works and the registry says why 'cuda' is unavailable."""
+    """Without kernels._C, importing kernels.ext works and the registry says why 'ext' is unavailable."""
     code = (
         "import sys\n"
         "class Block:\n"
@@ -526,12 +525,12 @@ def test_missing_extension_is_reported_not_raised():
         "        if name == 'kernels._C':\n"
         "            raise ImportError('blocked by the test')\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import kernels.cuda as c\n"
+        "import kernels.ext as c\n"
         "from kernels import registry\n"
         "assert not c.has_cuda_kernels()\n"
         "print(c.unavailable_reason())\n"
         "try:\n"
-        "    registry.build_ops('cuda')\n"
+        "    registry.build_ops('ext')\n"
         "except registry.BackendError as e:\n"
         "    print(e)\n"
     )
@@ -539,4 +538,4 @@ def test_missing_extension_is_reported_not_raised():
     assert proc.returncode == 0, proc.stderr
     reason, error = proc.stdout.strip().splitlines()
     assert "not built" in reason and "blocked by the test" in reason and "pip install" in reason
-    assert "cuda" in error and "blocked by the test" in error
+    assert "ext" in error and "blocked by the test" in error
