@@ -21,7 +21,6 @@ from bench import cases
 from bench.common import (
     DTYPES,
     InputSet,
-    OpCase,
     Unavailable,
     bench_device,
     device_name,
@@ -94,14 +93,6 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("add_case", _add_cases(metafunc.config))
 
 
-def add_cost(case: OpCase, dtype: torch.dtype) -> tuple[float, float]:
-    """(FLOPs, fewest bytes) of one fwd+bwd: ``op_cost``'s layer norm, plus the add's residual read and s
-    written forward and ds read backward (dx is written once: x and the residual share it), and its adds."""
-    base = op_cost(OP, case.shape, "fwd+bwd", dtype)
-    n = case.shape.B * case.shape.T * case.shape.C
-    return base.flops + 2.0 * n, base.bytes + 3.0 * n * torch.tensor([], dtype=dtype).element_size()
-
-
 def test_add_layer_norm(benchmark, add_case, device, ceilings, settings):
     try:
         fn = load_impl(add_case, device, PEERS)
@@ -127,7 +118,8 @@ def test_add_layer_norm(benchmark, add_case, device, ceilings, settings):
     target()
     once = max(time.perf_counter() - t0, 1e-6)
     rounds = int(min(settings.max_rounds, max(settings.min_rounds, settings.max_time / once)))
-    flops, nbytes = add_cost(add_case, dtype)
+    cost = op_cost("add_layer_norm", add_case.shape, "fwd+bwd", dtype)
+    flops, nbytes = cost.flops, cost.bytes
     copy, mm = ceilings.copy(), ceilings.matmul(dtype)
     benchmark.group = add_case.group
     shape = add_case.shape

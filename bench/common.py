@@ -129,6 +129,7 @@ def op_cost(op: str, shape: Shape, mode: str, dtype: torch.dtype) -> Cost:
     an element and H = 4 C:
 
         layer_norm  fwd 8 N C, (2 N C + 2 C) e              bwd 12 N C, (3 N C + 3 C) e
+        add_layer_norm  fwd 9 N C, (4 N C + 2 C) e          bwd 13 N C, (4 N C + 3 C) e
         attention   fwd 2 B nh T (T + 1) hs, 4 B nh T hs e  bwd 2.5 x fwd FLOPs, 8 B nh T hs e
         mlp         fwd 4 N C H, (2 N C + 2 C H + H + C) e  bwd 8 N C H, (3 N C + 4 C H + H + C) e
         loss        fwd 2 N C V, (N C + V C) e + 8 N        bwd 4 N C V, 2 (N C + V C) e + 8 N
@@ -154,6 +155,10 @@ def op_cost(op: str, shape: Shape, mode: str, dtype: torch.dtype) -> Cost:
         fwd = Cost(8.0 * N * C, (2.0 * N * C + 2.0 * C) * e)  # read x, w, b; write y
         bwd = Cost(12.0 * N * C, (3.0 * N * C + 3.0 * C) * e)  # read x, dy, w; write dx, dw, db
         both = Cost(fwd.flops + bwd.flops, fwd.bytes + bwd.bytes)
+    elif op == "add_layer_norm":
+        fwd = Cost(9.0 * N * C, (4.0 * N * C + 2.0 * C) * e)  # read x, residual, w, b; write y, s
+        bwd = Cost(13.0 * N * C, (4.0 * N * C + 3.0 * C) * e)  # read s, dy, ds, w; write dx (x's and residual's)
+        both = Cost(fwd.flops + bwd.flops, fwd.bytes + bwd.bytes)
     elif op == "mlp":
         H = 4 * C
         fwd = Cost(4.0 * N * C * H, (2.0 * N * C + 2.0 * C * H + H + C) * e)  # read x, weights; write y
@@ -165,7 +170,7 @@ def op_cost(op: str, shape: Shape, mode: str, dtype: torch.dtype) -> Cost:
         bwd = Cost(4.0 * N * C * V, 2.0 * (N * C + V * C) * e + 8.0 * N)  # read h, W, targets; write dh, dW
         both = Cost(fwd.flops + bwd.flops, bwd.bytes)
     else:
-        raise ValueError(f"op_cost: unknown op {op!r}; ops are {', '.join(OPS)}")
+        raise ValueError(f"op_cost: unknown op {op!r}; ops are {', '.join(OPS + ('add_layer_norm',))}")
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both}[mode]
 
 
