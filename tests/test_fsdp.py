@@ -74,15 +74,18 @@ def _torchrun(*argv: str) -> str:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """Five 2-process runs of 8 steps: FSDP in one go, DDP in one go, FSDP in 4 + 4 (resumed), and FSDP's step-4
-    checkpoint resumed without ``--fsdp``."""
+    """Five 2-process runs of 8 steps: FSDP in one go, DDP in one go, FSDP with ``--recompute block`` in 4 + 4
+    (resumed), and that run's step-4 checkpoint resumed without ``--fsdp``."""
     tmp = tmp_path_factory.mktemp("fsdp")
     data = tmp / "toy.bin"
     write_shard(data, np.random.default_rng(0).integers(0, 512, size=8000))
     out = {name: tmp / name for name in ("fsdp", "ddp", "split", "to_ddp")}
     assert "2 processes, FSDP" in _torchrun(*_args(data, out["fsdp"], "--fsdp"))
     _torchrun(*_args(data, out["ddp"]))
-    assert _torchrun(*_args(data, out["split"], "--fsdp", "--stop-at", "4")).count("stopped at step 4") == 1
+    # The split run also recomputes every block: recompute is exact, so it must still match the others (and its
+    # resumed copy without --fsdp runs DDP with recompute).
+    split = _torchrun(*_args(data, out["split"], "--fsdp", "--recompute", "block", "--stop-at", "4"))
+    assert split.count("stopped at step 4") == 1
     shutil.copytree(out["split"], out["to_ddp"])
     # --device cpu again: on a machine with fewer GPUs than processes a GPU default would fail (see test_ddp).
     assert "FSDP" in _torchrun("train", "--resume", "--out-dir", str(out["split"]), "--device", "cpu")

@@ -205,6 +205,28 @@ def test_training_with_dropout_and_an_optimizer_step(spies):
         assert_close(f"{name} after a step", p, q)
 
 
+def test_trainer_trains_the_patched_model_to_the_same_losses(spies, tmp_path):
+    """transformers' own Trainer runs a patched model through the ops and logs the unpatched model's losses."""
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate (extra 'dev')")
+    rows = torch.randint(0, 500, (8, 16), generator=torch.Generator().manual_seed(2))
+    data = [{"input_ids": r, "labels": r} for r in rows]
+    losses = []
+    for patched in (True, False):
+        model = _model(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+        if patched:
+            hf.patch_gpt2(model, "torch")
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / f"run{patched}"), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3,
+            logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+        if patched:
+            assert len(spies["linear_cross_entropy"]) == 2 and len(spies["attention"]) == 2 * L
+    assert len(losses[0]) == 2
+    assert losses[0] == pytest.approx(losses[1], abs=2e-4)  # the Trainer logs losses rounded to 4 decimals
+
+
 # ------------------------------------------------------------------------------------------- patch, unpatch
 
 
