@@ -23,6 +23,13 @@ def parse_list(value: str | None) -> list[str] | None:
     return items or None
 
 
+def _canonical(backends: list[str] | None) -> list[str] | None:
+    """Old backend names (``cuda`` for ``ext``) as the registry's current ones."""
+    from kernels.registry import ALIASES
+
+    return None if backends is None else [ALIASES.get(b, b) for b in backends]
+
+
 def default_dtypes(device_type: str, full: bool) -> list[str]:
     """The dtypes a run measures by default: the one ``--dtype auto`` trains in (``kernels.runtime.default_dtype``:
     bf16 from sm_80, fp16 on Turing, whose bf16 is emulated), or with ``--full`` every dtype the GPU has."""
@@ -84,6 +91,7 @@ def op_choices(op: str, grid: str, device_type: str, full: bool, backends: list[
         Choices in run order; bad names come first, as skips.
     """
     bad: list[Choice] = []
+    backends = _canonical(backends)
     impls = list(IMPL_NAMES[op])
     if backends and backends != ["all"]:
         impls = []
@@ -126,6 +134,7 @@ def model_choices(device_type: str, full: bool, backends: list[str] | None,
                   dtypes: list[str] | None) -> list[Choice]:
     """The (backend, dtype) pairs for the train-step and generation benchmarks."""
     out: list[Choice] = []
+    backends = _canonical(backends)
     chosen = list(MODEL_BACKENDS)
     if backends and backends != ["all"]:
         chosen = [b for b in MODEL_BACKENDS if b in backends]

@@ -75,6 +75,8 @@ def test_groups_differ_only_by_implementation():
 def test_model_choices_skip_unknown_backends():
     choices = cases.model_choices("cpu", False, ["ext", "warp-drive"], None)
     assert [c.case.backend for c in choices if c.case] == ["ext"]
+    old_name = cases.model_choices("cpu", False, ["cuda"], None)  # the extension's old name still selects it
+    assert [c.case.backend for c in old_name if c.case] == ["ext"]
     assert any(c.skip and "'warp-drive'" in c.skip for c in choices)
 
 
