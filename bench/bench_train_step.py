@@ -1,8 +1,9 @@
 """One whole training step (forward, backward, AdamW) of a GPT-2 preset: tokens/s, MFU and peak memory.
 
 On a GPU: the ``gpt2`` preset (124M) on 16 x 1024 tokens, under bf16 autocast by default. On the
-CPU: the small ``shakespeare`` preset on 4 x 128 tokens, in fp32. One row per registry backend;
-rows of a group differ only by backend. MFU is reported twice: against the matmul rate this
+CPU: the small ``shakespeare`` preset on 4 x 128 tokens, in fp32. One row per registry backend, and two peers:
+transformers' ``GPT2LMHeadModel`` with the same weights (``transformers``, SDPA attention) and the same model
+patched onto our kernels (``transformers-patched``); rows of a group differ only by backend. MFU is reported twice: against the matmul rate this
 session measured (``mfu_vs_measured``), and the model's own ``estimate_mfu`` against a datasheet
 peak (``mfu_vs_datasheet``; None on a CPU).
 """
@@ -16,7 +17,7 @@ import time
 import pytest
 import torch
 
-from bench.common import DTYPES, OOM, autocast, device_name, model_backend_or_skip, synchronize
+from bench.common import DTYPES, MODEL_PEERS, OOM, autocast, device_name, hf_twin, model_backend_or_skip, synchronize
 
 
 def _config(device):
@@ -35,12 +36,13 @@ def test_train_step(benchmark, model_case, device, ceilings, settings):
     torch.manual_seed(0)
     config = GPTConfig.from_preset(preset)
     T = min(T, config.block_size)
+    peer = model_case.backend in MODEL_PEERS
     try:
-        model = GPT(config, backend=model_case.backend).to(device)
+        model = GPT(config, backend="torch" if peer else model_case.backend).to(device).train()
+        trained = hf_twin(model, model_case.backend) if peer else model
     except OOM:
         pytest.skip(f"the {preset} model does not fit in memory")
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(trained.parameters(), lr=1e-4, weight_decay=0.1, fused=device.type == "cuda")
     gen = torch.Generator(device=device).manual_seed(0)
     batches = [(torch.randint(0, config.vocab_size, (B, T), device=device, generator=gen),
                 torch.randint(0, config.vocab_size, (B, T), device=device, generator=gen)) for _ in range(4)]
@@ -50,7 +52,8 @@ def test_train_step(benchmark, model_case, device, ceilings, settings):
         idx, targets = batches[state["i"] % len(batches)]
         state["i"] += 1
         with autocast(device, dtype):
-            _, loss = model(idx, targets)
+            # transformers shifts its labels itself (T - 1 scored positions): the same work, timed as it is used.
+            loss = trained(idx, labels=idx).loss if peer else model(idx, targets)[1]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

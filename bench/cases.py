@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bench.common import ALL_IMPL_NAMES, DTYPE_ALIASES, DTYPES, IMPL_NAMES, MODES, OpCase
+from bench.common import ALL_IMPL_NAMES, DTYPE_ALIASES, DTYPES, IMPL_NAMES, MODEL_PEERS, MODES, OpCase
 from bench.shapes import select_shapes
 
-MODEL_BACKENDS = ("torch", "triton", "ext")  # the registry backends a whole model can run on
+# The registry backends a whole model runs on, then transformers' model with the same weights (bench.common).
+MODEL_BACKENDS = ("torch", "triton", "ext") + MODEL_PEERS
 
 
 def parse_list(value: str | None) -> list[str] | None:
@@ -139,9 +140,9 @@ def model_choices(device_type: str, full: bool, backends: list[str] | None,
     if backends and backends != ["all"]:
         chosen = [b for b in MODEL_BACKENDS if b in backends]
         for name in backends:
-            if name not in ALL_IMPL_NAMES and name != "all":
+            if name not in ALL_IMPL_NAMES + MODEL_PEERS and name != "all":
                 out.append(Choice(f"backend-{name}", None, f"--bench-backends: unknown backend {name!r}; "
-                                                           f"backends are {', '.join(ALL_IMPL_NAMES)}"))
+                                                           f"backends are {', '.join(ALL_IMPL_NAMES + MODEL_PEERS)}"))
     dts, bad_dt = _dtypes(dtypes, device_type, False)
     out += bad_dt
     out += [Choice(ModelCase(b, d).id, ModelCase(b, d)) for d in dts for b in chosen]

@@ -312,10 +312,38 @@ def liger(module: str, device: torch.device):
     return mod
 
 
+# Peers of the whole-model benchmarks: transformers' GPT2LMHeadModel with the same weights, as it ships and
+# patched onto this project's kernels (``kernels.hf.patch_gpt2``, backend auto).
+MODEL_PEERS = ("transformers", "transformers-patched")
+
+
+def hf_twin(model, name: str):
+    """transformers' ``GPT2LMHeadModel`` holding ``model``'s weights (through ``save_pretrained``), on its device
+    and in its train/eval mode; patched onto our kernels for ``transformers-patched`` (in training without the
+    logits beside the loss, as one would train it)."""
+    import tempfile
+
+    try:
+        import transformers
+    except ImportError as e:
+        pytest.skip(f"transformers is not importable here ({e})")
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        twin = transformers.GPT2LMHeadModel.from_pretrained(d, attn_implementation="sdpa")
+    twin = twin.to(model.transformer.wte.weight.device).train(model.training)
+    if name == "transformers-patched":
+        from kernels.hf import patch_gpt2
+
+        patch_gpt2(twin, "auto", logits_with_loss=not model.training)  # training: the fused loss, no logits
+    return twin
+
+
 def model_backend_or_skip(backend: str, device: torch.device) -> None:
     """Skip a whole-model benchmark whose backend cannot run (or only crawls) on ``device``."""
     import kernels
 
+    if backend in MODEL_PEERS:
+        return
     if backend == "triton" and device.type == "cpu":
         pytest.skip("triton runs on the CPU only under TRITON_INTERPRET=1, an interpreter far too slow to benchmark")
     why = kernels.unavailable_reason(backend, device)

@@ -77,6 +77,9 @@ def test_model_choices_skip_unknown_backends():
     assert [c.case.backend for c in choices if c.case] == ["ext"]
     old_name = cases.model_choices("cpu", False, ["cuda"], None)  # the extension's old name still selects it
     assert [c.case.backend for c in old_name if c.case] == ["ext"]
+    peers = cases.model_choices("cpu", False, ["transformers", "transformers-patched"], None)
+    assert [c.case.backend for c in peers if c.case] == ["transformers", "transformers-patched"]
+    assert all(c.case for c in peers)  # peers are no unknown names
     assert any(c.skip and "'warp-drive'" in c.skip for c in choices)
 
 
