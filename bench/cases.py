@@ -26,9 +26,9 @@ def parse_list(value: str | None) -> list[str] | None:
 
 def _canonical(backends: list[str] | None) -> list[str] | None:
     """Old backend names (``cuda`` for ``ext``) as the registry's current ones."""
-    from kernels.registry import ALIASES
+    from kernels.registry import canonical
 
-    return None if backends is None else [ALIASES.get(b, b) for b in backends]
+    return None if backends is None else [canonical(b) for b in backends]
 
 
 def default_dtypes(device_type: str, full: bool) -> list[str]:

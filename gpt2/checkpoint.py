@@ -178,6 +178,14 @@ def load_model(path, backend: str = "auto", device="cpu") -> tuple[GPT, dict]:
     return model.to(device).eval().set_backend(backend), ckpt
 
 
+def load_inference_model(ckpt: str | None, pretrained: str | None, backend: str, device) -> GPT:
+    """The model of ``gpt2 sample`` / ``gpt2 eval``: a training checkpoint (``ckpt``) or a Hugging Face GPT-2 folder
+    (``pretrained``), on ``device`` in eval mode with ``backend`` resolved there."""
+    if ckpt:
+        return load_model(ckpt, backend=backend, device=device)[0]
+    return GPT.from_pretrained(pretrained).to(device).eval().set_backend(backend)
+
+
 # ----------------------------------------------------------------------------- FSDP: whole tensors from shards
 
 

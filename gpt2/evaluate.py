@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from gpt2 import runtime
+from gpt2.checkpoint import load_inference_model
 from gpt2.data import DataError
 
 __all__ = ["Stream", "add_args", "count_windows", "lm_loss", "load_streams", "run", "windows"]
@@ -246,16 +247,6 @@ def _check_flags(args) -> None:
         raise UsageError(f"--json {args.json}: its folder does not exist")
 
 
-def _load_model(args, device):
-    if args.ckpt:
-        from gpt2.checkpoint import load_model
-
-        return load_model(args.ckpt, backend=args.backend, device=device)[0]
-    from gpt2.model import GPT
-
-    return GPT.from_pretrained(args.pretrained).to(device).eval().set_backend(args.backend)
-
-
 def _report(result: dict) -> None:
     if "loss" in result:
         bpb = result["bits_per_byte"]
@@ -292,7 +283,7 @@ def run(args) -> int:
     source = args.data if args.data is not None else (None if examples is not None else "shakespeare")
     streams = load_streams(source) if source is not None else None
     rt = runtime.start(args.device, args.dtype, distributed=False)
-    model = _load_model(args, rt.device)
+    model = load_inference_model(args.ckpt, args.pretrained, args.backend, rt.device)
     T = model.config.block_size
     stride = args.stride if args.stride is not None else max(1, T // 2)
     if stride > T:

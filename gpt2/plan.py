@@ -65,6 +65,7 @@ import torch
 
 import kernels
 from gpt2.model import GPT, PRESETS, RECOMPUTE_MODES, GPTConfig
+from gpt2.runtime import DTYPES
 from kernels.chunked_loss import chunk_plan
 
 __all__ = ["ALLOCATOR_SLACK", "CUDA_CONTEXT_GIB", "DEFAULT_TOKENS_PER_STEP", "Plan", "activation_bytes",
@@ -85,7 +86,6 @@ DEFAULT_TOKENS_PER_STEP = 524288
 # A micro-step of this many tokens keeps a GPU's matmuls busy: recompute more only to reach it.
 BUSY_TOKENS = 8192
 _MAX_MICRO_BATCH = 1 << 16
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class PlanError(ValueError):
@@ -563,7 +563,7 @@ def request_from_args(args) -> tuple[Request, str | None]:
     if args.preset not in PRESETS:
         raise PlanError(f"--preset: unknown preset {args.preset!r}; presets are {', '.join(PRESETS)}")
     config = GPTConfig.from_preset(args.preset)
-    dtype = torch.bfloat16 if args.dtype == "auto" else _DTYPES[args.dtype]
+    dtype = torch.bfloat16 if args.dtype == "auto" else DTYPES[args.dtype]
     T = config.block_size if args.block_size is None else args.block_size
     req = Request(config, args.preset, args.gpu_memory, T, dtype, args.world_size, args.fsdp, args.backend,
                   args.tokens_per_step)

@@ -101,17 +101,13 @@ def stream_text(model, prompt: str, max_new_tokens: int, temperature: float = 0.
 
 def run(args) -> int:
     """Run ``gpt2 sample``; returns the exit status."""
-    from gpt2.checkpoint import load_model
-    from gpt2.model import GPT
+    from gpt2.checkpoint import load_inference_model
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.greedy, args.max_new_tokens, flags=True)
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     rt = runtime.start(args.device, args.dtype, distributed=False)
-    if args.ckpt:
-        model, _ = load_model(args.ckpt, backend=args.backend, device=rt.device)
-    else:
-        model = GPT.from_pretrained(args.pretrained).to(rt.device).eval().set_backend(args.backend)
+    model = load_inference_model(args.ckpt, args.pretrained, args.backend, rt.device)
     encode_prompt(model, args.prompt, rt.device)  # a bad prompt fails before anything is printed
     gen = torch.Generator(device=rt.device).manual_seed(args.seed)
     for i in range(args.num_samples):

@@ -1,4 +1,4 @@
-"""The ``cuda`` backend: the registry ops on the C++/CUDA extension ``kernels._C``.
+"""The ``ext`` backend: the registry ops on the C++/CUDA extension ``kernels._C``.
 
 The extension (``csrc/``) registers its operators as ``torch.ops.gpt2k.*`` with CPU kernels and,
 when built against a CUDA torch with a CUDA toolkit, CUDA kernels. This module is the Python half:
@@ -8,7 +8,9 @@ when built against a CUDA torch with a CUDA toolkit, CUDA kernels. This module i
   functional ops;
 - the public functions with the signatures of ``kernels.ref``: ``layer_norm``, ``add_layer_norm``, ``attention``,
   ``mlp`` (matmuls by torch, bias + GELU fused in the extension) and ``linear_cross_entropy``
-  (``kernels.chunked_loss``'s driver; the extension turns each chunk of logits into its gradient in place).
+  (``kernels.chunked_loss``'s driver; the extension turns each chunk of logits into its gradient in place; under
+  torch.compile the whole chunked forward is one registered op, ``gpt2k_ext::linear_cross_entropy_fwd``, as on
+  the Triton backend, so no chunk of logits is copied to make its in-place update functional).
 
 Importing this module never fails when the extension is missing: ``unavailable_reason()`` says
 why, and the registry reports it. Calling an op then raises that reason.
@@ -339,4 +341,15 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     _ops()
     chunked_loss.check_inputs(h, weight, targets, ignore_index)
     return chunked_loss.linear_cross_entropy(h, weight, targets, int(ignore_index), _cross_entropy_rows_,
-                                             compute_dtype=chunked_loss.compute_dtype_of(h))
+                                             compute_dtype=chunked_loss.compute_dtype_of(h), op=_forward_op)
+
+
+def _chunked_forward(h, weight, targets, ignore_index, *, need_dh, need_dweight, compute_dtype):
+    # What the registered op runs: the shared driver with the extension's row kernel, outside autocast.
+    _ops()
+    with torch.autocast(h.device.type, enabled=False):
+        return chunked_loss.chunked_forward(h, weight, targets, ignore_index, _cross_entropy_rows_,
+                                            compute_dtype=compute_dtype, need_dh=need_dh, need_dweight=need_dweight)
+
+
+_forward_op = chunked_loss.register_forward_op("gpt2k_ext::linear_cross_entropy_fwd", _chunked_forward)

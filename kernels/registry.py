@@ -35,6 +35,11 @@ BACKENDS = ("torch", "triton", "ext")
 # Older names still accepted in a spec. The extension serves CPU tensors too, so "cuda" was not true on a CPU.
 ALIASES = {"cuda": "ext"}
 
+
+def canonical(name: str) -> str:
+    """A backend name as the registry knows it now (an old alias replaced; anything else unchanged)."""
+    return ALIASES.get(name, name)
+
 # (op, backend) -> "module:function". The single source of truth for where code lives.
 _TABLE: dict[tuple[str, str], str] = {
     ("layer_norm", "torch"): "kernels.ref:layer_norm",
@@ -84,7 +89,7 @@ def unavailable_reason(backend: str, device="cpu") -> str | None:
     Imports the backend's dependencies (Triton, the extension) to find out, so call it only when
     that is wanted.
     """
-    backend = ALIASES.get(backend, backend)
+    backend = canonical(backend)
     if backend not in BACKENDS:
         raise SpecError(f"unknown backend {backend!r}; backends are {', '.join(BACKENDS)}")
     dev = _device_type(device)
@@ -134,12 +139,12 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     default = None
     overrides: dict[str, str] = {}
     names = BACKENDS + ("auto",)
-    for part in (ALIASES.get(p.strip(), p.strip()) for p in spec.split(",")):
+    for part in (canonical(p.strip()) for p in spec.split(",")):
         if not part:
             raise SpecError(f"backend spec {spec!r} has an empty entry")
         if "=" in part:
             op, _, backend = (s.strip() for s in part.partition("="))
-            backend = ALIASES.get(backend, backend)
+            backend = canonical(backend)
             if op not in OPS:
                 raise SpecError(f"unknown op {op!r} in backend spec {spec!r}; ops are {', '.join(OPS)}")
             if backend not in names:

@@ -152,6 +152,21 @@ def test_opcheck_every_registered_op(triton_ops):
             raise AssertionError(f"opcheck failed for {name}: {e}") from e
 
 
+def test_opcheck_the_extension_s_loss_op():
+    """The extension's chunked loss forward is registered the same way (``kernels.chunked_loss.register_forward_op``)."""
+    why = kernels.unavailable_reason("ext", DEVICE)
+    if why is not None:
+        pytest.skip(f"the extension cannot run here: {why}")
+    from kernels import ext
+
+    h, w = _rand(11, 64), _rand(100, 64) * 0.1
+    targets = torch.randint(0, 100, (11,), device=DEVICE)
+    targets[0] = -1
+    for args in ((h, w.detach().requires_grad_(), targets, -1, torch.float32, True, True),
+                 (h.detach(), w.detach(), targets, -1, torch.float32, False, False)):
+        torch.library.opcheck(ext._forward_op, args)
+
+
 def test_eager_calls_bypass_the_registered_ops(triton_ops):
     """Eagerly, the public functions call the launchers directly: a custom op costs ~8 us of host time per forward
     and ~75 us per forward + backward (layer_norm, 2-core CPU), which decoding and small batches would feel."""

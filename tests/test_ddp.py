@@ -3,37 +3,19 @@ as one process with the same global batch, and its checkpoint resumes."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch.distributed as dist
+from train_runs import metric, torchrun
 
 from gpt2.cli import main
 from gpt2.data import write_shard
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                  reason="torch.distributed with gloo is not available")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _losses(out: Path, key: str) -> list[tuple[int, float]]:
-    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r[key]) for r in recs if key in r]
 
 
 def _args(data: Path, out: Path, batch: int, *extra: str) -> list[str]:
@@ -49,22 +31,13 @@ def test_two_gloo_processes_match_one(tmp_path):
     write_shard(data, rng.integers(0, 512, size=8000))
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(_args(data, one, 4)) == 0
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-
-    def torchrun(*argv):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "gpt2", *argv]
-        res = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=240)
-        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-        return res.stdout
-
     assert torchrun(*_args(data, two, 2, "--stop-at", "3")).count("stopped at step 3") == 1  # only rank 0 speaks
     # Resume with the same world size. --device cpu (gloo) explicitly: on a machine with fewer GPUs than
     # processes, a GPU default would put rank 1 on a GPU it does not have (the checkpoint says cpu too).
     torchrun("train", "--resume", "--out-dir", str(two), "--device", "cpu")
-    a, b = _losses(one, "loss"), _losses(two, "loss")
+    a, b = metric(one, "loss"), metric(two, "loss")
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4, 5]
     for (_, x), (_, y) in zip(a, b):
         assert abs(x - y) < 1e-5, (a, b)
-    (sa, va), (sb, vb) = _losses(one, "val_loss")[-1], _losses(two, "val_loss")[-1]
+    (sa, va), (sb, vb) = metric(one, "val_loss")[-1], metric(two, "val_loss")[-1]
     assert sa == sb == 5 and abs(va - vb) < 1e-5

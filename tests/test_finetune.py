@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from train_runs import metric, records
 
 from gpt2.checkpoint import load_model
 from gpt2.cli import main
@@ -60,11 +61,6 @@ def ft_args(data: Path, out: Path, *extra: str) -> list[str]:
             "--block-size", "32", "--max-iters", "3", "--warmup-iters", "0", "--lr", "3e-3", "--min-lr", "3e-4",
             "--eval-interval", "100", "--eval-iters", "1", "--log-interval", "1", "--sample-tokens", "0",
             "--out-dir", str(out), *extra]
-
-
-def records(out: Path, key: str) -> list[tuple[int, float]]:
-    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r[key]) for r in recs if key in r]
 
 
 def ckpt_of(out: Path) -> dict:
@@ -150,10 +146,10 @@ def test_loaded_model_trains_like_a_fresh_one(shard, tmp_path, capsys):
     assert main(ft_args(shard, tmp_path / "from_ours", "--init-from", str(src), *preset)) == 0
     assert main(ft_args(shard, tmp_path / "from_hf", "--init-from", str(export))) == 0
     assert "gpt2 train: --init-from" in capsys.readouterr().out
-    want = records(fresh, "loss")
+    want = metric(fresh, "loss")
     assert [s for s, _ in want] == [1, 2, 3]
     for run in ("from_ours", "from_hf"):
-        got = records(tmp_path / run, "loss")
+        got = metric(tmp_path / run, "loss")
         assert [s for s, _ in got] == [1, 2, 3]
         for (_, a), (_, b) in zip(got, want):
             assert_close(a, b, 1e-6)
@@ -170,7 +166,7 @@ def test_init_from_our_out_dir_starts_a_fresh_optimizer(shard, finetuned, hf_los
     assert ckpt["train_args"]["lr"] == 2e-12  # this run's options, not the source's
     # The first evaluation (step 0, the same validation batches) sees the source's weights, and they are still
     # the Hugging Face model's after three steps at a negligible rate.
-    assert records(out, "val_loss")[0] == (0, records(finetuned, "val_loss")[-1][1])
+    assert metric(out, "val_loss")[0] == (0, metric(finetuned, "val_loss")[-1][1])
     assert_close(our_loss(load_model(out, backend="torch")[0]), hf_loss)
 
 
@@ -190,7 +186,7 @@ def test_resume_continues_the_finetune_not_the_source(hf_dir, shard, tmp_path, c
     assert main(["train", "--resume", "--out-dir", str(split), "--init-from", str(source)]) == 0
     err = capsys.readouterr().err
     assert f"--init-from is ignored (the run started from {source})" in err
-    assert records(split, "loss") == records(straight, "loss")  # bit for bit: the source was not read again
+    assert metric(split, "loss") == metric(straight, "loss")  # bit for bit: the source was not read again
     assert ckpt_of(split)["train_args"]["init_from"] == str(source)
     assert ckpt_of(split)["step"] == 3
 
@@ -258,8 +254,7 @@ def test_eval_hellaswag_is_recorded_at_every_evaluation(hf_dir, shard, tmp_path,
     out = tmp_path / "run"
     assert main(ft_args(shard, out, "--init-from", str(hf_dir), "--max-iters", "2", "--eval-interval", "1",
                         "--eval-hellaswag", str(hellaswag_file(tmp_path / "hs.jsonl")))) == 0
-    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in recs if "val_loss" in r]
+    evals = [r for r in records(out) if "val_loss" in r]
     assert [r["step"] for r in evals] == [0, 1, 2]
     for r in evals:
         assert 0 <= r["hellaswag_acc"] <= 1 and 0 <= r["hellaswag_acc_norm"] <= 1

@@ -7,25 +7,20 @@ The torchrun launches (a few seconds each) run once, in the module's ``runs`` fi
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from train_runs import metric, torchrun
 
 from gpt2.checkpoint import load_checkpoint, load_model
 from gpt2.cli import main
 from gpt2.data import write_shard
 from gpt2.model import GPT
 
-REPO = Path(__file__).resolve().parents[1]
 CLIP = 0.5  # below every step's gradient norm here, so clipping (by the norm of the whole gradient) acts each step
 
 
@@ -45,31 +40,11 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not _has_fsdp2(), reason="FSDP2 (fully_shard) needs torch >= 2.5")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _metrics(out: Path, key: str) -> list[tuple[int, float]]:
-    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r[key]) for r in recs if key in r]
-
-
 def _args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--preset", "tiny", "--data", str(data), "--backend", "torch", "--device", "cpu",
             "--batch-size", "2", "--block-size", "32", "--grad-accum", "2", "--max-iters", "8", "--warmup-iters", "1",
             "--lr", "3e-3", "--grad-clip", str(CLIP), "--eval-interval", "8", "--eval-iters", "1",
             "--log-interval", "1", "--sample-tokens", "0", "--out-dir", str(out), *extra]
-
-
-def _torchrun(*argv: str) -> str:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "gpt2", *argv]
-    res = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=240)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    return res.stdout
 
 
 @pytest.fixture(scope="module")
@@ -80,16 +55,16 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     data = tmp / "toy.bin"
     write_shard(data, np.random.default_rng(0).integers(0, 512, size=8000))
     out = {name: tmp / name for name in ("fsdp", "ddp", "split", "to_ddp")}
-    assert "2 processes, FSDP" in _torchrun(*_args(data, out["fsdp"], "--fsdp"))
-    _torchrun(*_args(data, out["ddp"]))
+    assert "2 processes, FSDP" in torchrun(*_args(data, out["fsdp"], "--fsdp"))
+    torchrun(*_args(data, out["ddp"]))
     # The split run also recomputes every block: recompute is exact, so it must still match the others (and its
     # resumed copy without --fsdp runs DDP with recompute).
-    split = _torchrun(*_args(data, out["split"], "--fsdp", "--recompute", "block", "--stop-at", "4"))
+    split = torchrun(*_args(data, out["split"], "--fsdp", "--recompute", "block", "--stop-at", "4"))
     assert split.count("stopped at step 4") == 1
     shutil.copytree(out["split"], out["to_ddp"])
     # --device cpu again: on a machine with fewer GPUs than processes a GPU default would fail (see test_ddp).
-    assert "FSDP" in _torchrun("train", "--resume", "--out-dir", str(out["split"]), "--device", "cpu")
-    assert "FSDP" not in _torchrun("train", "--resume", "--no-fsdp", "--out-dir", str(out["to_ddp"]), "--device",
+    assert "FSDP" in torchrun("train", "--resume", "--out-dir", str(out["split"]), "--device", "cpu")
+    assert "FSDP" not in torchrun("train", "--resume", "--no-fsdp", "--out-dir", str(out["to_ddp"]), "--device",
                                    "cpu")
     return out
 
@@ -115,17 +90,17 @@ def _max_diff(x, y) -> float:
 
 
 def test_fsdp_follows_ddp(runs):
-    losses = _metrics(runs["fsdp"], "loss")
+    losses = metric(runs["fsdp"], "loss")
     assert [s for s, _ in losses] == list(range(1, 9))
-    _close(losses, _metrics(runs["ddp"], "loss"), 1e-5)
-    norms = _metrics(runs["fsdp"], "grad_norm")
+    _close(losses, metric(runs["ddp"], "loss"), 1e-5)
+    norms = metric(runs["fsdp"], "grad_norm")
     assert min(n for _, n in norms) > CLIP  # clipped every step: the norm is the whole gradient's, not a shard's
-    _close(norms, _metrics(runs["ddp"], "grad_norm"), 1e-5)
-    _close(_metrics(runs["fsdp"], "val_loss"), _metrics(runs["ddp"], "val_loss"), 1e-5)
+    _close(norms, metric(runs["ddp"], "grad_norm"), 1e-5)
+    _close(metric(runs["fsdp"], "val_loss"), metric(runs["ddp"], "val_loss"), 1e-5)
 
 
 def test_fsdp_resume_is_exact(runs):
-    _close(_metrics(runs["split"], "loss"), _metrics(runs["fsdp"], "loss"), 1e-6)
+    _close(metric(runs["split"], "loss"), metric(runs["fsdp"], "loss"), 1e-6)
     whole, split = load_checkpoint(runs["fsdp"]), load_checkpoint(runs["split"])
     assert whole["step"] == split["step"] == 8
     assert _max_diff(whole["model"], split["model"]) <= 1e-6
@@ -133,7 +108,7 @@ def test_fsdp_resume_is_exact(runs):
 
 
 def test_fsdp_checkpoint_resumes_without_fsdp(runs):
-    _close(_metrics(runs["to_ddp"], "loss"), _metrics(runs["fsdp"], "loss"), 1e-5)
+    _close(metric(runs["to_ddp"], "loss"), metric(runs["fsdp"], "loss"), 1e-5)
     assert load_checkpoint(runs["fsdp"])["train_args"]["fsdp"] is True
     assert load_checkpoint(runs["to_ddp"])["train_args"]["fsdp"] is False
 
@@ -158,7 +133,7 @@ def test_fsdp_checkpoint_samples_and_exports(runs, tmp_path, capsys):
         torch.testing.assert_close(v, ckpt["model"][k], rtol=0, atol=0, msg=k)
 
 
-def test_fsdp_needs_torchrun(tmp_path, capsys):
+def test_fsdp_needstorchrun(tmp_path, capsys):
     data = tmp_path / "toy.bin"
     write_shard(data, np.random.default_rng(0).integers(0, 512, size=4000))
     assert main(_args(data, tmp_path / "out", "--fsdp")) == 2

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.utils.checkpoint
+from train_runs import metric
 
 from gpt2.cli import main
 from gpt2.data import write_shard
@@ -170,11 +171,6 @@ def _args(data: Path, out: Path, *extra: str) -> list[str]:
             "--out-dir", str(out), *extra]
 
 
-def _losses(out: Path) -> list[tuple[int, float]]:
-    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in recs if "loss" in r]
-
-
 def test_train_recompute_block_matches_none_and_resumes(tmp_path, capsys):
     data = tmp_path / "toy.bin"
     write_shard(data, np.random.default_rng(0).integers(0, 512, size=4000))
@@ -182,14 +178,14 @@ def test_train_recompute_block_matches_none_and_resumes(tmp_path, capsys):
     assert main(_args(data, none)) == 0
     assert main(_args(data, block, "--recompute", "block")) == 0
     assert "recompute block" in capsys.readouterr().out
-    assert [s for s, _ in _losses(block)] == [1, 2, 3, 4]
-    for (_, a), (_, b) in zip(_losses(none), _losses(block)):
+    assert [s for s, _ in metric(block, "loss")] == [1, 2, 3, 4]
+    for (_, a), (_, b) in zip(metric(none, "loss"), metric(block, "loss")):
         assert abs(a - b) <= 1e-5 * abs(a)
     assert main(_args(data, split, "--recompute", "block", "--stop-at", "2")) == 0
     assert torch.load(split / "ckpt.pt", weights_only=True)["train_args"]["recompute"] == "block"
     assert main(["train", "--resume", "--out-dir", str(split)]) == 0  # the mode comes from the checkpoint
     assert "recompute block" in capsys.readouterr().out
-    assert _losses(split) == _losses(block)
+    assert metric(split, "loss") == metric(block, "loss")
     assert json.loads((split / "config.json").read_text())["train"]["recompute"] == "block"
 
 
