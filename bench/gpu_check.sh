@@ -117,7 +117,7 @@ run_step hazards_triton "$(slice 150 330)" "$PY" -m bench.hazards --out "$OUTDIR
     --only env,ceilings,specialise,loss_stride,loss_chunks
 wait "$BUILD_PID"
 run_step hazards_backends "$(slice 120 300)" "$PY" -m bench.hazards --out "$OUTDIR/hazards" --json-name backends \
-    --only fp16_loss_scale,grad_scaler,determinism,decode
+    --only fp16_loss_scale,grad_scaler,determinism,decode,plan_memory
 
 # 2. The tests on the GPU, before any benchmark: first those marked gpu (bf16, GPT-2-sized shapes, the
 # extension's CUDA kernels), then all the others, which run on the GPU too when there is one. The static

@@ -19,6 +19,7 @@ Each section runs on its own (a failure is recorded, not fatal) and adds rows to
 - ``loss_chunks``: the Triton loss head's forward + backward time and peak memory per chunk size.
 - ``determinism``: two backward passes of one model on one batch, bitwise.
 - ``decode``: greedy cached decoding tokens/s per backend, and how many Triton compiles decoding caused.
+- ``plan_memory``: ``gpt2 plan``'s step memory against the allocator's real peak, and the step time, per recompute.
 """
 
 from __future__ import annotations
@@ -435,10 +436,53 @@ def sec_decode(dev, smoke):
                 row("decode", f"{backend} {dtype}", "ERROR", _short(e))
 
 
+def sec_plan_memory(dev, smoke):
+    """``gpt2 plan``'s step memory (parameters, gradients, AdamW, activations; no slack, no context) against the
+    allocator's peak over a real bf16 train step (fused AdamW), and the step time, per recompute mode."""
+    from gpt2 import plan as P
+
+    dtype = default_dtype(dev)
+    cases = ([("gpt2", 8), ("gpt2-medium", 8)] if not smoke else [("tiny", 2)])
+    T = 1024 if not smoke else 16
+    for preset, B in cases:
+        for mode in ("none", "block"):
+            try:
+                model = _model(preset, "triton", dev, block_size=T)
+                model.set_recompute(mode)
+                req = P.Request(model.config, preset, 80.0, T, dtype, tokens_per_step=B * T,
+                                backend="triton", device_type="cuda")
+                spec, _ = P.trace_spec("triton", "cuda")
+                parts = P._parts(req, P.activation_lines(model.config, T, dtype, mode, spec), B)
+                predicted = parts["total"] - parts["slack"] - parts["context"]
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+                xb = torch.randint(0, model.config.vocab_size, (B, T + 1), device=dev)
+
+                def step():
+                    with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+                        _, loss = model(xb[:, :-1], xb[:, 1:])
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+
+                step()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                    torch.cuda.reset_peak_memory_stats(dev)
+                ms = median_ms(step, warmup=1, reps=5 if not smoke else 1)
+                real = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else float("nan")
+                row("plan_memory", f"{preset} B={B} T={T} {str(dtype)[6:]} recompute={mode}: planned / real GiB, ms",
+                    f"{predicted / 2**30:.2f} / {real / 2**30:.2f}, {ms:.1f}", f"real/planned {real / predicted:.3f}")
+                del model, opt
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+            except Exception as e:  # noqa: BLE001
+                row("plan_memory", f"{preset} {mode}", "ERROR", _short(e))
+
+
 SECTIONS = {
     "env": sec_env, "ceilings": sec_ceilings, "specialise": sec_specialise, "fp16_loss_scale": sec_fp16_loss_scale,
     "grad_scaler": sec_grad_scaler, "loss_stride": sec_loss_stride, "loss_chunks": sec_loss_chunks,
-    "determinism": sec_determinism, "decode": sec_decode,
+    "determinism": sec_determinism, "decode": sec_decode, "plan_memory": sec_plan_memory,
 }
 
 
