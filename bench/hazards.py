@@ -457,7 +457,7 @@ def sec_plan_memory(dev, smoke):
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
                 xb = torch.randint(0, model.config.vocab_size, (B, T + 1), device=dev)
 
-                def step():
+                def step(model=model, opt=opt, xb=xb):
                     with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
                         _, loss = model(xb[:, :-1], xb[:, 1:])
                     loss.backward()
@@ -472,7 +472,7 @@ def sec_plan_memory(dev, smoke):
                 real = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else float("nan")
                 row("plan_memory", f"{preset} B={B} T={T} {str(dtype)[6:]} recompute={mode}: planned / real GiB, ms",
                     f"{predicted / 2**30:.2f} / {real / 2**30:.2f}, {ms:.1f}", f"real/planned {real / predicted:.3f}")
-                del model, opt
+                del model, opt, step
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
             except Exception as e:  # noqa: BLE001

@@ -411,8 +411,7 @@ def test_decode_with_dropout_keeps_the_training_path():
     with pytest.raises(ValueError, match="splits"):
         attn.attention_fwd(q, k, v, True, p, seed, splits=2)
     with pytest.raises(ValueError, match="splits"):
-        attn.attention_fwd(torch.randn(1, 1, 17, 32), torch.randn(1, 1, 20, 32), torch.randn(1, 1, 20, 32),
-                           splits=2)
+        attn.attention_fwd(*(torch.randn(1, 1, n, 32, device=DEVICE) for n in (17, 20, 20)), splits=2)
 
 
 def test_decode_lengths_are_not_specialised():

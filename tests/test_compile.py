@@ -187,6 +187,7 @@ def test_eager_calls_bypass_the_registered_ops(triton_ops):
     with Record():
         y = m["layer_norm"].layer_norm(x, w, None) + sum(m["layer_norm"].add_layer_norm(x, r, w, None))
         y = y + m["mlp"].mlp(y, _rand(256, 64), None, _rand(64, 256), None)
-        loss = m["linear_cross_entropy"].linear_cross_entropy(y, _rand(100, 64), torch.zeros(2, 3, dtype=torch.long))
+        loss = m["linear_cross_entropy"].linear_cross_entropy(y, _rand(100, 64), torch.zeros(2, 3, dtype=torch.long,
+                                                                                             device=DEVICE))
         (loss + m["attention"].attention(q, k, v).sum()).backward()
     assert seen and not [op for op in seen if LIBRARY in op], "an eager call went through a registered op"
