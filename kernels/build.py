@@ -10,9 +10,10 @@ Two ways use this module, and both build the same library:
   every later import, with a one-line notice the first time.
 
 The library must use the C++ standard library that torch uses: a linker that embeds a static copy (seen on a GPU
-machine whose ``CC``/``CXX`` pointed at a wrapper compiler without a shared libstdc++) gives the process two copies,
-and the first error message the extension formats crashes the process. ``embeds_libstdcxx`` detects such a build,
-and ``kernels.ext`` refuses it with the reason instead of crashing.
+machine whose ``CC``/``CXX`` pointed at a wrapper compiler that links libstdc++ statically) gives the process two
+copies, and the first error message the extension formats crashes the process. ``link_flags`` names torch's shared
+libstdc++ to the linker, which prevents that; ``embeds_libstdcxx`` detects such a build anyway, and ``kernels.ext``
+refuses it with the reason instead of crashing.
 
 ``GPT2_KERNELS_NO_EXT=1`` turns off both builds.
 """
@@ -52,8 +53,25 @@ def cxx_flags(with_cuda: bool) -> list[str]:
 
 
 def link_flags() -> list[str]:
-    """Linker flags: OpenMP on Linux (the extension then uses the libgomp that torch has already loaded)."""
-    return ["-fopenmp"] if sys.platform.startswith("linux") else []
+    """Linker flags: OpenMP on Linux (the extension then uses the libgomp that torch has already loaded), and the
+    shared libstdc++ this process has loaded (torch's), named ahead of the driver's own ``-lstdc++`` so that a
+    compiler whose default is a static libstdc++ still links the shared one (``embeds_libstdcxx``)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    return ["-fopenmp"] + ([_loaded_libstdcxx()] if _loaded_libstdcxx() else [])
+
+
+def _loaded_libstdcxx() -> str | None:
+    """Path of the libstdc++ shared library mapped into this process, if any (Linux)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1] if len(line.split()) >= 6 else ""
+                if os.path.basename(path).startswith("libstdc++.so"):
+                    return path
+    except OSError:
+        pass
+    return None
 
 
 NVCC_FLAGS = ["-O3", "-lineinfo"]

@@ -434,7 +434,7 @@ def test_cuda_device_mismatch_names_the_argument():
 def test_cuda_layer_norm(dtype):
     for lead, C in (((1, 1), 64), ((3, 97), 768), ((2, 5), 1600), ((7,), 33)):
         x = _randn(*lead, C, scale=2.0) + 0.5
-        _parity(f"ext layer_norm {lead}x{C}", "layer_norm", [x, _randn(C, seed=1), _randn(C, seed=2)], dtype, "ext")
+        _parity(f"ext layer_norm {lead}x{C}", "layer_norm", [x, _randn(C, seed=1), _randn(C, seed=2)], dtype, "cuda")
 
 
 @needs_gpu
@@ -443,7 +443,7 @@ def test_cuda_mlp(dtype):
     for lead, C, H in (((1, 1), 16, 64), ((4, 97), 768, 3072), ((3, 13), 24, 97)):
         args = [_randn(*lead, C), _randn(H, C, seed=1, scale=C ** -0.5), _randn(H, seed=3, scale=0.5),
                 _randn(C, H, seed=2, scale=H ** -0.5), _randn(C, seed=4, scale=0.1)]
-        _parity(f"ext mlp {lead} C={C} H={H}", "mlp", args, dtype, "ext")
+        _parity(f"ext mlp {lead} C={C} H={H}", "mlp", args, dtype, "cuda")
 
 
 @needs_gpu
@@ -451,7 +451,7 @@ def test_cuda_mlp(dtype):
 @pytest.mark.parametrize("B,nh,Tq,Tk,hs,causal", ATTN_CASES + [(2, 12, 1025, 1025, 64, True), (1, 2, 129, 200, 128, False)])
 def test_cuda_attention(B, nh, Tq, Tk, hs, causal, dtype):
     q, k, v = (_randn(B, nh, T, hs, seed=s) for s, T in ((0, Tq), (1, Tk), (2, Tk)))
-    _parity(f"ext attention {B},{nh},{Tq},{Tk},{hs},{causal}", "attention", [q, k, v], dtype, "ext", causal=causal)
+    _parity(f"ext attention {B},{nh},{Tq},{Tk},{hs},{causal}", "attention", [q, k, v], dtype, "cuda", causal=causal)
 
 
 @needs_gpu
@@ -463,7 +463,7 @@ def test_cuda_linear_cross_entropy(dtype):
         h, w = _randn(*lead, C), _randn(V, C, seed=1, scale=C ** -0.5)
         t = torch.randint(0, V, lead, generator=torch.Generator().manual_seed(2))
         t.view(-1)[:n_ign] = -1
-        _parity(f"ext linear_cross_entropy {lead} V={V}", "linear_cross_entropy", [h, w, t], dtype, "ext")
+        _parity(f"ext linear_cross_entropy {lead} V={V}", "linear_cross_entropy", [h, w, t], dtype, "cuda")
 
 
 @needs_gpu
@@ -577,14 +577,20 @@ def test_extension_is_built_on_first_use_without_an_install_build():
 @pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("g++") is None, reason="needs Linux and g++")
 def test_a_library_with_its_own_libstdcxx_is_detected(tmp_path):
     """A linker that embeds a static libstdc++ gives the process two copies, and the extension's first formatted
-    error crashed the process (seen on an H100 machine). The check tells such a library from a normal one."""
+    error crashed the process (seen on an H100 machine). The check tells such a library from a normal one, and
+    naming torch's shared libstdc++ to the linker (``build.link_flags``) keeps even a static-by-default link shared."""
     from kernels import build
 
     src = tmp_path / "f.cpp"
     src.write_text("#include <sstream>\n#include <string>\n"
                    "extern \"C\" int f(long x) { std::ostringstream s; s << x; return (int)s.str().size(); }\n")
-    for flags, embedded in ((["-static-libstdc++"], True), ([], False)):
-        lib = tmp_path / f"lib{len(flags)}.so"
-        subprocess.run(["g++", "-shared", "-fPIC", *flags, str(src), "-o", str(lib)], check=True, timeout=120)
+    # After the objects, as setuptools and torch.utils.cpp_extension pass link flags (with --as-needed a library
+    # named before the objects that need it is dropped).
+    shared = [f for f in build.link_flags() if f.startswith("/")]  # torch's libstdc++, named to the linker
+    assert shared, "no libstdc++ mapped into this process"
+    cases = ((["-static-libstdc++"], True), ([], False), ([*shared, "-static-libstdc++"], False))
+    for i, (flags, embedded) in enumerate(cases):
+        lib = tmp_path / f"lib{i}.so"
+        subprocess.run(["g++", "-shared", "-fPIC", str(src), *flags, "-o", str(lib)], check=True, timeout=120)
         assert build.embeds_libstdcxx(str(lib)) is embedded, flags
     assert not build.embeds_libstdcxx(ext._load()[0].__file__)
