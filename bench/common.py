@@ -210,7 +210,7 @@ class Ceilings:
     def __init__(self, device: torch.device):
         self.device = device
         self._copy: dict | None = None
-        self._matmul: dict[torch.dtype, dict] = {}
+        self._matmul: dict = {}  # dtype (fastest) or ("median", dtype) -> rate
 
     def copy(self) -> dict:
         """``{"gbps": ..., "bytes": ..., "how": ...}`` of a large device-to-device copy."""
@@ -249,6 +249,25 @@ class Ceilings:
             self._matmul[dtype] = {"tflops": 2.0 * n**3 / t / 1e12, "n": n,
                                    "how": f"fastest of {reps} matmuls {n}x{n}x{n} in {name}"}
         return self._matmul[dtype]
+
+    def matmul_median(self, dtype: torch.dtype) -> dict:
+        """``{"tflops": ..., "n": ..., "how": ...}``: the median rate of large square matrix products in ``dtype``,
+        the rate a whole-model step's MFU is measured against (a sustained rate, where ``matmul`` is the best burst).
+
+        CPU: 2048 x 2048 x 2048, 9 calls (about 0.1 s each in fp32 or bf16 on a 2-core AVX-512 machine); GPU:
+        8192, 20 calls.
+        """
+        key = ("median", dtype)
+        if key not in self._matmul:
+            gen = torch.Generator(device=self.device).manual_seed(2)
+            n, reps = (8192, 20) if self.device.type == "cuda" else (2048, 9)
+            a = torch.randn(n, n, device=self.device, generator=gen).to(dtype)  # random, never zeros
+            b = torch.randn(n, n, device=self.device, generator=gen).to(dtype)
+            times = sorted(_times(functools.partial(torch.matmul, a, b), self.device, reps))
+            name = str(dtype).replace("torch.", "")
+            self._matmul[key] = {"tflops": 2.0 * n**3 / times[reps // 2] / 1e12, "n": n,
+                                 "how": f"median of {reps} matmuls {n}x{n}x{n} in {name}"}
+        return self._matmul[key]
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,6 +355,80 @@ def hf_twin(model, name: str):
 
         patch_gpt2(twin, "auto", logits_with_loss=not model.training)  # training: the fused loss, no logits
     return twin
+
+
+class NanoGPTLike(torch.nn.Module):
+    """A plain-PyTorch GPT-2 in the manner of nanoGPT's ``model.py``: the train-step benchmark's ``nanogpt-like`` peer.
+
+    What a careful user writes without custom kernels: ``nn.Linear`` / ``nn.LayerNorm`` / ``nn.GELU("tanh")``,
+    ``F.scaled_dot_product_attention(is_causal=True)``, the output layer tied to the token embedding, and the loss
+    as the full (B, T, V) logits into ``F.cross_entropy``. Parameter names are ours (which are OpenAI's), so it
+    loads a ``gpt2.model.GPT``'s weights with ``from_gpt``; ``forward(idx, targets)`` returns ``(logits, loss)``.
+    """
+
+    def __init__(self, n_layer: int, n_head: int, n_embd: int, block_size: int, vocab_size: int, bias: bool = True):
+        super().__init__()
+        nn = torch.nn
+        self.n_head, self.vocab_size = n_head, vocab_size
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(vocab_size, n_embd),
+            "wpe": nn.Embedding(block_size, n_embd),
+            "h": nn.ModuleList([_NanoBlock(n_head, n_embd, bias) for _ in range(n_layer)]),
+            "ln_f": nn.LayerNorm(n_embd, bias=bias),
+        })
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+
+    @classmethod
+    def from_gpt(cls, model) -> NanoGPTLike:
+        """A twin of ``model`` (a ``gpt2.model.GPT``) with a copy of its weights, on its device and in its mode.
+        The token embedding keeps the real vocabulary's rows (ours pads it to a multiple of 64 and never scores
+        the padding), so both compute the same loss over the same V classes."""
+        cfg = model.config
+        twin = cls(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size, cfg.bias)
+        state = {k: v[: cfg.vocab_size] if k in ("transformer.wte.weight", "lm_head.weight") else v
+                 for k, v in model.state_dict().items()}
+        twin.load_state_dict(state, strict=True)
+        return twin.to(model.transformer.wte.weight.device).train(model.training)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        T = idx.shape[1]
+        pos = torch.arange(T, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V): every position's logits, kept for the loss
+        loss = None
+        if targets is not None:
+            loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
+                                                     ignore_index=-1)
+        return logits, loss
+
+
+class _NanoBlock(torch.nn.Module):
+    """Pre-norm block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, n_head: int, n_embd: int, bias: bool):
+        super().__init__()
+        nn = torch.nn
+        self.n_head = n_head
+        self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
+        self.attn = nn.Module()
+        self.attn.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.attn.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
+        self.mlp = nn.Module()
+        self.mlp.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
+        self.mlp.gelu = nn.GELU(approximate="tanh")
+        self.mlp.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.attn.c_attn(self.ln_1(x)).split(C, dim=2)  # each (B, T, C)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        x = x + self.attn.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))  # (B, T, C)
+        return x + self.mlp.c_proj(self.mlp.gelu(self.mlp.c_fc(self.ln_2(x))))
 
 
 def model_backend_or_skip(backend: str, device: torch.device) -> None:

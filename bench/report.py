@@ -5,7 +5,9 @@
 
 Per group (rows differ only by implementation): each implementation's median, its speed-up over
 the group's reference (``torch``, the eager ``kernels.ref``; ``recompute`` for generation),
-TFLOP/s and GB/s, and the % of the ceilings the suite measured on the same machine. Plots:
+TFLOP/s and GB/s, and the % of the ceilings the suite measured on the same machine; a train-step row also
+its speed-up over transformers' model (the peer with the same weights) and its MFU against the measured matmul
+rate of its dtype, and ``(auto)`` marks the backend ``--backend auto`` runs. Plots:
 attention time against T per implementation, and the fraction of the binding ceiling (the roofline
 floor over the measured time) per op. Self-contained: imports nothing from the suite, so the
 report can be made on any machine with Python (and matplotlib for the plots).
@@ -22,8 +24,9 @@ from collections import OrderedDict
 
 OP_ORDER = ("train_step", "generate", "attention", "mlp", "linear_cross_entropy", "layer_norm")
 MODE_ORDER = ("fwd", "bwd", "fwd+bwd")
-TRAIN_HEADER = ("| backend | median / step | tokens/s | speed-up vs torch | TFLOP/s | MFU (measured peak) "
-                "| peak memory | rounds |")
+TRAIN_HEADER = ("| backend | median / step | tokens/s | speed-up vs torch | vs transformers | TFLOP/s "
+                "| MFU (measured matmul) | peak memory | rounds |")
+TRAIN_PEER = "transformers"  # the whole-model peer every train-step row is also compared with
 OP_HEADER = ("| implementation | median | speed-up vs torch | TFLOP/s | GB/s | % peak FLOP/s | % peak BW "
              "| % of floor | rounds |")
 
@@ -114,9 +117,12 @@ def _ceilings(entries: list[dict]) -> list[str]:
         if info.get("ceiling_gbps"):
             seen[(dev, "copy")] = f"{info['ceiling_gbps']:.1f} GB/s ({info.get('ceiling_gbps_how', '')})"
         if info.get("ceiling_tflops") and info.get("dtype"):
-            seen[(dev, f"matmul {info['dtype']}")] = (f"{info['ceiling_tflops']:.3g} TFLOP/s "
-                                                      f"({info.get('ceiling_tflops_how', '')})")
-    return [f"- {dev}, {what}: {val}" for (dev, what), val in seen.items()]
+            how = info.get("ceiling_tflops_how", "")
+            seen[(dev, f"matmul {info['dtype']}", how)] = f"{info['ceiling_tflops']:.3g} TFLOP/s ({how})"
+        if info.get("matmul_fp32_tflops"):
+            how = info.get("matmul_fp32_how", "")
+            seen[(dev, "matmul fp32", how)] = f"{info['matmul_fp32_tflops']:.3g} TFLOP/s ({how})"
+    return [f"- {key[0]}, {key[1]}: {val}" for key, val in seen.items()]
 
 
 def markdown(entries: list[dict]) -> str:
@@ -136,7 +142,8 @@ def markdown(entries: list[dict]) -> str:
         base = next((b for b in bs if _impl(b) == base_name), None)
         lines += [f"## {group}", ""]
         if op == "train_step":
-            lines += [TRAIN_HEADER, "|---|---|---|---|---|---|---|---|"]
+            lines += [TRAIN_HEADER, "|---|---|---|---|---|---|---|---|---|"]
+            peer = next((b for b in bs if _impl(b) == TRAIN_PEER), None)
         elif op == "generate":
             lines += ["| path | median | new tokens/s | speed-up vs recompute | same tokens | rounds |",
                       "|---|---|---|---|---|---|"]
@@ -150,8 +157,11 @@ def markdown(entries: list[dict]) -> str:
                 tok = info.get("tokens")
                 mfu = info.get("flops") / t / (info["ceiling_tflops"] * 1e12) if info.get("ceiling_tflops") else None
                 mem = info.get("peak_mem_bytes")
-                lines.append(f"| {_impl(b)} | {_fmt_time(t)} | {_fmt(tok / t if tok else None, '.4g')} | {speed} "
-                             f"| {_fmt(info.get('flops', 0) / t / 1e12, '.3g')} | {_fmt(100 * mfu if mfu else None, '.1f', '%')} "
+                vs_peer = _fmt(_median(peer) / t, ".2f", "x") if peer is not None else "-"
+                name = _impl(b) + (" (auto)" if info.get("auto_backend") else "")
+                lines.append(f"| {name} | {_fmt_time(t)} | {_fmt(tok / t if tok else None, '.4g')} | {speed} "
+                             f"| {vs_peer} | {_fmt(info.get('flops', 0) / t / 1e12, '.3g')} "
+                             f"| {_fmt(100 * mfu if mfu else None, '.1f', '%')} "
                              f"| {_fmt(mem / 2**20 if mem else None, '.0f', ' MiB')} | {rounds} |")
             elif op == "generate":
                 n = info.get("new_tokens")

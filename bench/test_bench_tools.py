@@ -256,3 +256,87 @@ def test_bad_thread_count_is_a_usage_error():
                           "--bench-threads", "0"], check=False, capture_output=True, text=True,
                          cwd=os.path.dirname(HERE))
     assert res.returncode != 0 and "--bench-threads must be >= 1, got 0" in res.stderr + res.stdout
+
+
+def test_train_step_choices_cover_both_cpu_shapes_dtypes_and_peers(monkeypatch):
+    from bench import bench_train_step as ts
+    from gpt2 import runtime
+
+    monkeypatch.setattr(runtime, "cpu_flags", lambda path="/proc/cpuinfo": frozenset({"avx512f", "avx512_bf16"}))
+    run = [c.case for c in ts.train_choices("cpu", None, None, None)]
+    assert {(c.preset, c.B, c.T) for c in run} == {("shakespeare", 8, 128), ("gpt2", 4, 64)}
+    assert {c.dtype for c in run} == {"fp32", "bf16"}  # fp32 and what auto picks on a CPU with avx512_bf16
+    by_group: dict[str, list] = {}
+    for c in run:
+        by_group.setdefault(c.group, []).append(c.backend)
+    assert all(backends == list(ts.TRAIN_BACKENDS) for backends in by_group.values())  # rows differ by backend only
+    assert {"ext", "transformers", "transformers-patched", "nanogpt-like"} <= set(ts.TRAIN_BACKENDS)
+    assert sorted(g for g in by_group if g.endswith("(dtype auto)")) == [
+        "train_step gpt2 B4 T64 bf16 (dtype auto)", "train_step shakespeare B8 T128 bf16 (dtype auto)"]
+    assert len({c.id for c in run}) == len(run)
+
+    monkeypatch.setattr(runtime, "cpu_flags", lambda path="/proc/cpuinfo": frozenset({"avx2"}))
+    assert {c.case.dtype for c in ts.train_choices("cpu", None, None, None)} == {"fp32"}  # bf16 would be emulated
+
+
+def test_train_step_choices_take_peer_names_and_skip_bad_ones():
+    from bench import bench_train_step as ts
+
+    choices = ts.train_choices("cpu", ["cuda", "nanogpt-like", "warp-drive"], ["fp32", "fp8"], ["124M"])
+    run = [c.case for c in choices if c.case is not None]
+    assert {c.backend for c in run} == {"ext", "nanogpt-like"}  # cuda: the extension's old name
+    assert {(c.preset, c.B, c.T, c.dtype) for c in run} == {("gpt2", 4, 64, "fp32")}
+    skips = {c.id: c.skip for c in choices if c.skip}
+    assert "'warp-drive'" in skips["backend-warp-drive"] and "'fp8'" in skips["dtype-fp8"]
+
+
+def test_nanogpt_like_peer_computes_our_loss_and_gradients():
+    from bench.common import NanoGPTLike
+    from gpt2.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig.from_preset("tiny"), backend="torch").train()
+    peer = NanoGPTLike.from_gpt(ours)
+    assert peer.lm_head.weight is peer.transformer.wte.weight  # tied
+    idx = torch.randint(0, ours.config.vocab_size, (2, 37))
+    targets = torch.randint(0, ours.config.vocab_size, (2, 37))
+    targets[0, :5] = -1  # ignored, as ours
+    loss, peer_loss = ours(idx, targets)[1], peer(idx, targets)[1]
+    torch.testing.assert_close(peer_loss, loss, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    peer_loss.backward()
+    grads = dict(peer.named_parameters())
+    V = ours.config.vocab_size
+    for name, p in ours.named_parameters():
+        g = p.grad[:V] if name == "transformer.wte.weight" else p.grad  # ours pads the vocabulary
+        torch.testing.assert_close(grads[name].grad, g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_matmul_median_is_the_median_rate(monkeypatch):
+    from bench import common
+
+    monkeypatch.setattr(common, "_times", lambda fn, device, reps: [4.0, 1.0, 2.0, 8.0, 3.0, 9.0, 5.0, 7.0, 6.0])
+    rate = common.Ceilings(torch.device("cpu")).matmul_median(torch.bfloat16)
+    assert rate["tflops"] == pytest.approx(2 * 2048**3 / 5.0 / 1e12)
+    assert rate["how"] == "median of 9 matmuls 2048x2048x2048 in bfloat16"
+
+
+def test_report_train_step_rows_compare_with_transformers(tmp_path):
+    def entry(impl, median, **info):
+        base = {"op": "train_step", "impl": impl, "dtype": "bf16", "preset": "gpt2", "B": 4, "T": 64, "tokens": 256,
+                "flops": 2e11, "baseline": "torch", "device": "test CPU", "ceiling_tflops": 0.2,
+                "ceiling_tflops_how": "median of 9 matmuls 2048x2048x2048 in bfloat16", "matmul_fp32_tflops": 0.1,
+                "matmul_fp32_how": "median of 9 matmuls 2048x2048x2048 in float32"}
+        return {"group": "train_step gpt2 B4 T64 bf16 (dtype auto)", "name": f"test[{impl}]",
+                "extra_info": {**base, **info}, "stats": {"median": median, "rounds": 3}}
+
+    path = tmp_path / "r.json"
+    benches = [entry("torch", 3.0), entry("ext", 1.0, auto_backend=True), entry("transformers", 1.5),
+               entry("nanogpt-like", 2.0)]
+    path.write_text(json.dumps({"datetime": "2026-11-26T00:00:00", "machine_info": {}, "benchmarks": benches}))
+    md = report.markdown(report.load([str(path)]))
+    row = next(line for line in md.splitlines() if line.startswith("| ext (auto) "))
+    # 1 s against transformers' 1.5 s; 2e11 FLOP / 1 s = 0.2 TFLOP/s = 100% of the measured bf16 matmul rate.
+    assert "| 3.00x | 1.50x | 0.2 | 100.0% |" in row, row
+    assert "| 0.75x |" in next(line for line in md.splitlines() if line.startswith("| nanogpt-like "))
+    assert "matmul fp32: 0.1 TFLOP/s (median of 9" in md and "matmul bf16: 0.2 TFLOP/s (median of 9" in md

@@ -40,6 +40,11 @@ def _info(args) -> int:
     else:
         print(f"device  cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads); "
               "no CUDA device")
+    # What --dtype auto picks where train, sample and eval would run (--device auto), by the rule they share.
+    from gpt2.runtime import describe_auto_dtype, resolve_device
+
+    dev = resolve_device("auto")
+    print(f"dtype   auto on {dev}: {describe_auto_dtype(dev)}")
     sys.stdout.flush()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:

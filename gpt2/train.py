@@ -82,12 +82,13 @@ def lr_at(step: int, o: TrainOptions) -> float:
 
 def make_optimizer(model: torch.nn.Module, o: TrainOptions, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on 2-D weights (matmuls, embeddings) only, not on biases or LayerNorm gains;
-    fused kernels on CUDA, foreach on the CPU."""
+    the fused implementation (on the CPU too: at 124M it took 0.3 s a step against 0.9-1.5 s for foreach on the
+    2-core EPYC), except for FSDP's sharded parameters on the CPU, which take foreach."""
     params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    kw = {"foreach": True} if device.type == "cpu" and o.fsdp else {"fused": True}
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), **kw)
 
 

@@ -1,9 +1,10 @@
-"""Device and dtype choice of ``gpt2 train`` and ``gpt2 sample``, on GPUs faked on the CPU.
+"""Device and dtype choice of ``gpt2 train``, ``gpt2 sample`` and ``gpt2 eval``, on GPUs and CPUs faked on this one.
 
 ``--dtype auto`` is bfloat16 only from compute capability 8.0, float16 with a GradScaler below (Turing, where
-``torch.cuda.is_bf16_supported()`` says True because it counts emulation, and every Triton op refuses bf16),
-float32 on the CPU. An explicit bfloat16 on Turing, or a torchrun process without a GPU of its own, is a one-line
-error (exit 2) before anything runs.
+``torch.cuda.is_bf16_supported()`` says True because it counts emulation, and every Triton op refuses bf16); on the
+CPU bfloat16 autocast where ``/proc/cpuinfo`` lists avx512_bf16 or amx_bf16, float32 otherwise or where the flags are
+unknown; ``gpt2 info`` says which and why. An explicit bfloat16 on Turing, or a torchrun process without a GPU of its
+own, is a one-line error (exit 2) before anything runs.
 """
 
 from __future__ import annotations
@@ -62,39 +63,129 @@ def chosen(monkeypatch) -> list:
     return seen
 
 
+@pytest.fixture()
+def fake_cpu_flags(monkeypatch):
+    """``fake_cpu_flags(flags)`` makes ``gpt2.runtime.cpu_flags`` report ``flags`` (None: unknown)."""
+    def install(flags):
+        monkeypatch.setattr(runtime, "cpu_flags", lambda path="/proc/cpuinfo": None if flags is None
+                            else frozenset(flags))
+
+    return install
+
+
 COMMANDS = {
     "train": ["train", "--out-dir", "{tmp}/out", "--data", "{tmp}/no-such-data"],  # a run that got past the
     # choice would stop at the data, not train
     "sample": ["sample", "--pretrained", "{tmp}/no-such-folder"],
+    "eval": ["eval", "--pretrained", "{tmp}/no-such-folder", "--data", "{tmp}/in/text.txt"],  # eval reads its text
+    # before it chooses
 }
+
+
+def _argv(command: str, tmp_path) -> list[str]:
+    """The command's arguments; eval's text file is written (the only file a test may find afterwards)."""
+    if command == "eval":
+        (tmp_path / "in").mkdir(exist_ok=True)
+        (tmp_path / "in" / "text.txt").write_text("To be, or not to be, that is the question.\n" * 4)
+    return [a.format(tmp=tmp_path) for a in COMMANDS[command]]
+
+
+def _written(tmp_path) -> list:
+    return [p for p in tmp_path.iterdir() if p.name != "in"]
+
+
+AVX512 = ("sse2", "avx2", "avx512f", "avx512bw", "avx512vl")  # AVX-512 without its bf16 extension
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 @pytest.mark.parametrize("cc,want", [(75, torch.float16), (80, torch.bfloat16), (86, torch.bfloat16),
                                      (89, torch.bfloat16), (90, torch.bfloat16), (None, torch.float32)],
                          ids=["sm_75", "sm_80", "sm_86", "sm_89", "sm_90", "cpu"])
-def test_auto_dtype_per_capability(fake_cuda, chosen, tmp_path, command, cc, want):
+def test_auto_dtype_per_capability(fake_cuda, fake_cpu_flags, chosen, tmp_path, command, cc, want):
     fake_cuda(cc)
-    argv = [a.format(tmp=tmp_path) for a in COMMANDS[command]]
+    fake_cpu_flags(AVX512)  # the GPU's capability decides, whatever the CPU; on the CPU, one without bf16
     with pytest.raises(_Reached):
-        main(argv)  # --device auto --dtype auto, the defaults
+        main(_argv(command, tmp_path))  # --device auto --dtype auto, the defaults
     (rt,) = chosen
     assert rt.device == (torch.device("cuda", 0) if cc else torch.device("cpu"))
     assert rt.dtype == want, f"{command} on {GPUS.get(cc, 'the CPU')} chose {rt.dtype}"
     assert rt.grad_scaler().is_enabled() == (want == torch.float16)  # loss scaling exactly for fp16
-    assert not list(tmp_path.iterdir())  # nothing written
+    assert not _written(tmp_path)  # nothing written
+
+
+CPUS = {
+    "avx512_bf16": (AVX512 + ("avx512_bf16",), torch.bfloat16),  # Zen 4, Cooper Lake
+    "amx_bf16": (AVX512 + ("avx512_bf16", "amx_bf16", "amx_tile"), torch.bfloat16),  # Sapphire Rapids
+    "avx512": (AVX512, torch.float32),  # Skylake-SP, Ice Lake: bf16 only emulated
+    "avx2": (("sse2", "avx2", "fma"), torch.float32),
+    "unknown": (None, torch.float32),  # no /proc/cpuinfo flags: macOS, Windows, Arm
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("cpu", CPUS)
+def test_auto_dtype_on_the_cpu_follows_its_flags(fake_cuda, fake_cpu_flags, chosen, tmp_path, command, cpu):
+    flags, want = CPUS[cpu]
+    fake_cuda(None)
+    fake_cpu_flags(flags)
+    with pytest.raises(_Reached):
+        main(_argv(command, tmp_path))
+    (rt,) = chosen
+    assert rt.device == torch.device("cpu")
+    assert rt.dtype == want, f"{command} on a CPU with {cpu} chose {rt.dtype}"
+    assert not rt.grad_scaler().is_enabled()  # bf16 has fp32's range: no loss scaling
+    with rt.autocast():  # bf16 autocast over fp32 weights: the parameters are never cast
+        w = torch.nn.Linear(4, 4)
+        y = w(torch.randn(2, 4))
+    assert w.weight.dtype == torch.float32 and y.dtype == want
+    assert not _written(tmp_path)
+
+
+def test_cpu_flags_reads_the_flags_line(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx512f avx512_bf16\n"
+                    "bugs\t\t: sysret_ss_attrs\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx512f avx512_bf16\n")
+    assert runtime.cpu_flags(str(info)) == {"fpu", "sse2", "avx512f", "avx512_bf16"}
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
+    assert runtime.cpu_flags(str(arm)) is None  # Arm lists "Features": unknown here, so float32
+    assert runtime.cpu_flags(str(tmp_path / "missing")) is None
+
+
+def _info_lines(capsys) -> list[str]:
+    """``gpt2 info``'s output lines."""
+    assert main(["info"]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+@pytest.mark.parametrize("cpu,needles", [("avx512_bf16", ("bfloat16 autocast", "float32 weights", "avx512_bf16")),
+                                         ("avx512", ("float32", "no native bf16 on this CPU")),
+                                         ("unknown", ("float32", "unknown"))])
+def test_info_says_what_auto_picks(fake_cuda, fake_cpu_flags, capsys, cpu, needles):
+    fake_cuda(None)
+    fake_cpu_flags(CPUS[cpu][0])
+    lines = [ln for ln in _info_lines(capsys) if ln.startswith("dtype ")]
+    assert len(lines) == 1 and lines[0].split()[:4] == ["dtype", "auto", "on", "cpu:"], lines
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert ("autocast" in lines[0]) == (CPUS[cpu][1] == torch.bfloat16), lines[0]
+
+
+def test_info_on_a_gpu_names_its_capability(fake_cuda, capsys):
+    fake_cuda(75)
+    (line,) = [ln for ln in _info_lines(capsys) if ln.startswith("dtype ")]
+    assert "cuda:0" in line and "float16 autocast and a GradScaler" in line and "7.5" in line, line
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_explicit_bf16_on_turing_is_a_clear_error(fake_cuda, tmp_path, capsys, command):
     fake_cuda(75)
-    argv = [a.format(tmp=tmp_path) for a in COMMANDS[command]] + ["--device", "cuda", "--dtype", "bfloat16"]
-    assert main(argv) == 2
+    assert main(_argv(command, tmp_path) + ["--device", "cuda", "--dtype", "bfloat16"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith(f"gpt2 {command}: error: --dtype bfloat16"), err
     for needle in ("Tesla T4", "7.5", "8.0", "--dtype float16"):
         assert needle in err, err
-    assert not list(tmp_path.iterdir())
+    assert not _written(tmp_path)
 
 
 @pytest.mark.parametrize("cc", [80, 90])

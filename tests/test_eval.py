@@ -112,8 +112,9 @@ def write_items(path, items, extra=None) -> None:
 
 def run_eval(argv, capsys) -> tuple[int, str, str]:
     """``gpt2 eval ARGV`` on the CPU, where the transformers model it is compared with runs (the test model's head
-    size, 16, is also one the Triton attention refuses), unless ARGV names a device."""
-    rc = main(["eval", "--device", "cpu", *argv])
+    size, 16, is also one the Triton attention refuses) in float32 (auto is bf16 on a CPU with native bf16), unless
+    ARGV names a device or dtype."""
+    rc = main(["eval", "--device", "cpu", "--dtype", "float32", *argv])
     out = capsys.readouterr()
     return rc, out.out, out.err
 

@@ -41,7 +41,8 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
 
 
 def _args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--preset", "tiny", "--data", str(data), "--backend", "torch", "--device", "cpu",
+    # float32: FSDP and DDP are compared to 1e-6, which bf16 autocast (auto on a CPU with native bf16) would not meet.
+    return ["train", "--preset", "tiny", "--data", str(data), "--backend", "torch", "--device", "cpu", "--dtype", "float32",
             "--batch-size", "2", "--block-size", "32", "--grad-accum", "2", "--max-iters", "8", "--warmup-iters", "1",
             "--lr", "3e-3", "--grad-clip", str(CLIP), "--eval-interval", "8", "--eval-iters", "1",
             "--log-interval", "1", "--sample-tokens", "0", "--out-dir", str(out), *extra]
@@ -118,7 +119,9 @@ def test_fsdp_checkpoint_is_whole(runs):
     f, d = load_checkpoint(runs["fsdp"]), load_checkpoint(runs["ddp"])
     assert {k: v.shape for k, v in f["model"].items()} == {k: v.shape for k, v in d["model"].items()}
     assert f["model"]["lm_head.weight"].data_ptr() == f["model"]["transformer.wte.weight"].data_ptr()
-    assert f["optimizer"]["param_groups"] == d["optimizer"]["param_groups"]
+    impl = ("foreach", "fused")  # which AdamW kernels ran: foreach on FSDP's CPU shards, fused for DDP on the CPU
+    groups = [[{k: v for k, v in g.items() if k not in impl} for g in c["optimizer"]["param_groups"]] for c in (f, d)]
+    assert groups[0] == groups[1]
     assert _max_diff(f["optimizer"]["state"], d["optimizer"]["state"]) < 1e-6
 
 

@@ -387,6 +387,22 @@ def test_chunks(backend, dtype, shape, C, V, chunk):
     _check_parity(h, w, t, chunk_rows=chunk, fn=_chunked(row_kernel, chunk_rows=chunk))
 
 
+@pytest.mark.skipif(_EXT_WHY is not None or _EXT_GPU, reason="the extension's CPU row kernel (bf16 on the CPU)")
+@pytest.mark.parametrize("chunk", [7, 64])
+def test_bf16_weight_gradient_on_the_cpu(chunk, monkeypatch):
+    # bf16 on the CPU forms each chunk's dweight product in bf16 and sums the chunks in fp32 (no fp32-output GEMM
+    # there): over one and several chunks (padded vocabulary), within the bf16 rule of the tolerance table, and
+    # no further from the fp32 reference than products formed in fp32 ("upcast") are, but for rounding.
+    h, w, t = _inputs((2, 29), 32, 300, torch.bfloat16, ignore_frac=0.2, device="cpu")
+    fn = _chunked(ext._cross_entropy_rows_, chunk_rows=chunk, vocab=320)
+    dw = _check_parity(h, w, t, chunk_rows=chunk, fn=fn)[2]
+    monkeypatch.setattr(chunked_loss, "_fp32_output_gemm", lambda device_type, dtype: "upcast")
+    dw_upcast = _loss_and_grads(fn, h, w, t)[2]
+    dw32 = _loss_and_grads(ref.linear_cross_entropy, h.float(), w.float(), t)[2]
+    err, err_upcast = ((d.float() - dw32).norm() / dw32.norm() for d in (dw, dw_upcast))
+    assert err <= 1.25 * err_upcast + 1e-4, (err, err_upcast)
+
+
 @backend_names
 @pytest.mark.parametrize("V,chunk,vocab", [(1, 3, 64), (37, 5, 64), (37, 8, 192), (130, 8, 192)])
 def test_padded_vocabulary(backend, V, chunk, vocab):

@@ -130,8 +130,10 @@ def test_train_writes_checkpoint_metrics_plot_and_learns(shard, tmp_path, capsys
 
 def test_grad_accum_matches_one_big_batch(shard, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    assert main(tiny_args(shard, a, "--max-iters", "4", "--batch-size", "4")) == 0
-    assert main(tiny_args(shard, b, "--max-iters", "4", "--batch-size", "2", "--grad-accum", "2")) == 0
+    # float32: bf16 autocast (auto on a CPU with native bf16) rounds the two batchings differently.
+    common = ("--max-iters", "4", "--dtype", "float32")
+    assert main(tiny_args(shard, a, *common, "--batch-size", "4")) == 0
+    assert main(tiny_args(shard, b, *common, "--batch-size", "2", "--grad-accum", "2")) == 0
     la, lb = train_losses(a), train_losses(b)
     assert len(la) == len(lb) == 4
     for (_, x), (_, y) in zip(la, lb):
