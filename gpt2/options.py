@@ -138,8 +138,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add("--backend", f"kernel backend spec, e.g. torch, triton, ext, auto, 'triton,attention=torch' "
         f"(default {d.backend})")
     add("--device", "auto (CUDA if present, else CPU), cpu or cuda (default auto)", choices=["auto", "cpu", "cuda"])
-    add("--dtype", "auto (bf16 autocast on GPUs of compute capability 8.0 or newer, fp16 with loss scaling on "
-        "older ones, float32 on the CPU), float32, bfloat16 or float16 (default auto)",
+    add("--dtype", "auto (bf16 autocast on GPUs of compute capability 8.0 or newer and on CPUs with native bf16, fp16 "
+        "with loss scaling on older GPUs, else float32; gpt2 info says which), float32, bfloat16 or float16 "
+        "(default auto)",
         choices=["auto", "float32", "bfloat16", "float16"])
     add("--batch-size", f"sequences per micro-step per process, or auto: the largest that fits the GPU's memory "
         f"(gpt2 plan; a GPU only) (default {d.batch_size})", type=_batch_size)

@@ -135,8 +135,10 @@ def has_native_bf16(device: torch.device) -> bool:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """What ``--dtype auto`` computes in on ``device``: bfloat16 on GPUs that have it natively, float16 (with a
-    GradScaler) on older GPUs, float32 on the CPU. The one place this choice is made (train, sample, bench)."""
+    """The dtype the kernels' own checks and per-op benchmarks default to on ``device``: bfloat16 on GPUs that have
+    it natively, float16 (with a GradScaler) on older GPUs, float32 on the CPU (Triton's interpreter has no
+    bfloat16). ``--dtype auto`` of gpt2 train / sample / eval is ``gpt2.runtime.auto_dtype``: this on GPUs, and
+    bfloat16 autocast on CPUs with native bf16."""
     if device.type != "cuda":
         return torch.float32
     return torch.bfloat16 if has_native_bf16(device) else torch.float16
