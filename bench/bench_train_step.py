@@ -77,7 +77,7 @@ def auto_dtype_name(device_type: str) -> str:
     from gpt2.runtime import auto_dtype
 
     dtype, _ = auto_dtype(torch.device(device_type))
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return {v: k for k, v in DTYPES.items()}[dtype]
 
 
 def default_dtypes(device_type: str) -> list[str]:
@@ -233,5 +233,5 @@ def _record(benchmark, case: TrainCase, model, device, mm: dict, mm32: dict, B: 
     if stats is not None:
         t = stats.stats.median
         info.update(median_s=t, tokens_per_s=tokens / t, tflops=flops / t / 1e12,
-                    mfu=flops / t / (mm["tflops"] * 1e12), mfu_vs_measured=flops / t / (mm["tflops"] * 1e12),
+                    mfu_vs_measured=flops / t / (mm["tflops"] * 1e12),
                     mfu_vs_datasheet=model.estimate_mfu(B, t, seq_len=T))

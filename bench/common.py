@@ -232,22 +232,17 @@ class Ceilings:
         return self._copy
 
     def matmul(self, dtype: torch.dtype) -> dict:
-        """``{"tflops": ..., "n": ..., "how": ...}`` of a large square matrix product in ``dtype``."""
+        """``{"tflops": ..., "n": ..., "how": ...}`` of a large square matrix product in ``dtype``: the fastest call."""
         if dtype not in self._matmul:
-            gen = torch.Generator(device=self.device).manual_seed(1)
             # CPU: grow the product while the next size (8x the work) stays under ~2 s a call; the
             # CPU's fp16 path can be 100x slower than fp32. GPU: one size that fills the chip.
             sizes = (8192,) if self.device.type == "cuda" else (256, 512, 1024, 2048)
             reps = 10 if self.device.type == "cuda" else 3
             for n in sizes:
-                a = torch.randn(n, n, device=self.device, generator=gen).to(dtype)  # random, never zeros
-                b = torch.randn(n, n, device=self.device, generator=gen).to(dtype)
-                t = min(_times(functools.partial(torch.matmul, a, b), self.device, reps))
-                if 8 * t > 2.0:
+                rate = self._matmul_rate(dtype, n, reps, "fastest", seed=1)
+                if 8 * 2.0 * n**3 / (rate["tflops"] * 1e12) > 2.0:
                     break
-            name = str(dtype).replace("torch.", "")
-            self._matmul[dtype] = {"tflops": 2.0 * n**3 / t / 1e12, "n": n,
-                                   "how": f"fastest of {reps} matmuls {n}x{n}x{n} in {name}"}
+            self._matmul[dtype] = rate
         return self._matmul[dtype]
 
     def matmul_median(self, dtype: torch.dtype) -> dict:
@@ -259,15 +254,19 @@ class Ceilings:
         """
         key = ("median", dtype)
         if key not in self._matmul:
-            gen = torch.Generator(device=self.device).manual_seed(2)
             n, reps = (8192, 20) if self.device.type == "cuda" else (2048, 9)
-            a = torch.randn(n, n, device=self.device, generator=gen).to(dtype)  # random, never zeros
-            b = torch.randn(n, n, device=self.device, generator=gen).to(dtype)
-            times = sorted(_times(functools.partial(torch.matmul, a, b), self.device, reps))
-            name = str(dtype).replace("torch.", "")
-            self._matmul[key] = {"tflops": 2.0 * n**3 / times[reps // 2] / 1e12, "n": n,
-                                 "how": f"median of {reps} matmuls {n}x{n}x{n} in {name}"}
+            self._matmul[key] = self._matmul_rate(dtype, n, reps, "median", seed=2)
         return self._matmul[key]
+
+    def _matmul_rate(self, dtype: torch.dtype, n: int, reps: int, stat: str, seed: int) -> dict:
+        """The rate of ``reps`` n x n x n products of random ``dtype`` matrices, by their fastest or median call."""
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        a = torch.randn(n, n, device=self.device, generator=gen).to(dtype)  # random, never zeros
+        b = torch.randn(n, n, device=self.device, generator=gen).to(dtype)
+        times = sorted(_times(functools.partial(torch.matmul, a, b), self.device, reps))
+        t = times[0] if stat == "fastest" else times[reps // 2]
+        name = str(dtype).replace("torch.", "")
+        return {"tflops": 2.0 * n**3 / t / 1e12, "n": n, "how": f"{stat} of {reps} matmuls {n}x{n}x{n} in {name}"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ MODE_ORDER = ("fwd", "bwd", "fwd+bwd")
 TRAIN_HEADER = ("| backend | median / step | tokens/s | speed-up vs torch | vs transformers | TFLOP/s "
                 "| MFU (measured matmul) | peak memory | rounds |")
 TRAIN_PEER = "transformers"  # the whole-model peer every train-step row is also compared with
+GENERATE_HEADER = ("| path | median | new tokens/s | speed-up vs recompute | same tokens | vs transformers "
+                   "| weight MB / token | % of bandwidth bound | rounds |")
 OP_HEADER = ("| implementation | median | speed-up vs torch | TFLOP/s | GB/s | % peak FLOP/s | % peak BW "
              "| % of floor | rounds |")
 
@@ -145,8 +147,8 @@ def markdown(entries: list[dict]) -> str:
             lines += [TRAIN_HEADER, "|---|---|---|---|---|---|---|---|---|"]
             peer = next((b for b in bs if _impl(b) == TRAIN_PEER), None)
         elif op == "generate":
-            lines += ["| path | median | new tokens/s | speed-up vs recompute | same tokens | rounds |",
-                      "|---|---|---|---|---|---|"]
+            lines += [GENERATE_HEADER,
+                      "|---|---|---|---|---|---|---|---|---|"]
         else:
             lines += [OP_HEADER, "|---|---|---|---|---|---|---|---|---|"]
         for b in bs:
@@ -166,8 +168,12 @@ def markdown(entries: list[dict]) -> str:
             elif op == "generate":
                 n = info.get("new_tokens")
                 same = info.get("same_tokens_as_recompute")
+                nbytes, frac = info.get("weight_bytes_per_token"), info.get("fraction_of_bound")
                 lines.append(f"| {_impl(b)} | {_fmt_time(t)} | {_fmt(n / t if n else None, '.4g')} | {speed} "
-                             f"| {'-' if same is None else ('yes' if same else 'NO')} | {rounds} |")
+                             f"| {'-' if same is None else ('yes' if same else 'NO')} "
+                             f"| {_fmt(info.get('speedup_vs_transformers'), '.2f', 'x')} "
+                             f"| {_fmt(nbytes / 1e6 if nbytes else None, '.1f')} "
+                             f"| {_fmt(100 * frac if frac else None, '.0f', '%')} | {rounds} |")
             else:
                 r = rates(b)
                 lines.append(f"| {_impl(b)} | {_fmt_time(t)} | {speed} | {_fmt(r.get('tflops'), '.3g')} "

@@ -58,7 +58,8 @@ def link_flags() -> list[str]:
     compiler whose default is a static libstdc++ still links the shared one (``embeds_libstdcxx``)."""
     if not sys.platform.startswith("linux"):
         return []
-    return ["-fopenmp"] + ([_loaded_libstdcxx()] if _loaded_libstdcxx() else [])
+    libstdcxx = _loaded_libstdcxx()
+    return ["-fopenmp"] + ([libstdcxx] if libstdcxx else [])
 
 
 def _loaded_libstdcxx() -> str | None:
@@ -109,8 +110,12 @@ def build_on_first_use(log=None):
     if not (CSRC / CPU_SOURCES[0]).is_file():
         raise RuntimeError(f"the C++ sources are not in {CSRC} (an install without the source tree)")
     with_cuda, _ = cuda_build_possible()
-    build_dir = Path(cpp_ext._get_build_directory(JIT_NAME, verbose=False))
-    if not any(build_dir.glob(f"{JIT_NAME}*.so")) and not any(build_dir.glob(f"{JIT_NAME}*.pyd")):
+    try:  # a private helper of torch's: only the notice depends on it
+        build_dir = Path(cpp_ext._get_build_directory(JIT_NAME, verbose=False))
+        built = any(build_dir.glob(f"{JIT_NAME}*.so")) or any(build_dir.glob(f"{JIT_NAME}*.pyd"))
+    except Exception:  # noqa: BLE001
+        build_dir, built = "torch's extension cache", False
+    if not built:
         what = "CPU and CUDA kernels" if with_cuda else "CPU kernels"
         print(f"kernels: building the C++ extension's {what} once (cached in {build_dir})",
               file=log, flush=True)
