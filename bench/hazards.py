@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.runtime import default_dtype
+from gpt2_kernels.runtime import default_dtype
 
 ROWS: list[dict] = []
 SPECIALISATIONS: list[dict] = []
@@ -147,14 +147,13 @@ def sec_ceilings(dev, smoke):
 
 
 def _ops(backend, dev):
-    import kernels
-
-    return kernels.build_ops(backend, dev)
+    import gpt2_kernels.registry
+    return gpt2_kernels.registry.build_ops(backend, dev)
 
 
 def sec_specialise(dev, smoke):
-    from kernels import ref
-    from kernels.attention import attention_bwd, attention_fwd
+    from gpt2_kernels import ref
+    from gpt2_kernels.attention import attention_bwd, attention_fwd
 
     dt = torch.float32
     # attention: Tq, Tk pairs that hit the 1 and 16-divisible specialisations (shift = Tk - Tq too).
@@ -206,14 +205,14 @@ def _grads_vs_ref(fn, ref_fn, inputs, out_grad=None):
 
 
 def _check_ln(ops, n, dev):
-    from kernels import ref
+    from gpt2_kernels import ref
 
     x, w, b = torch.randn(n, 768, device=dev), torch.randn(768, device=dev), torch.randn(768, device=dev)
     return _grads_vs_ref(ops.layer_norm, ref.layer_norm, [x, w, b])
 
 
 def _check_mlp(ops, n, dev):
-    from kernels import ref
+    from gpt2_kernels import ref
 
     C = 64
     x = torch.randn(n, C, device=dev)
@@ -223,7 +222,7 @@ def _check_mlp(ops, n, dev):
 
 
 def _check_loss(ops, n, dev, V=97):
-    from kernels import ref
+    from gpt2_kernels import ref
 
     h, w = torch.randn(n, 64, device=dev), torch.randn(V, 64, device=dev) * 0.1
     t = torch.randint(0, V, (n,), device=dev)
@@ -232,8 +231,8 @@ def _check_loss(ops, n, dev, V=97):
 
 
 def sec_fp16_loss_scale(dev, smoke):
-    import kernels
-    from kernels import ref
+    import gpt2_kernels.registry
+    from gpt2_kernels import ref
 
     N, V, C = (4096, 16384, 64) if not smoke else (256, 1024, 32)
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -247,10 +246,10 @@ def sec_fp16_loss_scale(dev, smoke):
     never[t.unique()] = False
     row("fp16_loss_scale", "shape N, V, C / non-target rows", f"{N}, {V}, {C} / {int(never.sum())}")
     for backend in ("torch", "triton", "ext"):
-        if kernels.unavailable_reason(backend, dev) is not None:
+        if gpt2_kernels.registry.unavailable_reason(backend, dev) is not None:
             continue
         try:
-            op = kernels.build_ops(backend, dev).linear_cross_entropy
+            op = gpt2_kernels.registry.build_ops(backend, dev).linear_cross_entropy
             hh = h.to(dev, torch.float16).requires_grad_()
             ww = w.to(dev, torch.float16).requires_grad_()
             (op(hh, ww, t.to(dev)) * seed).backward()
@@ -273,8 +272,7 @@ def _model(preset, backend, dev, **kw):
 
 
 def sec_grad_scaler(dev, smoke):
-    import kernels
-
+    import gpt2_kernels.registry
     steps = 20 if not smoke else 3
     preset, B, T = ("shakespeare", 8, 128) if not smoke else ("tiny", 2, 16)
     torch.manual_seed(1)
@@ -283,7 +281,7 @@ def sec_grad_scaler(dev, smoke):
     batches = [torch.randint(0, V, (B, T + 1), device=dev) for _ in range(steps)]
     ref_losses = None
     for backend in ("torch", "triton", "ext"):
-        if kernels.unavailable_reason(backend, dev) is not None:
+        if gpt2_kernels.registry.unavailable_reason(backend, dev) is not None:
             continue
         for dtype in (torch.float32, torch.float16):
             try:
@@ -335,7 +333,7 @@ def _loss_stride(dev, dt, smoke):
 
 
 def _loss_gemm_times(h, wv, z, t, V):
-    from kernels import linear_cross_entropy as lce
+    from gpt2_kernels import linear_cross_entropy as lce
 
     out = [median_ms(lambda: torch.mm(h, wv.t(), out=z) if z.is_contiguous() else z.copy_(h @ wv.t())),
            median_ms(lambda: torch.matmul(h, wv.t())), median_ms(lambda: torch.mm(z, wv)),
@@ -346,8 +344,8 @@ def _loss_gemm_times(h, wv, z, t, V):
 
 
 def sec_loss_chunks(dev, smoke):
-    from kernels import chunked_loss
-    from kernels import linear_cross_entropy as lce
+    from gpt2_kernels import chunked_loss
+    from gpt2_kernels import linear_cross_entropy as lce
 
     N, C, V = (8192, 768, 50257) if not smoke else (256, 32, 257)
     dt = default_dtype(dev)
@@ -374,11 +372,10 @@ def sec_loss_chunks(dev, smoke):
 
 
 def sec_determinism(dev, smoke):
-    import kernels
-
+    import gpt2_kernels.registry
     preset, B, T = ("gpt2", 4, 256) if not smoke else ("tiny", 2, 16)
     for backend in ("triton", "ext"):
-        if kernels.unavailable_reason(backend, dev) is not None:
+        if gpt2_kernels.registry.unavailable_reason(backend, dev) is not None:
             continue
         try:
             model = _model(preset, backend, dev)
@@ -400,8 +397,8 @@ def sec_determinism(dev, smoke):
 def sec_decode(dev, smoke):
     import torch.nn.functional as F
 
-    import kernels
-    from kernels.attention import attention_fwd
+    import gpt2_kernels.registry
+    from gpt2_kernels.attention import attention_fwd
 
     dt = default_dtype(dev)
     for Tk in ((128, 1024) if not smoke else (16,)):
@@ -414,7 +411,7 @@ def sec_decode(dev, smoke):
 
     preset, prompt, new = ("gpt2", 64, 128) if not smoke else ("tiny", 4, 8)
     for backend in ("torch", "triton", "ext"):
-        if kernels.unavailable_reason(backend, dev) is not None:
+        if gpt2_kernels.registry.unavailable_reason(backend, dev) is not None:
             continue
         for dtype in ((default_dtype(dev), torch.float32) if dev.type == "cuda" else (torch.float32,)):
             try:

@@ -4,7 +4,7 @@
     python -m bench.report results.json [--out DIR]      # or: python bench/report.py results.json
 
 Per group (rows differ only by implementation): each implementation's median, its speed-up over
-the group's reference (``torch``, the eager ``kernels.ref``; ``recompute`` for generation),
+the group's reference (``torch``, the eager ``gpt2_kernels.ref``; ``recompute`` for generation),
 TFLOP/s and GB/s, and the % of the ceilings the suite measured on the same machine; a train-step row also
 its speed-up over transformers' model (the peer with the same weights) and its MFU against the measured matmul
 rate of its dtype, and ``(auto)`` marks the backend ``--backend auto`` runs. Plots:

@@ -128,7 +128,7 @@ def test_every_listed_implementation_loads_or_says_why(module):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_a_forward_outside_the_tolerance_table_fails_the_benchmark(dtype):
-    """check_forward holds each benchmark's first forward to kernels.testing's rule for the bench dtype: the
+    """check_forward holds each benchmark's first forward to gpt2_kernels.testing's rule for the bench dtype: the
     reference passes, a result 1e-3 off (relative) in fp32, or 5% off in bf16, fails, naming the element."""
     from bench import bench_mlp
 
@@ -243,7 +243,7 @@ def test_gpu_check_build_step_runs_its_commands(tmp_path):
 def test_bench_dtypes_follow_the_capability(monkeypatch, cc, default, full):
     """A Turing GPU (sm_75) benchmarks fp16 by default and never bf16, which it only emulates."""
     from bench import cases
-    from kernels import runtime
+    from gpt2_kernels import runtime
 
     monkeypatch.setattr(runtime, "capability", lambda device: cc)
     assert cases.default_dtypes("cuda", False) == default

@@ -3,7 +3,7 @@
 // TORCH_LIBRARY(gpt2k) declares every op once; the CPU kernels (cpu_kernels.cpp) register under
 // the CPU dispatch key here and the CUDA launchers (kernels.cu through cuda_ops.cpp) under the
 // CUDA key when the extension is built with CUDA. kernels/cuda.py adds fake (meta) kernels and
-// autograd. Loading the shared object as the Python module ``kernels._C`` runs the registrations;
+// autograd. Loading the shared object as the Python module ``gpt2_kernels._C`` runs the registrations;
 // the module itself is empty (no pybind11, which keeps the build short).
 #include <Python.h>
 
@@ -48,7 +48,7 @@ void check_float(const char* op, const char* arg, const Tensor& t) {
 
 void check_contiguous(const char* op, const char* arg, const Tensor& t) {
   TORCH_CHECK(t.is_contiguous(), op, ": argument '", arg, "' must be contiguous (got strides ", t.strides(),
-              " for shape ", t.sizes(), "); kernels.ext makes its inputs contiguous before calling the op");
+              " for shape ", t.sizes(), "); gpt2_kernels.ext makes its inputs contiguous before calling the op");
 }
 
 void check_dim(const char* op, const char* arg, const Tensor& t, int64_t dim, const char* layout) {
@@ -210,7 +210,7 @@ void check_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, doub
       check_same_kind(op, name, t, "q", q);
       TORCH_CHECK(uniform_head_stride(t) >= 0, op, ": argument '", name, "' must be contiguous, or a view whose "
                   "heads are contiguous (T, hs) blocks evenly spaced (got strides ", t.strides(), " for shape ",
-                  t.sizes(), "); kernels.ext makes its inputs contiguous before calling the op");
+                  t.sizes(), "); gpt2_kernels.ext makes its inputs contiguous before calling the op");
     }
   } else {
     check_like(op, "k", k, "q", q);
@@ -455,8 +455,8 @@ TORCH_LIBRARY_IMPL(gpt2k, CPU, m) {
 
 }  // namespace gpt2k
 
-// The Python module: empty; importing it loads the library above. Its name is kernels._C when setup.py builds it
-// and kernels.build.JIT_NAME when kernels.ext builds it on first use; torch's build passes it as TORCH_EXTENSION_NAME.
+// The Python module: empty; importing it loads the library above. Its name is gpt2_kernels._C when setup.py builds it
+// and gpt2_kernels.build.JIT_NAME when gpt2_kernels.ext builds it on first use; torch's build passes it as TORCH_EXTENSION_NAME.
 #ifndef TORCH_EXTENSION_NAME
 #define TORCH_EXTENSION_NAME _C
 #endif
@@ -479,7 +479,7 @@ extern "C" PyMODINIT_FUNC GPT2K_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
 #else
   const int with_cuda = 0;
 #endif
-  // WITH_CUDA tells kernels.ext whether CUDA kernels were compiled in (registered under the CUDA key).
+  // WITH_CUDA tells gpt2_kernels.ext whether CUDA kernels were compiled in (registered under the CUDA key).
   // CPU_SIMD: which build of the CPU kernels this CPU runs (see gpt2k::cpu::simd_level).
   if (module != nullptr && (PyModule_AddIntConstant(module, "WITH_CUDA", with_cuda) != 0 ||
                             PyModule_AddStringConstant(module, "CPU_SIMD", gpt2k::cpu::simd_level()) != 0)) {

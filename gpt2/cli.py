@@ -21,8 +21,9 @@ def _info(args) -> int:
 
     import torch
 
-    import kernels
-    from kernels.registry import BACKENDS, OPS, unavailable_reason
+    import gpt2
+    import gpt2_kernels.registry
+    from gpt2_kernels.registry import BACKENDS, OPS, unavailable_reason
 
     try:
         import triton
@@ -33,6 +34,8 @@ def _info(args) -> int:
     print(f"python  {platform.python_version()}")
     print(f"torch   {torch.__version__}")
     print(f"triton  {triton_version}")
+    # The import names this project installs (Hugging Face's `kernels`, which transformers needs, is another package).
+    print(f"package gpt2 and gpt2_kernels ({os.path.dirname(gpt2.__file__)}, {gpt2_kernels.__path__[0]})")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             cap = torch.cuda.get_device_capability(i)
@@ -49,7 +52,7 @@ def _info(args) -> int:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         reasons = {b: unavailable_reason(b, dev) for b in BACKENDS}
-        chosen = kernels.resolve("auto", dev)
+        chosen = gpt2_kernels.registry.resolve("auto", dev)
         print(f"\nops x backends on {dev} (yes = usable here)")
         print(f"  {'op':<22}" + "".join(f"{b:<8}" for b in BACKENDS) + "auto")
         for op in OPS:
@@ -59,7 +62,7 @@ def _info(args) -> int:
             if why is not None:
                 print(f"  {b}: {why}")
         if dev == "cpu" and reasons["ext"] is None:
-            from kernels.ext import cpu_simd_level
+            from gpt2_kernels.ext import cpu_simd_level
 
             print(f"  ext: the extension's CPU kernels run their {cpu_simd_level()} build here")
     return 0
@@ -143,7 +146,7 @@ def main(argv=None) -> int:
     allocator_defaults()
     from gpt2.data import DataError
     from gpt2.model import ConfigError
-    from kernels.registry import BackendError, SpecError
+    from gpt2_kernels.registry import BackendError, SpecError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -3,7 +3,7 @@
 The module tree and parameter names follow OpenAI's / Hugging Face's GPT-2 (``wte``, ``wpe``,
 ``h.N.ln_1``, ``attn.c_attn``, ``mlp.c_fc``, ``ln_f``, ``lm_head``) so checkpoints map one to one.
 Parameters live only here; the fused ops (``layer_norm``, ``add_layer_norm``, ``attention``, ``mlp``,
-``linear_cross_entropy``) are stateless functions taken from ``kernels.build_ops``, so
+``linear_cross_entropy``) are stateless functions taken from ``gpt2_kernels.registry.build_ops``, so
 ``set_backend`` can swap them at any time and any checkpoint loads under any backend.
 """
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-import kernels
+import gpt2_kernels.registry
 from gpt2 import sampling
 
 PRESETS: dict[str, dict] = {
@@ -371,7 +371,7 @@ class GPT(nn.Module):
 
     Args:
         config: the model's shape.
-        backend: kernel backend spec for ``kernels.build_ops`` (``"auto"``, ``"torch"``,
+        backend: kernel backend spec for ``gpt2_kernels.registry.build_ops`` (``"auto"``, ``"torch"``,
             ``"triton"``, ``"ext"``, or per op such as ``"triton,attention=torch"``).
         recompute: activation recompute, one of ``RECOMPUTE_MODES`` (see ``set_recompute``).
     """
@@ -394,7 +394,7 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self.check_inputs = True
-        kernels.parse_spec(backend)  # a malformed spec fails here; availability is checked per device
+        gpt2_kernels.registry.parse_spec(backend)  # a malformed spec fails here; availability is checked per device
         self.backend_spec = backend
         self.ops = None
         self._ops_device = None
@@ -414,7 +414,7 @@ class GPT(nn.Module):
     def set_backend(self, spec: str) -> GPT:
         """Swap the kernel backend (parameters untouched). Returns self."""
         device = self.transformer.wte.weight.device
-        self.ops = kernels.build_ops(spec, device)
+        self.ops = gpt2_kernels.registry.build_ops(spec, device)
         self.backend_spec, self._ops_device = spec, device.type
         return self
 
@@ -435,7 +435,7 @@ class GPT(nn.Module):
     def _ops_for(self, device: torch.device):
         # The spec is resolved per device type (``auto`` differs on CPU and GPU): re-resolve after .to().
         if self.ops is None or device.type != self._ops_device:
-            self.ops = kernels.build_ops(self.backend_spec, device)
+            self.ops = gpt2_kernels.registry.build_ops(self.backend_spec, device)
             self._ops_device = device.type
         return self.ops
 

@@ -27,7 +27,7 @@ The step's peak, per GPU, is the sum of
   peak at any B is the maximum of those lines, exact without tracing at B. Not B = 1: there a (1, ...) tensor can
   count as contiguous where a (2, ...) one does not, and a ``.contiguous()`` copy disappears, so B = 1 is
   extrapolated too (at most an overestimate of such copies).
-- **the loss head's chunk**: the fused head's buffers depend on the row count through ``kernels.chunked_loss``'s
+- **the loss head's chunk**: the fused head's buffers depend on the row count through ``gpt2_kernels.chunked_loss``'s
   policy (chunk rows, vocabulary padding), which is not linear in B and differs between the CPU and a GPU (the
   chunk rows, and how the fp32 dW accumulates: the CPU upcasts each bf16 chunk to fp32). The trace therefore skips
   the timeline inside the head's forward and records the live bytes at its entrance; ``loss_head_bytes`` adds the
@@ -63,10 +63,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import kernels
+import gpt2_kernels.registry
 from gpt2.model import GPT, PRESETS, RECOMPUTE_MODES, GPTConfig
 from gpt2.runtime import DTYPES
-from kernels.chunked_loss import chunk_plan
+from gpt2_kernels.chunked_loss import chunk_plan
 
 __all__ = ["ALLOCATOR_SLACK", "CUDA_CONTEXT_GIB", "DEFAULT_TOKENS_PER_STEP", "Plan", "activation_bytes",
            "add_args", "auto_batch_size", "loss_head_bytes", "make_plan", "run", "static_bytes"]
@@ -141,7 +141,7 @@ def _param_counts(key: tuple) -> tuple[int, int, int, int]:
 
 
 def loss_head_bytes(n_rows: int, config: GPTConfig, dtype: torch.dtype, device_type: str) -> int:
-    """Peak bytes the fused loss head's forward allocates over its inputs, by ``kernels.chunked_loss``'s policy.
+    """Peak bytes the fused loss head's forward allocates over its inputs, by ``gpt2_kernels.chunked_loss``'s policy.
 
     Args:
         n_rows: N = B T rows of hidden states.
@@ -297,12 +297,12 @@ def activation_bytes(config: GPTConfig, T: int, batch: int, dtype: torch.dtype, 
 def trace_spec(backend: str, device_type: str = "cuda") -> tuple[str, str | None]:
     """The backend spec to trace on the CPU for a run with ``backend`` on ``device_type``, and a note if it is
     not the run's own (module docstring)."""
-    default, overrides = kernels.parse_spec(backend)
+    default, overrides = gpt2_kernels.registry.parse_spec(backend)
     if device_type == "cpu":
-        return _spec_of(kernels.resolve(backend, "cpu")), None
-    has_ext = kernels.unavailable_reason("ext", "cpu") is None
+        return _spec_of(gpt2_kernels.registry.resolve(backend, "cpu")), None
+    has_ext = gpt2_kernels.registry.unavailable_reason("ext", "cpu") is None
     chosen, note = {}, None
-    for op in kernels.OPS:
+    for op in gpt2_kernels.registry.OPS:
         b = overrides.get(op, default)
         if b in ("auto", "triton"):
             b = "ext" if has_ext else "torch"

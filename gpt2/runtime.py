@@ -3,7 +3,7 @@ GradScaler, the distributed set-up under ``torchrun``, and the few collectives t
 
 ``start(device, dtype)`` is the one place ``gpt2`` (train, sample, eval) turns ``--device`` and ``--dtype`` into a
 ``Runtime``. ``--dtype auto`` is ``auto_dtype``, the one rule train, sample, eval, ``gpt2 info`` and the train-step
-benchmark share: on GPUs ``kernels.runtime.default_dtype``, bfloat16 where they compute in it natively (compute capability 8.0
+benchmark share: on GPUs ``gpt2_kernels.runtime.default_dtype``, bfloat16 where they compute in it natively (compute capability 8.0
 or newer), float16 with a GradScaler on older GPUs (Turing, where ``torch.cuda.is_bf16_supported()`` says True but
 only emulates it, and the Triton kernels refuse it); on the CPU bfloat16 autocast (the weights, gradients and
 optimizer state stay float32) where the processor has bf16 arithmetic (AVX-512 BF16 or AMX-BF16 in its
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.runtime import capability, default_dtype, has_native_bf16
+from gpt2_kernels.runtime import capability, default_dtype, has_native_bf16
 
 __all__ = ["CPU_BF16_FLAGS", "DTYPES", "Runtime", "auto_dtype", "cpu_flags", "describe_auto_dtype", "dist_env",
            "dtype_unsupported", "fsdp_api", "peak_memory", "resolve_device", "resolve_dtype", "start"]
@@ -57,7 +57,7 @@ def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str] | None:
 def auto_dtype(device: torch.device) -> tuple[torch.dtype, str]:
     """What ``--dtype auto`` computes in on ``device``, and why (a few words for ``gpt2 info``).
 
-    GPUs: ``kernels.runtime.default_dtype``. The CPU: bfloat16 (autocast over float32 weights) when ``cpu_flags``
+    GPUs: ``gpt2_kernels.runtime.default_dtype``. The CPU: bfloat16 (autocast over float32 weights) when ``cpu_flags``
     holds one of ``CPU_BF16_FLAGS``, else float32, unknown flags included.
     """
     if device.type == "cuda":

@@ -1,4 +1,4 @@
-"""What a Triton op module tells the static GPU-readiness report (``python -m kernels.report``).
+"""What a Triton op module tells the static GPU-readiness report (``python -m gpt2_kernels.report``).
 
 Each Triton op module (``kernels/attention.py``, ``kernels/layer_norm.py``, ``kernels/mlp.py``,
 ``kernels/linear_cross_entropy.py``) defines

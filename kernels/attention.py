@@ -1,7 +1,7 @@
 """Causal flash attention in Triton: the ``triton`` backend of the registry op ``attention``.
 
 Contract: ``attention(q, k, v, causal=True, dropout_p=0.0)`` has the signature and semantics of
-``kernels.ref.attention``: the Tq queries are the last Tq of Tk key positions (query i sits at Tk - Tq + i), the scale
+``gpt2_kernels.ref.attention``: the Tq queries are the last Tq of Tk key positions (query i sits at Tk - Tq + i), the scale
 is 1/sqrt(hs) (hs = 32, 64 or 128), the softmax is taken in fp32 and the result comes back in q.dtype. No Tq x Tk matrix
 is ever stored. Limits: dropout needs Tq * Tk < 2**31 per head; B * nh must stay within the grid's 65535 on axis 1.
 
@@ -21,7 +21,7 @@ same lse); called eagerly the combine's launch costs more host time than the spl
 Tiles (``_TILES``, whose comments give each choice): one (BLOCK_M, BLOCK_N, warps, stages) per kernel, architecture,
 head class and dropout, the largest that fits shared memory without spills; 16-row decode tiles; fp32 on IEEE FMA dots
 (no TF32, so fp32 parity holds on a GPU); sm_75 has no tensor-core tl.dot. ``launch_configs`` lists every one and
-``python -m kernels.report`` compiles them for sm_75..sm_90 with no GPU.
+``python -m gpt2_kernels.report`` compiles them for sm_75..sm_90 with no GPU.
 
 Cost: ``bench.common.op_cost("attention", ...)`` gives the FLOPs and fewest bytes of a call; docs/performance.md holds
 the measurements (H100 and CPU, each with its machine and date).
@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.aot import LaunchConfig
-from kernels.runtime import LIBRARY, arch, capability, check_dtype, interpreting, launch, sm_count
+from .aot import LaunchConfig
+from .runtime import LIBRARY, arch, capability, check_dtype, interpreting, launch, sm_count
 
 __all__ = ["AttentionFunction", "attention", "attention_bwd", "attention_fwd", "dropout_keep_mask", "launch_configs"]
 
@@ -831,7 +831,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
 def dropout_keep_mask(seed: int, B: int, nh: int, Tq: int, Tk: int, dropout_p: float,
                       device: torch.device | str = "cuda") -> torch.Tensor:
-    """The dropout keep-mask the attention kernels draw for ``seed``, for replay through ``kernels.ref.attention``.
+    """The dropout keep-mask the attention kernels draw for ``seed``, for replay through ``gpt2_kernels.ref.attention``.
 
     Args:
         seed: as passed to ``attention_fwd`` / ``attention_bwd``.
@@ -924,7 +924,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
               dropout_p: float = 0.0) -> torch.Tensor:
     """Scaled dot-product attention as one fused Triton kernel (softmax in fp32), differentiable.
 
-    Same signature and semantics as ``kernels.ref.attention``: the queries are the last Tq of the Tk key positions.
+    Same signature and semantics as ``gpt2_kernels.ref.attention``: the queries are the last Tq of the Tk key positions.
     The dropout seed is drawn from torch's default generator, so ``torch.manual_seed`` makes a run reproducible.
 
     Args:

@@ -1,10 +1,10 @@
-"""How the C++/CUDA extension ``kernels._C`` is built: its sources and flags, in one place.
+"""How the C++/CUDA extension ``gpt2_kernels._C`` is built: its sources and flags, in one place.
 
 Two ways use this module, and both build the same library:
 
 - ``setup.py`` when torch is importable at install time (``pip install --no-build-isolation -e .``): an ahead-of-time
   build into ``kernels/`` (setup.py loads this file by path, so nothing here imports torch at module level);
-- ``kernels.ext`` on first use otherwise (a plain ``pip install -e .`` builds in an isolated environment without
+- ``gpt2_kernels.ext`` on first use otherwise (a plain ``pip install -e .`` builds in an isolated environment without
   torch): ``build_on_first_use`` compiles the extension once with ``torch.utils.cpp_extension.load`` into torch's
   extension cache (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and loads it from there on
   every later import, with a one-line notice the first time.
@@ -12,7 +12,7 @@ Two ways use this module, and both build the same library:
 The library must use the C++ standard library that torch uses: a linker that embeds a static copy (seen on a GPU
 machine whose ``CC``/``CXX`` pointed at a wrapper compiler that links libstdc++ statically) gives the process two
 copies, and the first error message the extension formats crashes the process. ``link_flags`` names torch's shared
-libstdc++ to the linker, which prevents that; ``embeds_libstdcxx`` detects such a build anyway, and ``kernels.ext``
+libstdc++ to the linker, which prevents that; ``embeds_libstdcxx`` detects such a build anyway, and ``gpt2_kernels.ext``
 refuses it with the reason instead of crashing.
 
 ``GPT2_KERNELS_NO_EXT=1`` turns off both builds.
@@ -117,7 +117,7 @@ def build_on_first_use(log=None):
         build_dir, built = "torch's extension cache", False
     if not built:
         what = "CPU and CUDA kernels" if with_cuda else "CPU kernels"
-        print(f"kernels: building the C++ extension's {what} once (cached in {build_dir})",
+        print(f"gpt2_kernels: building the C++ extension's {what} once (cached in {build_dir})",
               file=log, flush=True)
     return cpp_ext.load(name=JIT_NAME, sources=sources(with_cuda), extra_cflags=cxx_flags(with_cuda),
                         extra_ldflags=link_flags(), extra_cuda_cflags=NVCC_FLAGS, with_cuda=with_cuda,

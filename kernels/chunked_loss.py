@@ -1,9 +1,9 @@
 """The chunked loss head that every fused backend shares: one driver, one chunk policy, one autograd Function.
 
 Contract: ``linear_cross_entropy(h, weight, targets, ignore_index)`` is the mean over non-ignored targets of
-``logsumexp(z_i) - z_i[t_i]`` with ``z = h @ weight.T`` (``kernels.ref.linear_cross_entropy``). A backend supplies
+``logsumexp(z_i) - z_i[t_i]`` with ``z = h @ weight.T`` (``gpt2_kernels.ref.linear_cross_entropy``). A backend supplies
 only a *row kernel*, which turns one chunk of logits into its gradient in place and returns the per-row losses
-(Triton: ``kernels.linear_cross_entropy.cross_entropy_rows_``; the extension: ``kernels.ext``). The rest is here:
+(Triton: ``gpt2_kernels.linear_cross_entropy.cross_entropy_rows_``; the extension: ``gpt2_kernels.ext``). The rest is here:
 
     wp = weight in the compute dtype, padded with zero rows to Vp                    (Vp, C)
     for each chunk of rows [s, e):
@@ -439,7 +439,7 @@ def register_forward_op(name: str, forward: Callable):
     Args:
         name: ``"namespace::op_name"``.
         forward: ``forward(h, weight, targets, ignore_index, *, need_dh, need_dweight, compute_dtype)`` returning
-            ``chunked_forward``'s (loss, dh, dw, pending), e.g. ``kernels.linear_cross_entropy.
+            ``chunked_forward``'s (loss, dh, dw, pending), e.g. ``gpt2_kernels.linear_cross_entropy.
             linear_cross_entropy_fwd`` (the backend's input checks included).
     Returns:
         The op: ``op(h, weight, targets, ignore_index, compute_dtype, need_dh, need_dweight) -> (loss, dh,

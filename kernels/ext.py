@@ -1,4 +1,4 @@
-"""The ``ext`` backend: the registry ops on the C++/CUDA extension ``kernels._C``.
+"""The ``ext`` backend: the registry ops on the C++/CUDA extension ``gpt2_kernels._C``.
 
 The extension (``csrc/``) registers its operators as ``torch.ops.gpt2k.*`` with CPU kernels and,
 when built against a CUDA torch with a CUDA toolkit, CUDA kernels. This module is the Python half:
@@ -6,9 +6,9 @@ when built against a CUDA torch with a CUDA toolkit, CUDA kernels. This module i
 - fake (meta) kernels for every op (``torch.library.register_fake``), so ``torch.compile`` can
   trace a model that calls them, and autograd (``torch.library.register_autograd``) for the
   functional ops;
-- the public functions with the signatures of ``kernels.ref``: ``layer_norm``, ``add_layer_norm``, ``attention``,
+- the public functions with the signatures of ``gpt2_kernels.ref``: ``layer_norm``, ``add_layer_norm``, ``attention``,
   ``mlp`` (matmuls by torch, bias + GELU fused in the extension) and ``linear_cross_entropy``
-  (``kernels.chunked_loss``'s driver; the extension turns each chunk of logits into its gradient in place; under
+  (``gpt2_kernels.chunked_loss``'s driver; the extension turns each chunk of logits into its gradient in place; under
   torch.compile the whole chunked forward is one registered op, ``gpt2k_ext::linear_cross_entropy_fwd``, as on
   the Triton backend, so no chunk of logits is copied to make its in-place update functional).
 
@@ -16,7 +16,7 @@ Importing this module never fails when the extension is missing: ``unavailable_r
 why, and the registry reports it. Calling an op then raises that reason.
 
 ``attention`` with ``dropout_p > 0`` is not implemented by the extension; it falls back to
-``kernels.ref.attention`` (with a one-time warning) so that training with attention dropout
+``gpt2_kernels.ref.attention`` (with a one-time warning) so that training with attention dropout
 still works under ``--backend ext``.
 """
 
@@ -27,7 +27,7 @@ import warnings
 
 import torch
 
-from kernels import chunked_loss, ref
+from . import chunked_loss, ref
 
 __all__ = ["add_layer_norm", "attention", "cpu_simd_level", "has_cuda_kernels", "layer_norm", "linear_cross_entropy",
            "mlp", "unavailable_reason"]
@@ -38,20 +38,20 @@ _BUILD_HINT = ("it is built on first use (a C++ compiler is needed; nvcc for the
 
 @functools.cache
 def _load():
-    """Import the extension (``kernels._C`` from an ahead-of-time build, else built here on first use) and register
+    """Import the extension (``gpt2_kernels._C`` from an ahead-of-time build, else built here on first use) and register
     its Python half once; returns (module, None) or (None, why it is unavailable)."""
-    from kernels import build
+    from . import build
 
     if build.disabled():
         return None, "GPT2_KERNELS_NO_EXT is set"
     try:
-        from kernels import _C as mod
+        from . import _C as mod
     except (ImportError, OSError) as e:  # not built, or a stale .so built against another torch
         try:
             mod = build.build_on_first_use()
         except Exception as e2:  # noqa: BLE001 - no compiler, compile error, no sources
             why = str(e2).strip().splitlines()[-1] if str(e2).strip() else type(e2).__name__
-            return None, f"kernels._C does not load ({e}) and building it failed: {why}; {_BUILD_HINT}"
+            return None, f"gpt2_kernels._C does not load ({e}) and building it failed: {why}; {_BUILD_HINT}"
     if build.embeds_libstdcxx(mod.__file__):
         return None, (f"{mod.__file__} carries its own copy of the C++ standard library (its linker linked libstdc++ "
                       "statically), so its first error message would crash the process; rebuild it with the system "
@@ -61,7 +61,7 @@ def _load():
 
 
 def unavailable_reason() -> str | None:
-    """None when ``kernels._C`` imports; otherwise why it does not and how to build it."""
+    """None when ``gpt2_kernels._C`` imports; otherwise why it does not and how to build it."""
     return _load()[1]
 
 
@@ -87,7 +87,7 @@ def _ops():
     if not torch.compiler.is_compiling():
         mod, why = _load()
         if mod is None:
-            raise RuntimeError(f"kernels.ext: {why}")
+            raise RuntimeError(f"gpt2_kernels.ext: {why}")
     return torch.ops.gpt2k
 
 
@@ -266,8 +266,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
               dropout_p: float = 0.0) -> torch.Tensor:
     """Scaled dot-product attention (fp32 softmax, never a Tq x Tk matrix) on the extension.
 
-    The queries are the last Tq of Tk positions, as in ``kernels.ref.attention``. The extension
-    has no dropout: with ``dropout_p > 0`` this falls back to ``kernels.ref.attention``.
+    The queries are the last Tq of Tk positions, as in ``gpt2_kernels.ref.attention``. The extension
+    has no dropout: with ``dropout_p > 0`` this falls back to ``gpt2_kernels.ref.attention``.
 
     Args:
         q: (B, nh, Tq, hs).
@@ -278,7 +278,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         (B, nh, Tq, hs) in ``q.dtype``.
     """
     if dropout_p > 0.0:
-        warnings.warn("kernels.ext.attention: the extension has no dropout; using kernels.ref.attention for "
+        warnings.warn("gpt2_kernels.ext.attention: the extension has no dropout; using gpt2_kernels.ref.attention for "
                       f"dropout_p={dropout_p}", stacklevel=2)
         return ref.attention(q, k, v, causal=causal, dropout_p=dropout_p)
     ops = _ops()
@@ -324,7 +324,7 @@ def mlp(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor | None, w_proj: 
 def _cross_entropy_rows_(logits: torch.Tensor, targets: torch.Tensor, n_classes: int, ignore_index: int,
                          grad_scale: torch.Tensor | None) -> torch.Tensor:
     """The chunked driver's row kernel on the extension: per-row losses of logits[:, :V], and with ``grad_scale``
-    (a (1,) fp32 k) that part overwritten in place by k (softmax - onehot) (see ``kernels.chunked_loss``)."""
+    (a (1,) fp32 k) that part overwritten in place by k (softmax - onehot) (see ``gpt2_kernels.chunked_loss``)."""
     ops = _ops()
     x = logits if logits.shape[1] == n_classes else logits[:, :n_classes]  # rows stay Vp apart
     if grad_scale is None:
@@ -336,7 +336,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          ignore_index: int = -1) -> torch.Tensor:
     """Mean cross-entropy of ``h @ weight.T`` over the non-ignored targets, never holding all logits.
 
-    The chunked loss head of ``kernels.chunked_loss`` (chunk policy, padded GEMMs, autograd) with the
+    The chunked loss head of ``gpt2_kernels.chunked_loss`` (chunk policy, padded GEMMs, autograd) with the
     extension's ``cross_entropy_fwd_bwd_`` as the kernel that turns each chunk of logits into its gradient.
     Computes in autocast's dtype when autocast is on, else h's. If every target is ignored the loss and
     the gradients are 0. A target neither ``ignore_index`` nor in [0, V) raises ``ValueError`` for CPU

@@ -25,7 +25,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-import kernels
+from . import registry
 
 __all__ = ["patch_gpt2", "unpatch_gpt2"]
 
@@ -46,7 +46,7 @@ class _Patch:
 
     def __init__(self, spec: str, device: torch.device, logits_with_loss: bool):
         self.spec = spec
-        self.ops = kernels.build_ops(spec, device)
+        self.ops = registry.build_ops(spec, device)
         self.device_type = device.type
         self.logits_with_loss = logits_with_loss
         self.installed: list = []  # (module, the instance forward it had before, or None)
@@ -56,7 +56,7 @@ class _Patch:
     def ops_for(self, device: torch.device):
         # ``auto`` resolves per device type: re-resolve after the model moves.
         if device.type != self.device_type:
-            self.ops = kernels.build_ops(self.spec, device)
+            self.ops = registry.build_ops(self.spec, device)
             self.device_type = device.type
         return self.ops
 
@@ -266,7 +266,7 @@ def patch_gpt2(model, backend: str = "auto", *, logits_with_loss: bool = True):
 
     Args:
         model: a ``transformers.GPT2LMHeadModel`` or ``GPT2Model``. Patching a patched model re-patches it.
-        backend: a backend spec of ``kernels.build_ops`` (``"auto"``, ``"torch"``, ``"triton"``, ``"ext"``,
+        backend: a backend spec of ``registry.build_ops`` (``"auto"``, ``"torch"``, ``"triton"``, ``"ext"``,
             ``"torch,attention=triton"``), resolved for the model's device now and again if it moves.
         logits_with_loss: with ``labels``, also return the logits (as HF does). False returns ``logits=None``
             then, so the (B, T, vocab) logits are never built (the point of the fused loss; Trainer's training
@@ -275,7 +275,7 @@ def patch_gpt2(model, backend: str = "auto", *, logits_with_loss: bool = True):
         ``model``.
     Raises:
         TypeError: another model type. ValueError: a GPT-2 variant the ops cannot compute exactly.
-        kernels.SpecError, kernels.BackendError: a bad spec, or a backend that cannot run on the model's device.
+        registry.SpecError, registry.BackendError: a bad spec, or a backend that cannot run on the model's device.
     """
     body = _check_model(model)
     device = next(model.parameters()).device

@@ -1,6 +1,6 @@
 """The ``triton`` backend of ``layer_norm`` and ``add_layer_norm`` (see ``kernels/registry.py``).
 
-Contract, as ``kernels.ref``: ``layer_norm(x, weight, bias, eps) -> y`` normalises the last dimension
+Contract, as ``gpt2_kernels.ref``: ``layer_norm(x, weight, bias, eps) -> y`` normalises the last dimension
 with fp32 mean and biased variance and returns ``x.dtype``; ``add_layer_norm(x, residual, weight,
 bias, eps) -> (y, s)`` with ``s = x + residual`` rounded to ``x.dtype`` and ``y = layer_norm(s)``.
 x is fp32, fp16 or bf16 (bf16 only on a GPU), any leading shape, 1 <= C <= 8192, copied when not
@@ -15,7 +15,7 @@ two programs per SM, no atomics: bitwise reproducible), finished by one ``torch.
 
 Tiles (``_tile``): BLOCK_C = next power of two >= C; about 4096 elements and 16 per thread forward,
 2048 and 8 per thread backward (it keeps twice the live values), num_stages = 1 (no tl.dot to
-pipeline). ``launch_configs`` lists every launch; ``python -m kernels.report`` compiles them for
+pipeline). ``launch_configs`` lists every launch; ``python -m gpt2_kernels.report`` compiles them for
 sm_75 .. sm_90 (registers, spills, shared memory). FLOPs and fewest bytes: ``bench.common.op_cost``.
 """
 
@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from kernels.aot import LaunchConfig
-from kernels.runtime import LIBRARY, check_dtype, interpreting, launch, sm_count
+from .aot import LaunchConfig
+from .runtime import LIBRARY, check_dtype, interpreting, launch, sm_count
 
 __all__ = [
     "MAX_C",
@@ -205,7 +205,7 @@ def _check_inputs(op: str, x: torch.Tensor, weight, bias, residual=None) -> None
         if not interpreting():
             raise RuntimeError(
                 f"{op}: x is a CPU tensor but Triton kernels run on the CPU only under the interpreter "
-                "(set TRITON_INTERPRET=1 before importing kernels.layer_norm), or move x to a CUDA device"
+                "(set TRITON_INTERPRET=1 before importing gpt2_kernels.layer_norm), or move x to a CUDA device"
             )
         if x.dtype == torch.bfloat16:
             raise TypeError(f"{op}: x is bfloat16, which the Triton CPU interpreter does not support; "
@@ -413,7 +413,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
                eps: float = 1e-5) -> torch.Tensor:
     """Layer normalisation over the last dimension, statistics in fp32 (Triton kernels).
 
-    Same signature and semantics as ``kernels.ref.layer_norm``. A non-contiguous x is copied to
+    Same signature and semantics as ``gpt2_kernels.ref.layer_norm``. A non-contiguous x is copied to
     a contiguous one first.
 
     Args:

@@ -1,7 +1,7 @@
 """Fused linear cross-entropy on Triton: GPT-2's loss head without ever holding the full (N, V) logits.
 
 Contract: ``linear_cross_entropy(h, weight, targets, ignore_index)`` is the mean over non-ignored targets of
-``logsumexp(z_i) - z_i[t_i]`` with ``z = h @ weight.T``, exactly as ``kernels.ref.linear_cross_entropy`` (0 when every
+``logsumexp(z_i) - z_i[t_i]`` with ``z = h @ weight.T``, exactly as ``gpt2_kernels.ref.linear_cross_entropy`` (0 when every
 target is ignored). h and weight in fp32, fp16 or bf16 (bf16 needs a GPU of compute capability 8.0+: the interpreter has
 no bf16); the compute dtype is autocast's when autocast is on for the device, else h's (a weight of another dtype, e.g.
 fp32 master weights with fp16 activations, is cast to it). Softmax statistics, the loss and dweight's accumulation are
@@ -20,7 +20,7 @@ chunk policy), the padded weight copy, dh, the fp32 dweight accumulator and N fp
 full (N, V) tensors.
 
 Tiles: one block width, ``_BLOCK_V`` classes per loop step with 8 warps, for every V (the loop masks the tail);
-``launch_configs`` lists it per dtype and architecture for ``python -m kernels.report``.
+``launch_configs`` lists it per dtype and architecture for ``python -m gpt2_kernels.report``.
 
 Cost: ``bench.common.op_cost("linear_cross_entropy", ...)`` gives the FLOPs and fewest bytes of a call;
 docs/performance.md holds the measurements (H100 and CPU, each with its machine and date).
@@ -32,10 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import chunked_loss
-from kernels.aot import LaunchConfig
-from kernels.runtime import LIBRARY, check_dtype, launch
-from kernels.runtime import interpreting as interpreter_enabled
+from . import chunked_loss
+from .aot import LaunchConfig
+from .runtime import LIBRARY, check_dtype, launch
+from .runtime import interpreting as interpreter_enabled
 
 __all__ = [
     "cross_entropy_rows_",
@@ -197,12 +197,12 @@ def linear_cross_entropy_fwd(h: torch.Tensor, weight: torch.Tensor, targets: tor
                                             need_dweight=need_dweight, plan=plan)
 
 
-# What torch.compile calls: the forward above as one registered op (kernels.chunked_loss.register_forward_op).
+# What torch.compile calls: the forward above as one registered op (gpt2_kernels.chunked_loss.register_forward_op).
 _forward_op = chunked_loss.register_forward_op(f"{LIBRARY}::linear_cross_entropy_fwd", linear_cross_entropy_fwd)
 
 
 # ----------------------------------------------------------------------------------------------
-# Public function (the autograd Function is kernels.chunked_loss.LinearCrossEntropyFunction)
+# Public function (the autograd Function is gpt2_kernels.chunked_loss.LinearCrossEntropyFunction)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -210,7 +210,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          ignore_index: int = -1) -> torch.Tensor:
     """Mean cross-entropy of ``h @ weight.T`` over non-ignored targets, without the full logits.
 
-    Same signature and semantics as ``kernels.ref.linear_cross_entropy``, except for out-of-range targets: a
+    Same signature and semantics as ``gpt2_kernels.ref.linear_cross_entropy``, except for out-of-range targets: a
     ``ValueError`` for CPU tensors, a NaN loss on a GPU (no host read; see the module docstring).
 
     Args:

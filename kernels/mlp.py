@@ -1,6 +1,6 @@
 """GPT-2's MLP, ``c_proj(gelu_tanh(c_fc(x)))``, on one tiled Triton matmul with fused epilogues.
 
-Contract: ``mlp(x, w_fc, b_fc, w_proj, b_proj)`` is ``kernels.ref.mlp`` (nn.Linear weight layout, either bias may be
+Contract: ``mlp(x, w_fc, b_fc, w_proj, b_proj)`` is ``gpt2_kernels.ref.mlp`` (nn.Linear weight layout, either bias may be
 None; fp32, fp16 or bf16, bf16 only on a GPU); weight gradients come back in each weight's own dtype.
 
 Algorithm. Every product runs through ``_matmul_kernel`` (C = A @ B for operands of any strides, so a transposed weight
@@ -19,7 +19,7 @@ Weight gradients have a small output and a long K (= rows): K is split over a se
 that torch sums, by the smallest split that fills the last wave of programs >= 85% (``_auto_split_k``).
 
 Tiles (``_TILES``, whose comments give each choice; ``launch_configs`` lists every launchable one, compiled for
-sm_75..sm_90 by ``python -m kernels.report``): the plain and bias epilogues take the largest tile whose fp32
+sm_75..sm_90 by ``python -m gpt2_kernels.report``): the plain and bias epilogues take the largest tile whose fp32
 accumulator leaves room for the loop (128 x 256 x 64 on sm_80 / sm_90), the GELU epilogues one that does not spill
 (128 x 128 x 64), sm_86 / sm_89 and sm_75 smaller ones, calls of at most ``SMALL_M`` rows (decoding) 64 x 64 x 64;
 fp32 runs IEEE dots on the CUDA cores (no TF32, so fp32 parity holds on a GPU). Program ids are grouped GROUP_M row
@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.aot import LaunchConfig
-from kernels.runtime import LIBRARY, arch, capability, check_dtype, interpreting, launch, sm_count
+from .aot import LaunchConfig
+from .runtime import LIBRARY, arch, capability, check_dtype, interpreting, launch, sm_count
 
 __all__ = ["MLPFunction", "launch_configs", "matmul", "mlp", "mlp_bwd", "mlp_fwd"]
 
@@ -156,7 +156,7 @@ def _matmul_kernel(
     elif EPILOGUE == "gelu_grad":
         z = tl.load((pre_ptr + row_c)[:, None] + col_c[None, :], mask=mask_c, other=0.0).to(tl.float32)
         s = _gelu_sigmoid(z)
-        # c = sqrt(2 / pi) = 0.7978845608028654, 3 a = 0.134145 (kernels.ref.GELU_C, GELU_A)
+        # c = sqrt(2 / pi) = 0.7978845608028654, 3 a = 0.134145 (gpt2_kernels.ref.GELU_C, GELU_A)
         acc = acc * (s + 2.0 * z * s * (1.0 - s) * 0.7978845608028654 * (1.0 + 0.134145 * z * z))
     if COL_SUM:
         # Rows past M hold zeros (their A rows were loaded as 0 and pre as 0), but mask anyway.
@@ -281,7 +281,7 @@ def launch_configs(cc: int) -> list[LaunchConfig]:
     Args:
         cc: compute capability as an int, e.g. 75, 80, 86, 89, 90.
     Returns:
-        A list of ``kernels.aot.LaunchConfig``.
+        A list of ``gpt2_kernels.aot.LaunchConfig``.
     """
     row = arch(cc).tiles
     names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -583,7 +583,7 @@ def _check(x, w_fc, b_fc, w_proj, b_proj) -> None:
     if dev == "cpu":
         if not interpreting():
             raise RuntimeError("mlp: the Triton backend got CPU tensors; Triton runs on CPU only under its "
-                               "interpreter (set TRITON_INTERPRET=1 before importing kernels.mlp), else use a "
+                               "interpreter (set TRITON_INTERPRET=1 before importing gpt2_kernels.mlp), else use a "
                                "CUDA device or the 'torch' backend")
         if x.dtype == torch.bfloat16:
             raise TypeError("mlp: bfloat16 is not supported under the Triton CPU interpreter; "
@@ -597,7 +597,7 @@ def _check(x, w_fc, b_fc, w_proj, b_proj) -> None:
 
 def mlp(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor | None, w_proj: torch.Tensor,
         b_proj: torch.Tensor | None) -> torch.Tensor:
-    """GPT-2's MLP, c_proj(gelu_tanh(c_fc(x))), on fused Triton matmuls; same contract as ``kernels.ref.mlp``.
+    """GPT-2's MLP, c_proj(gelu_tanh(c_fc(x))), on fused Triton matmuls; same contract as ``gpt2_kernels.ref.mlp``.
 
     Weights and biases of another dtype than x (fp32 master weights with fp16 activations) are cast
     to x's dtype here, so their gradients come back in their own dtype through autograd.

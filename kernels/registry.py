@@ -1,6 +1,6 @@
 """The one op registry: which code implements each (op, backend), and which of those can run here.
 
-Every backend implements the same five functions with the same signatures as ``kernels.ref``:
+Every backend implements the same five functions with the same signatures as ``gpt2_kernels.ref``:
 
 - ``layer_norm(x, weight, bias, eps=1e-5) -> y``
 - ``add_layer_norm(x, residual, weight, bias, eps=1e-5) -> (y, s)``: s = x + residual in x's dtype
@@ -12,7 +12,7 @@ Every backend implements the same five functions with the same signatures as ``k
 
 A backend *spec* is a string: a default backend optionally followed by per-op overrides, e.g.
 ``"triton"``, ``"triton,attention=torch"``, ``"auto"`` or ``"auto,mlp=ext"``. The backends: ``torch``
-(``kernels.ref``), ``triton`` (the Triton kernels) and ``ext`` (the C++ extension: CPU kernels, and CUDA kernels
+(``gpt2_kernels.ref``), ``triton`` (the Triton kernels) and ``ext`` (the C++ extension: CPU kernels, and CUDA kernels
 when built with a CUDA toolkit; ``cuda`` is accepted as its old name). ``auto`` picks the
 best backend available for the device, per op, and says once what it picked.
 
@@ -42,21 +42,21 @@ def canonical(name: str) -> str:
 
 # (op, backend) -> "module:function". The single source of truth for where code lives.
 _TABLE: dict[tuple[str, str], str] = {
-    ("layer_norm", "torch"): "kernels.ref:layer_norm",
-    ("add_layer_norm", "torch"): "kernels.ref:add_layer_norm",
-    ("attention", "torch"): "kernels.ref:attention",
-    ("mlp", "torch"): "kernels.ref:mlp",
-    ("linear_cross_entropy", "torch"): "kernels.ref:linear_cross_entropy",
-    ("layer_norm", "triton"): "kernels.layer_norm:layer_norm",
-    ("add_layer_norm", "triton"): "kernels.layer_norm:add_layer_norm",
-    ("attention", "triton"): "kernels.attention:attention",
-    ("mlp", "triton"): "kernels.mlp:mlp",
-    ("linear_cross_entropy", "triton"): "kernels.linear_cross_entropy:linear_cross_entropy",
-    ("layer_norm", "ext"): "kernels.ext:layer_norm",
-    ("add_layer_norm", "ext"): "kernels.ext:add_layer_norm",
-    ("attention", "ext"): "kernels.ext:attention",
-    ("mlp", "ext"): "kernels.ext:mlp",
-    ("linear_cross_entropy", "ext"): "kernels.ext:linear_cross_entropy",
+    ("layer_norm", "torch"): ".ref:layer_norm",
+    ("add_layer_norm", "torch"): ".ref:add_layer_norm",
+    ("attention", "torch"): ".ref:attention",
+    ("mlp", "torch"): ".ref:mlp",
+    ("linear_cross_entropy", "torch"): ".ref:linear_cross_entropy",
+    ("layer_norm", "triton"): ".layer_norm:layer_norm",
+    ("add_layer_norm", "triton"): ".layer_norm:add_layer_norm",
+    ("attention", "triton"): ".attention:attention",
+    ("mlp", "triton"): ".mlp:mlp",
+    ("linear_cross_entropy", "triton"): ".linear_cross_entropy:linear_cross_entropy",
+    ("layer_norm", "ext"): ".ext:layer_norm",
+    ("add_layer_norm", "ext"): ".ext:add_layer_norm",
+    ("attention", "ext"): ".ext:attention",
+    ("mlp", "ext"): ".ext:mlp",
+    ("linear_cross_entropy", "ext"): ".ext:linear_cross_entropy",
 }
 
 # Preference order of ``auto`` per device type. On the CPU, Triton only runs under its (slow)
@@ -110,7 +110,7 @@ def unavailable_reason(backend: str, device="cpu") -> str | None:
         return None
     # backend == "ext": the C++/CUDA extension.
     try:
-        from kernels import ext
+        from . import ext
     except ImportError as e:  # pragma: no cover - depends on the build
         return f"the C++/CUDA extension module is missing ({e})"
     why = ext.unavailable_reason()
@@ -169,7 +169,7 @@ def _announce(message: str) -> None:
 
 def _load(op: str, backend: str) -> Callable:
     module, _, fn = _TABLE[(op, backend)].partition(":")
-    return getattr(importlib.import_module(module), fn)
+    return getattr(importlib.import_module(module, __package__), fn)
 
 
 def resolve(spec: str = "auto", device="cpu") -> dict[str, str]:
@@ -201,7 +201,7 @@ def resolve(spec: str = "auto", device="cpu") -> dict[str, str]:
                 )
             chosen[op] = want
     if auto_picks:
-        _announce(f"kernels: backend 'auto' on {dev} chose " + ", ".join(auto_picks))
+        _announce(f"gpt2_kernels: backend 'auto' on {dev} chose " + ", ".join(auto_picks))
     return chosen
 
 

@@ -17,7 +17,7 @@ command then exits non-zero. Tensor-core counts are reported, not enforced: Trit
 ``tl.dot`` to FMA below sm_80 (its MMA path there is deprecated), so sm_75 shows none.
 
 Recorded launches (``--launches``, and ``tests/test_report.py`` on every CI run) are compiled as they were
-specialised: every launch goes through ``kernels.runtime.launch``, which records, as Triton's JIT does, which
+specialised: every launch goes through ``gpt2_kernels.runtime.launch``, which records, as Triton's JIT does, which
 integers were 1 (constants) and which integers and pointers were divisible by 16; ``configs_from_launches`` gives
 each the tiles its op module's ``launch_configs(cc)`` picks on each architecture.
 
@@ -27,11 +27,11 @@ multiples of 16). That variant vectorizes and software-pipelines its loads, so i
 shared memory. A signature type may override this per argument, as Triton's AOT tool writes it:
 ``"i32:16"`` (divisible by 16) or ``"i32:1"`` (no assumption). Usage::
 
-    python -m kernels.report                          # every op module, sm_75 sm_80 sm_86 sm_89 sm_90
-    python -m kernels.report --arch sm_80,sm_90       # some architectures
-    python -m kernels.report --module attention       # one op module alone
-    python -m kernels.report --json report.json       # also write every number as JSON
-    python -m kernels.report --launches launches.json # compile recorded launches (kernels.runtime.record_launches)
+    python -m gpt2_kernels.report                          # every op module, sm_75 sm_80 sm_86 sm_89 sm_90
+    python -m gpt2_kernels.report --arch sm_80,sm_90       # some architectures
+    python -m gpt2_kernels.report --module attention       # one op module alone
+    python -m gpt2_kernels.report --json report.json       # also write every number as JSON
+    python -m gpt2_kernels.report --launches launches.json # compile recorded launches (gpt2_kernels.runtime.record_launches)
 
 Compilation runs in a pool of freshly spawned processes with ``TRITON_INTERPRET`` removed from
 their environment: a kernel defined while the interpreter was on (as under the CPU test suite) is
@@ -61,12 +61,12 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
-from kernels.runtime import ARCHS as RUNTIME_ARCHS
+from .runtime import ARCHS as RUNTIME_ARCHS
 
-OP_MODULES = ("kernels.attention", "kernels.layer_norm", "kernels.mlp", "kernels.linear_cross_entropy")
+OP_MODULES = ("gpt2_kernels.attention", "gpt2_kernels.layer_norm", "gpt2_kernels.mlp", "gpt2_kernels.linear_cross_entropy")
 ARCHS = (75, 80, 86, 89, 90)
 
-# Per-block opt-in shared memory, bytes, from the one architecture table (kernels.runtime.ARCHS).
+# Per-block opt-in shared memory, bytes, from the one architecture table (gpt2_kernels.runtime.ARCHS).
 SHARED_LIMIT = {cc: RUNTIME_ARCHS[cc].shared for cc in ARCHS}
 
 
@@ -177,19 +177,19 @@ def parse_arch(text: str) -> int:
     t = t.removeprefix("sm_").removesuffix("a").replace(".", "")
     if not t.isdigit() or int(t) not in SHARED_LIMIT:
         supported = ", ".join(f"sm_{a}" for a in SHARED_LIMIT)
-        raise ValueError(f"kernels.report: unsupported architecture {text!r}; supported: {supported}")
+        raise ValueError(f"gpt2_kernels.report: unsupported architecture {text!r}; supported: {supported}")
     return int(t)
 
 
 def module_name(text: str) -> str:
-    """``"attention"`` -> ``"kernels.attention"``; a dotted or other name is kept as it is."""
+    """``"attention"`` -> ``"gpt2_kernels.attention"``; a dotted or other name is kept as it is."""
     t = text.strip()
     return f"kernels.{t}" if f"kernels.{t}" in OP_MODULES else t
 
 
 def _load_configs(module: str, cc: int) -> list:
     """``module.launch_configs(cc)``, checked; raises with a message naming the module and the problem."""
-    from kernels.aot import LaunchConfig
+    from .aot import LaunchConfig
 
     try:
         mod = importlib.import_module(module)
@@ -207,7 +207,7 @@ def _load_configs(module: str, cc: int) -> list:
     for c in configs:
         if not isinstance(c, LaunchConfig):
             raise TypeError(
-                f"{module}.launch_configs({cc}) returned a {type(c).__name__}, not a kernels.aot.LaunchConfig"
+                f"{module}.launch_configs({cc}) returned a {type(c).__name__}, not a gpt2_kernels.aot.LaunchConfig"
             )
     return configs
 
@@ -262,12 +262,12 @@ def _worker_configs(module: str, cc: int) -> tuple:
 
 
 # ----------------------------------------------------------------------------------------------
-# Recorded launches (kernels.runtime.record_launches): what real launches specialise, compiled with the tiles
+# Recorded launches (gpt2_kernels.runtime.record_launches): what real launches specialise, compiled with the tiles
 # the op module's launch_configs(cc) picks on each architecture.
 
 
 def launches_to_json(records) -> list:
-    """``kernels.runtime.LaunchRecord`` s -> distinct JSON-able dicts, in a stable order."""
+    """``gpt2_kernels.runtime.LaunchRecord`` s -> distinct JSON-able dicts, in a stable order."""
     rows = {}
     for r in records:
         row = {"module": r.kernel.fn.__module__, "kernel": r.name, "signature": [list(x) for x in r.signature],
@@ -311,8 +311,8 @@ def configs_from_launches(launches: list, listed: list, module: str, cc: int) ->
     A launch that nothing listed matches becomes a config with ``kernel=None``, which the report shows as an error:
     ``launch_configs`` misses a launch the op really makes.
     """
-    from kernels.aot import LaunchConfig
-    from kernels.runtime import _params
+    from .aot import LaunchConfig
+    from .runtime import _params
 
     out, seen = [], set()
     for rec in _with_bf16_twins(launches) if cc >= 80 else launches:
@@ -632,7 +632,7 @@ def format_table(results: list) -> str:
 
 
 def main(argv: list | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kernels.report", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m gpt2_kernels.report", description=__doc__.split("\n")[0])
     p.add_argument("--arch", default=",".join(f"sm_{a}" for a in ARCHS), help="comma-separated, e.g. sm_80,sm_90")
     p.add_argument(
         "--module",
@@ -642,7 +642,7 @@ def main(argv: list | None = None) -> int:
     )
     p.add_argument("--json", metavar="FILE", help="also write every result as JSON to FILE")
     p.add_argument("--launches", metavar="FILE",
-                   help="compile these recorded launches (JSON from launches_to_json of kernels.runtime."
+                   help="compile these recorded launches (JSON from launches_to_json of gpt2_kernels.runtime."
                         "record_launches()) with each architecture's tiles, instead of the listed configurations")
     p.add_argument("--workers", type=int, default=None, help="compile processes (default: os.cpu_count())")
     args = p.parse_args(argv)
@@ -653,7 +653,7 @@ def main(argv: list | None = None) -> int:
     modules = [m for spec in args.module or [",".join(OP_MODULES)] for m in spec.split(",") if m.strip()]
     missing = missing_tools()
     if missing:
-        print(f"kernels.report: cannot compile for NVIDIA GPUs here, missing: {', '.join(missing)}", file=sys.stderr)
+        print(f"gpt2_kernels.report: cannot compile for NVIDIA GPUs here, missing: {', '.join(missing)}", file=sys.stderr)
         return 2
     start = time.perf_counter()
     launches = None
@@ -664,7 +664,7 @@ def main(argv: list | None = None) -> int:
         except (OSError, ValueError) as e:
             p.error(f"--launches {args.launches}: {e}")
         if not isinstance(launches, list) or not all(isinstance(r, dict) and "kernel" in r for r in launches):
-            p.error(f"--launches {args.launches}: not a list of recorded launches (kernels.report.launches_to_json)")
+            p.error(f"--launches {args.launches}: not a list of recorded launches (gpt2_kernels.report.launches_to_json)")
     results = run_report(
         modules, archs, workers=args.workers, progress=lambda r: print(".", end="", file=sys.stderr, flush=True),
         launches=launches, listed=launches is None,
@@ -686,5 +686,5 @@ def main(argv: list | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the importable copy of this module, so the worker processes unpickle kernels.report.* names.
-    sys.exit(importlib.import_module("kernels.report").main())
+    # Run the importable copy of this module, so the worker processes unpickle gpt2_kernels.report.* names.
+    sys.exit(importlib.import_module("gpt2_kernels.report").main())

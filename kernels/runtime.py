@@ -7,7 +7,7 @@ Every Triton launch of this package goes through ``launch(kernel, grid, *args, *
   the *current* CUDA device; ``launch`` makes it the tensors' one, as flash-attention's ``CUDAGuard`` does), and
 - when ``record_launches()`` is active, records the launch as Triton's JIT would specialise it: each integer
   argument equal to 1 becomes a constexpr, each integer or pointer divisible by 16 is marked aligned, unless
-  the kernel says ``do_not_specialize`` for it. ``kernels.report`` compiles those records ahead of time, so the
+  the kernel says ``do_not_specialize`` for it. ``gpt2_kernels.report`` compiles those records ahead of time, so the
   specialisations real launches produce are compiled on every CI run, not only the tidy ones.
 
 ``tests/test_runtime.py`` fails if a kernel module launches anything another way.

@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-import kernels
+import gpt2_kernels.registry
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -25,9 +25,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture(scope="session", autouse=True)
 def session_launches():
-    """Every Triton launch the tests make, recorded as the JIT would specialise it (kernels.runtime.launch);
+    """Every Triton launch the tests make, recorded as the JIT would specialise it (gpt2_kernels.runtime.launch);
     tests/test_report.py compiles them ahead of time for every architecture."""
-    from kernels import runtime
+    from gpt2_kernels import runtime
 
     with runtime.record_launches() as records:
         yield records
@@ -43,10 +43,10 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(params=kernels.BACKENDS)
+@pytest.fixture(params=gpt2_kernels.registry.BACKENDS)
 def backend(request) -> str:
     """Each backend of the registry in turn; one that cannot run on the test device here is skipped, saying why."""
-    why = kernels.unavailable_reason(request.param, DEVICE)
+    why = gpt2_kernels.registry.unavailable_reason(request.param, DEVICE)
     if why is not None:
         pytest.skip(f"backend {request.param!r} cannot run on {DEVICE} here: {why}")
     return request.param
@@ -58,7 +58,7 @@ def backend_op(backend):
     reference, so only the op under test is imported)."""
 
     def load(op: str):
-        ops = kernels.build_ops(f"torch,{op}={backend}", DEVICE)
+        ops = gpt2_kernels.registry.build_ops(f"torch,{op}={backend}", DEVICE)
         assert ops.backends[op] == backend
         return getattr(ops, op)
 

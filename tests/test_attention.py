@@ -1,8 +1,8 @@
 """Tests of the attention op: one parity check for every backend, then the Triton kernels (``kernels/attention.py``):
 tile tables, strides, dropout replay, cached decoding, input checks.
 
-Every forward output and every gradient (dq, dk, dv) is compared with ``kernels.ref.attention`` through the one
-tolerance table, ``kernels.testing.assert_close``. ``test_matches_reference`` runs for every backend the registry can
+Every forward output and every gradient (dq, dk, dv) is compared with ``gpt2_kernels.ref.attention`` through the one
+tolerance table, ``gpt2_kernels.testing.assert_close``. ``test_matches_reference`` runs for every backend the registry can
 run here (tests/conftest.py's ``backend``). Without a GPU the Triton kernels run under the Triton interpreter
 (tests/conftest.py sets TRITON_INTERPRET=1), which covers fp32 and fp16; bf16 and the long-sequence cases run only
 on a CUDA GPU.
@@ -15,9 +15,9 @@ import math
 import pytest
 import torch
 
-from kernels import attention as attn
-from kernels import ref
-from kernels.testing import assert_close
+from gpt2_kernels import attention as attn
+from gpt2_kernels import ref
+from gpt2_kernels.testing import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 and long sequences need a CUDA GPU")
@@ -417,7 +417,7 @@ def test_decode_with_dropout_keeps_the_training_path():
 def test_decode_lengths_are_not_specialised():
     # A decoding run calls the kernels with a new Tk (and chunk) every step: none may become a constant or an
     # alignment assumption of the compiled kernel, or each length would compile its own kernel.
-    from kernels.runtime import record_launches
+    from gpt2_kernels.runtime import record_launches
 
     with record_launches() as records:
         for Tk in (16, 37, 64):
@@ -451,7 +451,7 @@ def test_decode_on_gpu(dtype):
             assert_close(f"gpu decode Tq={Tq} splits={splits}", o, want32, want)
             assert_close(f"gpu decode Tq={Tq} splits={splits} lse", lse, _lse_ref(q, k, True))
     # Captured in a CUDA graph, the plan splits the keys (the combine launch then costs no host time).
-    from kernels.runtime import record_launches
+    from gpt2_kernels.runtime import record_launches
 
     attn.attention_fwd(q, k, v, True, splits=4)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()

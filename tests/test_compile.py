@@ -11,9 +11,9 @@ CPU the Triton kernels run under the interpreter, eagerly, inside the compiled g
 import pytest
 import torch
 
-import kernels
+import gpt2_kernels.registry
 from gpt2.model import GPT, GPTConfig
-from kernels.testing import assert_close
+from gpt2_kernels.testing import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # as tests/conftest.py
 
@@ -89,10 +89,10 @@ def test_compiled_recompute_matches_eager_without(backend):
 
 @pytest.fixture(scope="module")
 def triton_ops():
-    why = kernels.unavailable_reason("triton", DEVICE)
+    why = gpt2_kernels.registry.unavailable_reason("triton", DEVICE)
     if why is not None:
         pytest.skip(f"the Triton backend cannot run on {DEVICE} here: {why}")
-    from kernels import attention, layer_norm, linear_cross_entropy, mlp
+    from gpt2_kernels import attention, layer_norm, linear_cross_entropy, mlp
 
     return {"layer_norm": layer_norm, "attention": attention, "mlp": mlp, "linear_cross_entropy": linear_cross_entropy}
 
@@ -141,7 +141,7 @@ def test_opcheck_every_registered_op(triton_ops):
     # (test_aot_dispatch_dynamic runs their backward) and, layer_norm_bwd, directly.
     cases = _opcheck_cases(triton_ops)
     registered = {name.split(" ")[0] for name, _, _ in cases}
-    from kernels.runtime import LIBRARY
+    from gpt2_kernels.runtime import LIBRARY
 
     library = {n for n in dir(getattr(torch.ops, LIBRARY)) if not n.startswith("_") and n != "name"}
     assert library - {"attention_bwd", "mlp_bwd"} <= registered, f"ops without an opcheck case: {library - registered}"
@@ -153,11 +153,11 @@ def test_opcheck_every_registered_op(triton_ops):
 
 
 def test_opcheck_the_extension_s_loss_op():
-    """The extension's chunked loss forward is registered the same way (``kernels.chunked_loss.register_forward_op``)."""
-    why = kernels.unavailable_reason("ext", DEVICE)
+    """The extension's chunked loss forward is registered the same way (``gpt2_kernels.chunked_loss.register_forward_op``)."""
+    why = gpt2_kernels.registry.unavailable_reason("ext", DEVICE)
     if why is not None:
         pytest.skip(f"the extension cannot run here: {why}")
-    from kernels import ext
+    from gpt2_kernels import ext
 
     h, w = _rand(11, 64), _rand(100, 64) * 0.1
     targets = torch.randint(0, 100, (11,), device=DEVICE)
@@ -172,7 +172,7 @@ def test_eager_calls_bypass_the_registered_ops(triton_ops):
     and ~75 us per forward + backward (layer_norm, 2-core CPU), which decoding and small batches would feel."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from kernels.runtime import LIBRARY
+    from gpt2_kernels.runtime import LIBRARY
 
     seen = []
 

@@ -10,14 +10,14 @@ import io
 import pytest
 import torch
 
-import kernels
+import gpt2_kernels.registry
 from gpt2.model import GPT, DecodeWeights, GPTConfig, KVCache
-from kernels.testing import assert_close
+from gpt2_kernels.testing import assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # The decode path runs on the CPU for every backend but Triton (there only under its interpreter: the model's forward).
-BACKENDS = [b for b in ("torch", "ext") if kernels.unavailable_reason(b, "cpu") is None]
+BACKENDS = [b for b in ("torch", "ext") if gpt2_kernels.registry.unavailable_reason(b, "cpu") is None]
 
 
 def tiny(backend="torch", **kw) -> GPT:
@@ -114,7 +114,7 @@ def test_decode_weights_only_on_the_cpu_off_triton_and_without_training_dropout(
     assert m.decode_weights() is not None
     assert tiny(dropout=0.1).train().decode_weights() is None  # dropout in training: the forward decodes
     assert tiny(dropout=0.1).eval().decode_weights() is not None
-    if kernels.unavailable_reason("triton", "cpu") is None:
+    if gpt2_kernels.registry.unavailable_reason("triton", "cpu") is None:
         assert tiny("triton").decode_weights() is None
 
 
@@ -134,7 +134,7 @@ def test_bytes_per_token():
 def test_bf16_decoding_is_within_the_bf16_tolerance_of_the_model(backend):
     """Under CPU autocast to bf16 decoding reads bf16 copies of the weights (oneDNN's prepacked ones where torch has
     them): each step's logits are as close to the fp32 model's as the model's own bf16 forward is (the rule of
-    ``kernels.testing``)."""
+    ``gpt2_kernels.testing``)."""
     m = tiny(backend)
     with torch.no_grad():  # larger-than-init weights, so the logits are far from 0 and bf16 rounding shows
         for p in m.parameters():

@@ -17,7 +17,7 @@ import torch.distributed
 
 from gpt2 import runtime
 from gpt2.cli import main
-from kernels import runtime as kernels_runtime
+from gpt2_kernels import runtime as kernels_runtime
 
 GPUS = {75: "Tesla T4", 80: "NVIDIA A100-SXM4-80GB", 86: "NVIDIA GeForce RTX 3090", 89: "NVIDIA L4",
         90: "NVIDIA H100 80GB HBM3"}

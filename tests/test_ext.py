@@ -1,6 +1,6 @@
-"""Tests of the C++/CUDA extension backend (``kernels.ext`` on ``kernels._C``).
+"""Tests of the C++/CUDA extension backend (``gpt2_kernels.ext`` on ``gpt2_kernels._C``).
 
-Every op's forward and every gradient is compared with ``kernels.ref`` on the CPU in fp32 and
+Every op's forward and every gradient is compared with ``gpt2_kernels.ref`` on the CPU in fp32 and
 bf16 (and on a GPU, when there is one, in fp32 / fp16 / bf16), on awkward shapes: T = 1, prime
 sizes, Tq < Tk, row counts that are not a multiple of any block, ignored targets. The raw
 ``torch.ops.gpt2k`` operators go through ``torch.library.opcheck`` (schema, fake kernel, autograd
@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import ext, ref, registry
-from kernels.testing import assert_close
+from gpt2_kernels import ext, ref, registry
+from gpt2_kernels.testing import assert_close
 
 _WHY = ext.unavailable_reason()
 pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"C++ extension unavailable: {_WHY}")
@@ -67,7 +67,7 @@ def _run(fn, inputs, grad_out_seed=0):
 
 
 def _parity(name, fn, inputs, dtype, device="cpu", **kwargs):
-    """Compare fn (the extension) with the same function of kernels.ref on inputs cast to dtype.
+    """Compare fn (the extension) with the same function of gpt2_kernels.ref on inputs cast to dtype.
 
     kwargs (non-tensor arguments, e.g. causal) go to both functions.
     """
@@ -457,7 +457,7 @@ def test_cuda_attention(B, nh, Tq, Tk, hs, causal, dtype):
 @needs_gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 def test_cuda_linear_cross_entropy(dtype):
-    # (8, 128) rows: N >= 500, so the GEMMs run on the padded vocabulary (kernels.chunked_loss.pads_vocab).
+    # (8, 128) rows: N >= 500, so the GEMMs run on the padded vocabulary (gpt2_kernels.chunked_loss.pads_vocab).
     for lead, C, V, n_ign in (((1,), 16, 31, 0), ((3, 37), 24, 101, 9), ((4, 64), 768, 50257, 5), ((2, 5), 32, 257, 10),
                               ((8, 128), 768, 50257, 40)):
         h, w = _randn(*lead, C), _randn(V, C, seed=1, scale=C ** -0.5)
@@ -522,7 +522,7 @@ _BLOCK_AOT_BUILD = (
     "import sys\n"
     "class Block:\n"
     "    def find_spec(self, name, path=None, target=None):\n"
-    "        if name == 'kernels._C':\n"
+    "        if name == 'gpt2_kernels._C':\n"
     "            raise ImportError('blocked by the test')\n"
     "sys.meta_path.insert(0, Block())\n"
 )
@@ -536,15 +536,15 @@ def _run_python(code: str, timeout: int) -> subprocess.CompletedProcess:
 
 
 def test_missing_extension_is_reported_not_raised():
-    """Without kernels._C and with the build on first use failing, importing kernels.ext works and the registry
+    """Without gpt2_kernels._C and with the build on first use failing, importing gpt2_kernels.ext works and the registry
     says why 'ext' is unavailable."""
     code = _BLOCK_AOT_BUILD + (
-        "import kernels.build\n"
+        "import gpt2_kernels.build\n"
         "def no_compiler(log=None):\n"
         "    raise RuntimeError('no compiler (the test)')\n"
-        "kernels.build.build_on_first_use = no_compiler\n"
-        "import kernels.ext as c\n"
-        "from kernels import registry\n"
+        "gpt2_kernels.build.build_on_first_use = no_compiler\n"
+        "import gpt2_kernels.ext as c\n"
+        "from gpt2_kernels import registry\n"
         "assert not c.has_cuda_kernels()\n"
         "print(c.unavailable_reason())\n"
         "try:\n"
@@ -558,12 +558,12 @@ def test_missing_extension_is_reported_not_raised():
 
 
 def test_extension_is_built_on_first_use_without_an_install_build():
-    """An install that did not build kernels._C (pip's isolated build has no torch) gets the extension on first
+    """An install that did not build gpt2_kernels._C (pip's isolated build has no torch) gets the extension on first
     use: compiled once into torch's extension cache, then loaded from there, its ops equal to the reference."""
     code = _BLOCK_AOT_BUILD + (
         "import torch\n"
-        "import kernels.ext as c\n"
-        "from kernels import build, ref\n"
+        "import gpt2_kernels.ext as c\n"
+        "from gpt2_kernels import build, ref\n"
         "assert c.unavailable_reason() is None, c.unavailable_reason()\n"
         "assert c._load()[0].__name__ == build.JIT_NAME\n"
         "x = torch.randn(5, 48)\n"
@@ -579,7 +579,7 @@ def test_a_library_with_its_own_libstdcxx_is_detected(tmp_path):
     """A linker that embeds a static libstdc++ gives the process two copies, and the extension's first formatted
     error crashed the process (seen on an H100 machine). The check tells such a library from a normal one, and
     naming torch's shared libstdc++ to the linker (``build.link_flags``) keeps even a static-by-default link shared."""
-    from kernels import build
+    from gpt2_kernels import build
 
     src = tmp_path / "f.cpp"
     src.write_text("#include <sstream>\n#include <string>\n"

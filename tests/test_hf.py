@@ -1,4 +1,4 @@
-"""kernels.hf: a Hugging Face GPT-2 patched onto the kernel registry.
+"""gpt2_kernels.hf: a Hugging Face GPT-2 patched onto the kernel registry.
 
 Under every backend that runs here: logits, loss (with ignored labels) and every parameter gradient equal the
 unpatched model's, for GPT2LMHeadModel and GPT2Model, and greedy ``generate`` with transformers' KV cache gives the
@@ -14,9 +14,9 @@ import copy
 import pytest
 import torch
 
-import kernels
-from kernels import hf, ref
-from kernels.testing import assert_close
+import gpt2_kernels.registry
+from gpt2_kernels import hf, ref
+from gpt2_kernels.testing import assert_close
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face patch needs transformers (extra 'dev')")
 
@@ -64,7 +64,7 @@ def _assert_same_run(got, want):
 def spies(monkeypatch):
     """Counting wrappers around the reference ops, installed before patching so the ``torch`` backend loads them;
     ``calls[op]`` lists the (Tq, Tk) of each attention call and the input shape of the others."""
-    calls = {op: [] for op in kernels.OPS}
+    calls = {op: [] for op in gpt2_kernels.registry.OPS}
 
     def spy(op):
         fn = getattr(ref, op)
@@ -76,7 +76,7 @@ def spies(monkeypatch):
 
         return counted
 
-    for op in kernels.OPS:
+    for op in gpt2_kernels.registry.OPS:
         monkeypatch.setattr(ref, op, spy(op))
     return calls
 
@@ -89,7 +89,7 @@ def test_lm_parity(backend):
     x, labels = _batch()
     want = _run_lm(base, x, labels)
     patched = hf.patch_gpt2(copy.deepcopy(base), backend)
-    assert patched._gpt2_kernels_patch.ops.backends == {op: backend for op in kernels.OPS}
+    assert patched._gpt2_kernels_patch.ops.backends == {op: backend for op in gpt2_kernels.registry.OPS}
     _assert_same_run(_run_lm(patched, x, labels), want)
 
 
@@ -264,5 +264,5 @@ def test_rejects_what_it_cannot_serve():
     with pytest.raises(ValueError, match="activation_function='relu'"):
         hf.patch_gpt2(relu)
     assert _instance_forwards(relu) == []
-    with pytest.raises(kernels.SpecError):
+    with pytest.raises(gpt2_kernels.registry.SpecError):
         hf.patch_gpt2(transformers.GPT2Model(cfg), "fastest")

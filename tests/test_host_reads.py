@@ -18,11 +18,11 @@ import pytest
 import torch
 
 import gpt2
-import kernels
+import gpt2_kernels.registry
 from gpt2.cli import main
 from gpt2.data import write_shard
 
-OURS = tuple(str(Path(m.__file__).resolve().parent) for m in (gpt2, kernels))
+OURS = tuple(str(Path(m.__file__).resolve().parent) for m in (gpt2, gpt2_kernels.registry))
 # Tensor methods that hand a device value to the host.
 READS = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__index__", "__bool__", "__format__")
 

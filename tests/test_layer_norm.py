@@ -1,8 +1,8 @@
-"""Parity tests of the Triton layer norm, and of the fused add + layer norm of every backend, against ``kernels.ref``.
+"""Parity tests of the Triton layer norm, and of the fused add + layer norm of every backend, against ``gpt2_kernels.ref``.
 
 On a machine without a GPU the kernels run under the Triton interpreter (set by conftest.py) in
 fp32 and fp16; the bf16 and large-shape checks need a CUDA GPU and are skipped elsewhere.
-Every test compares the forward outputs and every gradient with ``kernels.ref``. The registry op
+Every test compares the forward outputs and every gradient with ``gpt2_kernels.ref``. The registry op
 ``add_layer_norm`` is checked on every backend that can run here (torch, triton, the extension).
 """
 
@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import layer_norm as ln
-from kernels import ref
-from kernels.testing import assert_close
+import gpt2_kernels.registry
+from gpt2_kernels import layer_norm as ln
+from gpt2_kernels import ref
+from gpt2_kernels.testing import assert_close
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -232,10 +232,10 @@ def test_add_layer_norm_one_output_used(use_y, use_s):
 
 
 def _registry_add_layer_norm(backend):
-    why = kernels.unavailable_reason(backend, DEVICE)
+    why = gpt2_kernels.registry.unavailable_reason(backend, DEVICE)
     if why is not None:
         pytest.skip(f"backend {backend!r} cannot run on {DEVICE} here: {why}")
-    return kernels.build_ops(backend, DEVICE).add_layer_norm
+    return gpt2_kernels.registry.build_ops(backend, DEVICE).add_layer_norm
 
 
 def _column_major(t):

@@ -2,8 +2,8 @@
 (kernels/chunked_loss.py) and its Triton backend (kernels/linear_cross_entropy.py): memory, padding, GradScaler
 numerics, host reads and errors.
 
-Every loss and gradient is compared with ``kernels.ref.linear_cross_entropy`` through
-``kernels.testing.assert_close``: fp32 against the reference on the same inputs; fp16 against the
+Every loss and gradient is compared with ``gpt2_kernels.ref.linear_cross_entropy`` through
+``gpt2_kernels.testing.assert_close``: fp32 against the reference on the same inputs; fp16 against the
 reference on the upcast inputs, with the reference computed in fp16 as the yardstick (the fp32 loss of
 fp16 inputs by the fp16 rule). ``test_parity`` runs for every backend the registry can run here
 (tests/conftest.py's ``backend``). On the CPU the Triton kernels run under Triton's interpreter
@@ -21,17 +21,17 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from kernels import chunked_loss, ext, ref
-from kernels import linear_cross_entropy as lce
-from kernels.chunked_loss import ChunkPlan, chunk_plan, chunk_rows, padded_vocab
-from kernels.linear_cross_entropy import (
+from gpt2_kernels import chunked_loss, ext, ref
+from gpt2_kernels import linear_cross_entropy as lce
+from gpt2_kernels.chunked_loss import ChunkPlan, chunk_plan, chunk_rows, padded_vocab
+from gpt2_kernels.linear_cross_entropy import (
     _linear_cross_entropy_fwd_kernel,
     cross_entropy_rows_,
     launch_configs,
     linear_cross_entropy,
     linear_cross_entropy_fwd,
 )
-from kernels.testing import assert_close
+from gpt2_kernels.testing import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 and GPT-2-sized V need a CUDA GPU")
@@ -551,7 +551,7 @@ def test_launch_configs_cover_the_launcher():
     configs = launch_configs(80)
     blocks = {c.constexprs["BLOCK_V"] for c in configs}
     # What the launcher picks for the V of these tests and GPT-2's is listed.
-    from kernels.linear_cross_entropy import _block_params
+    from gpt2_kernels.linear_cross_entropy import _block_params
 
     assert {_block_params(v)[0] for v in (1, 11, 257, 1000, 50257, 250_000)} <= blocks
     assert {c.signature["logits_ptr"] for c in configs} == {"*fp32", "*fp16", "*bf16"}

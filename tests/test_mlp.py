@@ -2,7 +2,7 @@
 epilogues, launch configurations and errors.
 
 ``test_mlp_parity`` runs for every backend the registry can run here (tests/conftest.py's ``backend``): the output
-and every gradient against kernels.ref, fp16 by the tolerance table's fp16 rule, fp32 against a float64 reference
+and every gradient against gpt2_kernels.ref, fp16 by the tolerance table's fp16 rule, fp32 against a float64 reference
 with the fp32 reference's own error as the yardstick (the plain fp32 rule's 1e-4 would let a wrong digit of the
 GELU constant through). On the CPU the Triton kernels run under the Triton interpreter (fp32 and fp16, small
 shapes); the bf16 / fp16 tests at GPT-2 size run only on a CUDA GPU.
@@ -13,10 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import mlp as K
-from kernels import ref, runtime
-from kernels.aot import LaunchConfig
-from kernels.testing import assert_close
+from gpt2_kernels import mlp as K
+from gpt2_kernels import ref, runtime
+from gpt2_kernels.aot import LaunchConfig
+from gpt2_kernels.testing import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16/fp16 at GPT-2 size needs a CUDA GPU")

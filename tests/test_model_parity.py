@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gpt2.model import GPT, GPTConfig
-from kernels.registry import unavailable_reason
+from gpt2_kernels.registry import unavailable_reason
 
 
 def _device():

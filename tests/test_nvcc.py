@@ -8,7 +8,7 @@
    static shared memory a block may use. Skipped when nvcc is not found.
 2. Their logic is right: the fp32 kernels are compiled by the host C++ compiler against
    ``csrc/emulation/cuda_emulation.h`` (threads, barriers and warp shuffles emulated on the CPU)
-   and their results compared with ``kernels.ref`` on small awkward shapes. Skipped without a
+   and their results compared with ``gpt2_kernels.ref`` on small awkward shapes. Skipped without a
    C++20 compiler. The fp16 / bf16 paths and real-GPU behaviour are left to the GPU tests of
    tests/test_ext.py.
 """
@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import ref
-from kernels.testing import assert_close
+from gpt2_kernels import ref
+from gpt2_kernels.testing import assert_close
 
 ARCHS = (75, 80, 86, 89, 90)
 CSRC = Path(__file__).resolve().parent.parent / "csrc"

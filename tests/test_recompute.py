@@ -25,7 +25,7 @@ from gpt2.data import write_shard
 from gpt2.model import GPT, RECOMPUTE_MODES, GPTConfig
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
-              pytest.mark.filterwarnings("ignore:kernels.ext.attention:UserWarning")]  # ext: dropout falls back
+              pytest.mark.filterwarnings("ignore:gpt2_kernels.ext.attention:UserWarning")]  # ext: dropout falls back
 
 
 def test_modes_and_set_recompute():
@@ -113,7 +113,7 @@ def _saved(model: GPT, idx, tgt) -> tuple[int, list[tuple[int, ...]]]:
 
 @pytest.mark.parametrize("backend_name", ["torch", "ext"])
 def test_saved_bytes_drop(backend_name, capsys):
-    from kernels.registry import unavailable_reason
+    from gpt2_kernels.registry import unavailable_reason
 
     if (why := unavailable_reason(backend_name, "cpu")) is not None:
         pytest.skip(f"backend {backend_name!r} cannot run on cpu here: {why}")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import ref
+from gpt2_kernels import ref
 
 
 def _grads(out, inputs, seed=0):

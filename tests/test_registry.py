@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-import kernels
-from kernels.registry import BackendError, SpecError, parse_spec
-from kernels.testing import assert_close
+import gpt2_kernels.registry
+from gpt2_kernels.registry import BackendError, SpecError, parse_spec
+from gpt2_kernels.testing import assert_close
 
 
 def test_parse_spec_forms():
@@ -23,7 +23,7 @@ def test_cuda_is_the_extension_s_old_name():
     """``cuda`` names the extension backend (``ext``) in a spec, as a default and as an override."""
     assert parse_spec("cuda") == ("ext", {})
     assert parse_spec("torch,mlp=cuda") == ("torch", {"mlp": "ext"})
-    assert kernels.unavailable_reason("cuda", "cpu") == kernels.unavailable_reason("ext", "cpu")
+    assert gpt2_kernels.registry.unavailable_reason("cuda", "cpu") == gpt2_kernels.registry.unavailable_reason("ext", "cpu")
 
 
 @pytest.mark.parametrize("spec,needle", [
@@ -37,37 +37,37 @@ def test_cuda_is_the_extension_s_old_name():
 ])
 def test_bad_specs_name_the_problem(spec, needle):
     with pytest.raises(SpecError, match=needle):
-        kernels.build_ops(spec)
+        gpt2_kernels.registry.build_ops(spec)
 
 
 def test_torch_backend_everywhere_and_ops_are_the_reference():
-    from kernels import ref
+    from gpt2_kernels import ref
 
-    ops = kernels.build_ops("torch", "cpu")
+    ops = gpt2_kernels.registry.build_ops("torch", "cpu")
     assert ops.attention is ref.attention and ops.mlp is ref.mlp
-    assert ops.backends == {op: "torch" for op in kernels.OPS}
-    assert all("torch" in b for b in kernels.available("cpu").values())
+    assert ops.backends == {op: "torch" for op in gpt2_kernels.registry.OPS}
+    assert all("torch" in b for b in gpt2_kernels.registry.available("cpu").values())
 
 
 def _other_backend() -> str:
     """A backend other than the reference that runs on the CPU here (the extension, else Triton under the
     interpreter): an override or a swap to it must change which functions run."""
     for backend in ("ext", "triton"):
-        if kernels.unavailable_reason(backend, "cpu") is None:
+        if gpt2_kernels.registry.unavailable_reason(backend, "cpu") is None:
             return backend
     pytest.skip("no backend but torch runs on the CPU here (no extension, no Triton interpreter)")
 
 
-@pytest.mark.parametrize("op", kernels.OPS)
+@pytest.mark.parametrize("op", gpt2_kernels.registry.OPS)
 @pytest.mark.parametrize("direction", ["reference-default", "reference-override"])
 def test_per_op_override_changes_that_op_and_only_it(op, direction):
     other = _other_backend()
     default, override = ("torch", other) if direction == "reference-default" else (other, "torch")
-    ops = kernels.build_ops(f"{default},{op}={override}", "cpu")
-    assert ops.backends == {o: override if o == op else default for o in kernels.OPS}
-    whole = {b: kernels.build_ops(b, "cpu") for b in (default, override)}
+    ops = gpt2_kernels.registry.build_ops(f"{default},{op}={override}", "cpu")
+    assert ops.backends == {o: override if o == op else default for o in gpt2_kernels.registry.OPS}
+    whole = {b: gpt2_kernels.registry.build_ops(b, "cpu") for b in (default, override)}
     assert getattr(whole[default], op) is not getattr(whole[override], op)  # the two backends' code differs
-    for o in kernels.OPS:
+    for o in gpt2_kernels.registry.OPS:
         want = override if o == op else default
         assert getattr(ops, o) is getattr(whole[want], o), f"{o}: not the {want} backend's function"
 
@@ -75,8 +75,8 @@ def test_per_op_override_changes_that_op_and_only_it(op, direction):
 def _count_calls(monkeypatch, backend: str) -> collections.Counter:
     """Route every op of ``backend`` through a counting wrapper, where the registry loads it from."""
     calls = collections.Counter()
-    ops = kernels.build_ops(backend, "cpu")
-    for op in kernels.OPS:
+    ops = gpt2_kernels.registry.build_ops(backend, "cpu")
+    for op in gpt2_kernels.registry.OPS:
         fn = getattr(ops, op)
         module = sys.modules[fn.__module__]
         assert getattr(module, fn.__name__) is fn
@@ -102,9 +102,9 @@ def test_set_backend_runs_the_new_backend(monkeypatch):
     loss_ref = m(idx, idx)[1]
     assert not calls, f"the torch backend called {other}'s ops: {dict(calls)}"
     assert m.set_backend(other) is m
-    assert m.ops.backends == {op: other for op in kernels.OPS}
-    for op in kernels.OPS:
-        assert getattr(m.ops, op) is getattr(kernels.build_ops(other, "cpu"), op), op
+    assert m.ops.backends == {op: other for op in gpt2_kernels.registry.OPS}
+    for op in gpt2_kernels.registry.OPS:
+        assert getattr(m.ops, op) is getattr(gpt2_kernels.registry.build_ops(other, "cpu"), op), op
     loss = m(idx, idx)[1]
     n_layer = m.config.n_layer
     assert (calls["attention"], calls["mlp"], calls["linear_cross_entropy"]) == (n_layer, n_layer, 1), dict(calls)
@@ -120,8 +120,8 @@ def test_explicit_unavailable_backend_says_why_and_what_is_available():
     # Triton on a CPU tensor needs the interpreter; with it switched off the request must fail loudly.
     code = (
         "import os; os.environ['TRITON_INTERPRET']='0'\n"
-        "import kernels\n"
-        "try:\n    kernels.build_ops('triton', 'cpu')\nexcept kernels.BackendError as e:\n    print('ERR', e)\n"
+        "import gpt2_kernels\n"
+        "try:\n    gpt2_kernels.registry.build_ops('triton', 'cpu')\nexcept gpt2_kernels.registry.BackendError as e:\n    print('ERR', e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "ERR backend 'triton' for op 'layer_norm' cannot run on cpu" in out
@@ -134,18 +134,18 @@ def test_cuda_device_without_gpu_is_refused_for_triton():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the refusal only happens without one")
     with pytest.raises(BackendError, match="no CUDA device"):
-        kernels.build_ops("triton", "cuda")
+        gpt2_kernels.registry.build_ops("triton", "cuda")
 
 
 def test_auto_resolves_and_states_its_choice_once(capsys):
-    from kernels.registry import _announce
+    from gpt2_kernels.registry import _announce
 
     _announce.cache_clear()
-    a = kernels.resolve("auto", "cpu")
-    kernels.resolve("auto", "cpu")
+    a = gpt2_kernels.registry.resolve("auto", "cpu")
+    gpt2_kernels.registry.resolve("auto", "cpu")
     err = capsys.readouterr().err
     assert err.count("backend 'auto' on cpu chose") == 1
-    assert set(a) == set(kernels.OPS)
+    assert set(a) == set(gpt2_kernels.registry.OPS)
     assert all(b in ("ext", "torch") for b in a.values())  # never the slow interpreter on CPU
 
 
@@ -163,7 +163,7 @@ def test_the_extension_is_available_wherever_a_cxx_compiler_is():
     import os
     import shutil
 
-    from kernels import ext
+    from gpt2_kernels import ext
 
     if os.environ.get("GPT2_KERNELS_NO_EXT", "0") not in ("", "0"):
         pytest.skip("GPT2_KERNELS_NO_EXT is set")

@@ -22,8 +22,8 @@ import pytest
 import triton
 import triton.language as tl
 
-from kernels import report
-from kernels.aot import LaunchConfig
+from gpt2_kernels import report
+from gpt2_kernels.aot import LaunchConfig
 
 MISSING = report.missing_tools()
 needs_tools = pytest.mark.skipif(
@@ -150,13 +150,13 @@ def test_bf16_config_on_sm75_is_refused(toy):
 
 @needs_tools
 def test_missing_module_and_missing_launch_configs_are_errors(tmp_path):
-    results = report.run_report(["kernels.no_such_op", "kernels.testing"], [80])
+    results = report.run_report(["gpt2_kernels.no_such_op", "gpt2_kernels.testing"], [80])
     by_module = {r.module: r for r in results}
-    assert set(by_module) == {"kernels.no_such_op", "kernels.testing"}
-    assert "cannot import" in by_module["kernels.no_such_op"].error
-    assert "no launch_configs" in by_module["kernels.testing"].error
+    assert set(by_module) == {"gpt2_kernels.no_such_op", "gpt2_kernels.testing"}
+    assert "cannot import" in by_module["gpt2_kernels.no_such_op"].error
+    assert "no launch_configs" in by_module["gpt2_kernels.testing"].error
     out = tmp_path / "report.json"
-    assert report.main(["--module", "kernels.no_such_op", "--arch", "sm_80", "--json", str(out)]) == 1
+    assert report.main(["--module", "gpt2_kernels.no_such_op", "--arch", "sm_80", "--json", str(out)]) == 1
     data = json.loads(out.read_text())
     assert data["archs"] == [80] and not data["results"][0]["ok"]
 
@@ -167,12 +167,12 @@ def test_arguments_are_checked():
         report.parse_arch("sm_70")
     with pytest.raises(SystemExit):
         report.main(["--arch", "sm_70"])
-    assert report.module_name("attention") == "kernels.attention"
+    assert report.module_name("attention") == "gpt2_kernels.attention"
 
 
 def test_config_key_spells_out_the_default_alignment():
     """A recorded launch with every argument aligned compiles to the listed configuration's kernel: one compile."""
-    from kernels import attention as A
+    from gpt2_kernels import attention as A
 
     listed = next(c for c in A.launch_configs(90) if c.kernel.__name__ == "_attn_fwd_kernel")
     explicit = LaunchConfig(label="x", kernel=listed.kernel, constexprs=listed.constexprs,
@@ -214,7 +214,7 @@ def test_sass_counting():
 # ---------------------------------------------------------------------------------------------------
 # 2. The real thing: every op module on every architecture.
 
-MATMUL_MODULES = ("kernels.attention", "kernels.mlp")
+MATMUL_MODULES = ("gpt2_kernels.attention", "gpt2_kernels.mlp")
 # Compiling every configuration for all five architectures takes minutes on a 2-core machine; CI may narrow it,
 # e.g. KERNELS_REPORT_ARCHS=sm_80,sm_90 (the other architectures' tests then skip, saying so).
 REAL_ARCHS = (
@@ -262,7 +262,7 @@ def test_op_modules_ready_for_arch(arch, request):
 # ----------------------------------------------------------------------------------------------
 # 3. What real launches specialise: every launch of a training step (fp32 and fp16), a cached decode, each op at
 #    the integer values Triton's JIT turns into constants (1) or marks aligned (multiples of 16), and every op test
-#    that ran before this file in the session, recorded under the interpreter by kernels.runtime.launch and compiled
+#    that ran before this file in the session, recorded under the interpreter by gpt2_kernels.runtime.launch and compiled
 #    for every architecture with the tiles the launchers pick there.
 
 
@@ -284,8 +284,8 @@ def _edge_values(dtype):
     """Each op at the sizes the JIT specialises: 1 (a constexpr) and multiples of 16 (aligned), dropout seeds too."""
     import torch
 
-    from kernels import attention as A
-    from kernels import build_ops
+    from gpt2_kernels import attention as A
+    from gpt2_kernels.registry import build_ops
 
     ops = build_ops("triton", "cpu")
     for Tq, Tk, seed, p in ((1, 1, 0, 0.0), (1, 16, 1, 0.1), (16, 16, 16, 0.1), (17, 33, 17, 0.1), (2, 17, 1, 0.0)):
@@ -316,7 +316,7 @@ def _class(rec) -> tuple:
 
 def _ones(rec) -> tuple:
     """A launch's pattern of integer arguments the JIT turned into the constant 1."""
-    from kernels.runtime import _params
+    from gpt2_kernels.runtime import _params
 
     declared = {name for name, const, *_ in _params(report._kernel_named(rec["module"], rec["kernel"])) if const}
     return rec["kernel"], tuple(sorted(n for n, _ in rec["constexprs"] if n not in declared))
@@ -347,7 +347,7 @@ def recorded_launches(session_launches=()):
     """The launches to compile (``report.launches_to_json`` dicts): the workload's and the session's new ones."""
     import torch
 
-    from kernels import runtime
+    from gpt2_kernels import runtime
 
     with runtime.record_launches() as records:
         for dtype in (torch.float32, torch.float16):
@@ -378,8 +378,8 @@ def test_recording_sees_the_jit_specialisation():
     kernel's do_not_specialize arguments (the attention's lengths and dropout seed) unspecialised."""
     import torch
 
-    from kernels import attention as A
-    from kernels import runtime
+    from gpt2_kernels import attention as A
+    from gpt2_kernels import runtime
 
     q = torch.randn(1, 1, 1, 32)
     k = torch.randn(1, 1, 17, 32)
@@ -396,20 +396,20 @@ def test_recording_sees_the_jit_specialisation():
 
 
 def test_configs_from_launches_takes_the_listed_tiles_and_flags_unlisted_launches():
-    from kernels import attention as A
+    from gpt2_kernels import attention as A
 
     listed = A.launch_configs(90)
-    rec = {"module": "kernels.attention", "kernel": "_attn_fwd_kernel",
+    rec = {"module": "gpt2_kernels.attention", "kernel": "_attn_fwd_kernel",
            "signature": [[n, "i32:1" if not t.startswith(("*", "fp")) else t + (":16" if t.startswith("*") else "")]
                          for n, t in next(c for c in listed if c.kernel.__name__ == "_attn_fwd_kernel"
                                           and "fp16" in c.signature["Q"]).signature.items() if n != "nh"],
            "constexprs": [["HEAD", 64], ["BLOCK_M", 32], ["BLOCK_N", 16], ["DROPOUT", False], ["nh", 1]]}
-    (cfg, twin) = report.configs_from_launches([rec], listed, "kernels.attention", 90)
+    (cfg, twin) = report.configs_from_launches([rec], listed, "gpt2_kernels.attention", 90)
     want = A._tiles("fwd", __import__("torch").float16, 64, False, None, 90)
     assert (cfg.constexprs["BLOCK_M"], cfg.constexprs["BLOCK_N"], cfg.num_warps, cfg.num_stages) == want
     assert cfg.constexprs["nh"] == 1 and "nh" not in cfg.signature and cfg.signature["Q"] == "*fp16:16"
     assert twin.signature["Q"] == "*bf16:16"
-    assert len(report.configs_from_launches([rec], listed, "kernels.attention", 75)) == 1  # no bf16 before sm_80
+    assert len(report.configs_from_launches([rec], listed, "gpt2_kernels.attention", 75)) == 1  # no bf16 before sm_80
     odd = {**rec, "constexprs": [["HEAD", 48], ["BLOCK_M", 32], ["BLOCK_N", 16], ["DROPOUT", False], ["nh", 1]]}
-    (unlisted,) = report.configs_from_launches([odd], listed, "kernels.attention", 75)
+    (unlisted,) = report.configs_from_launches([odd], listed, "gpt2_kernels.attention", 75)
     assert unlisted.kernel is None and "no launch_configs entry matches" in unlisted.label

@@ -1,4 +1,4 @@
-"""kernels.runtime: the one launch path (device guard + recorder), the architecture table and the dtype choice.
+"""gpt2_kernels.runtime: the one launch path (device guard + recorder), the architecture table and the dtype choice.
 
 What a real GPU does that the interpreter hides, made to fail on the CPU:
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import runtime
+from gpt2_kernels import runtime
 
 KERNELS = Path(__file__).resolve().parent.parent / "kernels"
 
@@ -31,12 +31,12 @@ def test_no_launch_bypasses_runtime_launch():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
                 offenders.append(f"{path.name}:{node.lineno}: {ast.unparse(node.func)}(...)")
-    assert not offenders, "Triton launches that bypass kernels.runtime.launch:\n" + "\n".join(offenders)
+    assert not offenders, "Triton launches that bypass gpt2_kernels.runtime.launch:\n" + "\n".join(offenders)
 
 
 def _workload():
     from gpt2.model import GPT, GPTConfig
-    from kernels import attention as A
+    from gpt2_kernels import attention as A
 
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("tiny"), backend="triton")
@@ -118,7 +118,7 @@ def test_architectures_below_turing_are_refused():
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    """A CUDA device of a chosen compute capability, as far as kernels.runtime asks; is_bf16_supported() says
+    """A CUDA device of a chosen compute capability, as far as gpt2_kernels.runtime asks; is_bf16_supported() says
     True everywhere, as the real one does on Turing (it counts emulation)."""
     def use(cc):
         monkeypatch.setattr(runtime, "capability", lambda device: cc)
@@ -150,7 +150,7 @@ def test_check_dtype_refuses_bf16_where_it_is_emulated(fake_gpu):
 
 
 def test_record_launches_nests():
-    from kernels import layer_norm as LN
+    from gpt2_kernels import layer_norm as LN
 
     x = torch.randn(2, 8, device="cuda" if torch.cuda.is_available() else "cpu")
     with runtime.record_launches() as outer:

@@ -4,7 +4,7 @@ name the first element over its own bound, with its value, the expected value an
 import pytest
 import torch
 
-from kernels.testing import TOLERANCES, assert_close
+from gpt2_kernels.testing import TOLERANCES, assert_close
 
 
 def _message(*args, **kwargs) -> str:

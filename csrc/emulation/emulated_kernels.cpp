@@ -1,6 +1,6 @@
 // The CUDA launchers built for the CPU emulation (emulation/cuda_emulation.h), exported with C
 // linkage for tests/test_nvcc.py, which loads this as a shared library through ctypes and
-// compares the results with kernels.ref. Pointers are host pointers here. Each entry point has
+// compares the results with gpt2_kernels.ref. Pointers are host pointers here. Each entry point has
 // an _f32, _f16 and _bf16 version taking buffers of that element type.
 #define GPT2K_CUDA_EMULATION 1
 
