@@ -450,6 +450,9 @@ class GPT(nn.Module):
         return n
 
     def _check_idx(self, idx: torch.Tensor, start: int) -> None:
+        """Shape, dtype and length checks, and (with ``check_inputs``) every id inside the vocabulary: eagerly one
+        host read and a ValueError naming the id; under ``torch.compile`` a device-side assert in the graph, so a
+        model compiled with ``fullgraph=True`` traces as one graph with the same protection."""
         if idx.dim() != 2:
             raise ValueError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
         if idx.dtype not in (torch.int64, torch.int32):
@@ -457,11 +460,17 @@ class GPT(nn.Module):
         T = idx.shape[1]
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
-        if self.check_inputs and idx.numel():
-            lo, hi = (int(v) for v in torch.aminmax(idx))  # one pass, one sync
-            if lo < 0 or hi >= self.config.vocab_size:
-                raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, "
-                                 f"{self.config.vocab_size})")
+        if not self.check_inputs or not idx.numel():
+            return
+        V = self.config.vocab_size
+        if torch.compiler.is_compiling():
+            # A host read of the ids cannot be traced (a data-dependent guard): the compiled graph asserts on the
+            # device instead, with no sync (a RuntimeError on the CPU, a device-side assert on a GPU).
+            torch._assert_async(((idx >= 0) & (idx < V)).all(), f"a token id is outside the vocabulary [0, {V})")
+            return
+        lo, hi = (int(v) for v in torch.aminmax(idx))  # one pass, one sync
+        if lo < 0 or hi >= V:
+            raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {V})")
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 last_only: bool = False):

@@ -191,3 +191,21 @@ def test_eager_calls_bypass_the_registered_ops(triton_ops):
                                                                                              device=DEVICE))
         (loss + m["attention"].attention(q, k, v).sum()).backward()
     assert seen and not [op for op in seen if LIBRARY in op], "an eager call went through a registered op"
+
+
+def test_fresh_model_compiles_fullgraph_with_its_id_check(backend):
+    """A model as a library user builds it (``check_inputs`` on, as GPT() leaves it) compiles with fullgraph=True on
+    ``model(idx, targets)``, computes the eager loss, and still refuses an id outside the vocabulary."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny", block_size=32), backend=backend).to(DEVICE)
+    assert model.check_inputs
+    idx = torch.randint(0, 512, (2, 32), device=DEVICE)
+    targets = torch.randint(0, 512, (2, 32), device=DEVICE)
+    _, loss = model(idx, targets)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    assert_close(f"{backend} compiled loss with the id check", compiled(idx, targets)[1], loss)
+    if DEVICE == "cpu":  # on a GPU the check is a device-side assert, which ends the process's CUDA context
+        bad = idx.clone()
+        bad[1, 5] = 512  # the tiny preset's vocabulary is 512 (padded rows beyond it must not be reachable)
+        with pytest.raises(RuntimeError, match=r"outside the vocabulary \[0, 512\)"):
+            compiled(bad, targets)
