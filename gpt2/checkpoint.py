@@ -19,15 +19,19 @@ optimizer state back into the shards of the parameters it belongs to. So ``gpt2 
 
 Writes go to a temporary file in the same folder, are fsynced, then renamed over the old file, so
 a crash mid-save leaves the previous checkpoint whole. Loads use ``weights_only=True`` (nothing
-in a checkpoint runs code) and turn every way a file can be broken into one ``CheckpointError``.
+in a checkpoint runs code) and turn every way a file can be broken into one ``CheckpointError``. A write that runs
+out of space raises one ``DiskFullError`` naming the file, the filesystem's free space and the size needed (the
+previous file still whole), which ``gpt2`` reports in one line with exit status 3.
 """
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import os
 import random
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,17 +49,77 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, truncated, or from an incompatible run."""
 
 
+class DiskFullError(OSError):
+    """A write ran out of space (ENOSPC or EDQUOT); the file it would have replaced is untouched."""
+
+    def __init__(self, path: Path, needed: int | None):
+        free = _free_bytes(path.parent)
+        size = f", {_mb(needed)} needed" if needed else ""
+        super().__init__(errno.ENOSPC, f"cannot write {path}: no space left on its filesystem ({_mb(free)} free"
+                         f"{size}); the previous {path.name} is intact (free some space, then rerun; gpt2 train "
+                         "--resume continues from it)")
+        self.path, self.free, self.needed = path, free, needed
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _mb(n: int | None) -> str:
+    return "unknown space" if n is None else f"{n / 1e6:,.1f} MB"
+
+
+def _out_of_space(e: BaseException) -> bool:
+    """Whether ``e`` or an exception it was raised from is ENOSPC / EDQUOT (torch.save wraps it in a RuntimeError)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def tensor_bytes(obj) -> int:
+    """The bytes of every tensor in a nest of dicts, lists and tuples (about what ``torch.save`` writes)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def checkpoint_path(path) -> Path:
     """``path`` itself if it is a file (or ends in ``.pt``), else ``path / ckpt.pt``."""
     p = Path(path)
     return p if p.is_file() or p.suffix == ".pt" else p / CKPT_NAME
 
 
-def atomic_write(path, write) -> None:
+def atomic_write(path, write, needed=None) -> None:
     """Create ``path`` atomically: ``write(f)`` fills a temp file in the same folder (binary mode),
     which is fsynced and renamed over ``path``. Until the rename the old ``path`` is untouched, and
-    if anything fails the temp file is removed."""
-    path = Path(path)
+    if anything fails the temp file is removed.
+
+    Raises:
+        DiskFullError: the filesystem filled up; ``needed()`` (if given) estimates the bytes the file needs.
+    """
+    try:
+        _atomic_write(Path(path), write)
+    except Exception as e:
+        if not _out_of_space(e):
+            raise
+        raise DiskFullError(Path(path), needed() if needed else None) from None
+
+
+def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -97,7 +161,7 @@ def save_checkpoint(path, state: dict) -> None:
 
     The previous file at ``path`` stays intact until the new one is completely on disk.
     """
-    atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f), needed=lambda: tensor_bytes(state))
 
 
 _REQUIRED = ("model", "model_config", "step")

@@ -8,6 +8,7 @@ to see the traceback).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -158,6 +159,11 @@ def main(argv=None) -> int:
             raise
         print(f"gpt2 {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or os.environ.get("GPT2_DEBUG"):
+            raise
+        print(f"gpt2 {args.command}: error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"gpt2 {args.command}: interrupted", file=sys.stderr)
         return 130
