@@ -9,6 +9,7 @@ Parameters live only here; the fused ops (``layer_norm``, ``add_layer_norm``, ``
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 import gpt2_kernels.registry
-from gpt2 import sampling
+from gpt2 import decode, sampling
 
 PRESETS: dict[str, dict] = {
     # The four OpenAI GPT-2 sizes (124M, 350M, 774M, 1558M parameters).
@@ -146,10 +147,18 @@ class KVCache:
             setattr(self, name, new)
 
 
+@functools.cache
 def _onednn_linear() -> bool:
-    """Whether torch has oneDNN's prepacked linear (``torch.ops.mkldnn._linear_pointwise``, the op Inductor's CPU
-    freezing uses)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """Whether torch has oneDNN's prepacked bf16 linear (``torch.ops.mkldnn._linear_pointwise``, the op Inductor's
+    CPU freezing uses) and this CPU runs it: oneDNN's bf16 path needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, and
+    refuses other CPUs with a RuntimeError, so one tiny weight is prepacked to find out (once per process)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), 1)
+    except RuntimeError:
+        return False
+    return True
 
 
 class _DecodeLinear:
@@ -607,7 +616,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
-                        generator: torch.Generator | None = None, greedy: bool = False):
+                        generator: torch.Generator | None = None, greedy: bool = False, graph: bool | None = None):
         """Yield each new (B, 1) token as it is chosen. Arguments as ``generate``."""
         sampling.check_sampling(temperature, top_k, top_p, greedy, max_new_tokens)
         if idx.dim() != 2 or idx.shape[1] < 1:
@@ -616,6 +625,10 @@ class GPT(nn.Module):
         if idx.shape[1] > bs:
             raise ValueError(f"the prompt has {idx.shape[1]} tokens, longer than the context of {bs}")
         if max_new_tokens == 0:
+            return
+        if self._decode_graph(graph, use_cache):
+            yield from decode.stream(self, idx, max_new_tokens, temperature, top_k, top_p, generator, greedy,
+                                     capture=True)
             return
         seq = idx
         feed = idx
@@ -644,10 +657,21 @@ class GPT(nn.Module):
             feed = nxt
             yield nxt
 
+    def _decode_graph(self, graph: bool | None, use_cache: bool) -> bool:
+        """Whether cached decoding replays the step as a CUDA graph (``gpt2.decode``): asked for, or by default on a
+        GPU without training dropout; never without the cache, never off CUDA."""
+        device = self.transformer.wte.weight.device
+        if graph is None:
+            return use_cache and device.type == "cuda" and not (self.training and self.config.dropout > 0)
+        if graph and (not use_cache or device.type != "cuda" or (self.training and self.config.dropout > 0)):
+            raise ValueError("graph=True needs use_cache, a model on a CUDA device and no training dropout (the model "
+                             f"is on {device.type}, use_cache={use_cache}, training={self.training})")
+        return graph
+
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, use_cache: bool = True, generator: torch.Generator | None = None,
-                 greedy: bool = False) -> torch.Tensor:
+                 greedy: bool = False, graph: bool | None = None) -> torch.Tensor:
         """Continue ``idx`` (B, T) by ``max_new_tokens`` tokens.
 
         Args:
@@ -658,11 +682,13 @@ class GPT(nn.Module):
             use_cache: decode with a key/value cache (one token per step) instead of recomputing.
             generator: a torch.Generator for reproducible sampling.
             greedy: take the most likely token every step (temperature, top_k, top_p unused).
+            graph: replay the cached one-token step as a CUDA graph (``gpt2.decode``; the tokens equal the eager
+                path's). None: on a CUDA device when ``use_cache`` and no training dropout; eager elsewhere.
         Returns:
             (B, T + max_new_tokens) token ids. Beyond ``block_size`` the context slides.
         """
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator,
-                                        greedy))
+                                        greedy, graph))
         return torch.cat([idx] + new, dim=1)
 
     # ------------------------------------------------------------------ Hugging Face interop
