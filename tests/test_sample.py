@@ -110,6 +110,114 @@ def test_draws_come_only_from_the_survivors_and_greedy_is_the_argmax():
     assert choose_next(PROBS.log(), greedy=True).tolist() == [[5]]
 
 
+# ----------------------------------------------------------------------------- the distribution, exactly
+
+def reference_probs(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None):
+    """The distribution the rules define, in float64, written from their definition: divide by the temperature,
+    keep every token whose logit is >= the k-th largest (ties kept), softmax, then keep the smallest prefix of the
+    survivors sorted by probability (ties in token order) whose mass reaches top_p, renormalised.
+    Returns ((B, V) float64 probabilities, the smallest |prefix sum - top_p| over all rows: the margin the float32
+    sampler has for deciding the cut the same way)."""
+    x = logits.double() / temperature
+    if top_k:
+        kth = x.sort(dim=-1, descending=True).values[:, min(top_k, x.shape[-1]) - 1:][:, :1]  # (B, 1)
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    margin = float("inf")
+    if top_p is not None and top_p < 1.0:
+        for row in probs:
+            order = sorted(range(row.numel()), key=lambda i: (-row[i].item(), i))
+            mass, kept = 0.0, []
+            for i in order:
+                kept.append(i)
+                mass += row[i].item()
+                margin = min(margin, abs(mass - top_p))
+                if mass >= top_p:
+                    break
+            row[[i for i in range(row.numel()) if i not in kept]] = 0.0
+    return probs / probs.sum(dim=-1, keepdim=True), margin
+
+
+def _drawn_from(logits, temperature, top_k, top_p) -> torch.Tensor:
+    p = next_token_probs(logits, temperature, top_k, top_p).double()  # what choose_next hands torch.multinomial
+    return p / p.sum(dim=-1, keepdim=True)
+
+
+# Ties at the k-th largest logit: 3.0, 2.5, 2.0 and four tokens at 1.0.
+TIED = torch.tensor([[1.0, 2.0, -1.0, 1.0, 3.0, 0.5, 1.0, 0.0, 2.5, 1.0]])
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,kept", [
+    (1.0, 4, None, 7),  # the 4th largest is 1.0: all four tokens at 1.0 stay
+    (1.0, 6, None, 7),
+    (0.6, 5, None, 7),
+    (1.0, 3, None, 3),  # the 3rd largest is 2.0, above the tie: exactly 3
+    (1.0, 8, None, 8),
+    (0.8, 4, 0.97, 7),  # top-p 0.97 needs the whole tie
+    (1.7, 4, 0.9, 6),  # the top-p cut falls inside the tie: its lower token ids are kept, id 9 is not
+])
+def test_top_k_keeps_every_token_tied_with_the_kth(temperature, top_k, top_p, kept):
+    want, margin = reference_probs(TIED, temperature, top_k, top_p)
+    assert margin > 1e-4
+    got = _drawn_from(TIED, temperature, top_k, top_p)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    if kept is not None:
+        assert int((got > 0).sum()) == kept
+
+
+def _random_logits(seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(4, 50, generator=g) * 2.0  # 4 rows, 50 tokens: a spread of nucleus sizes
+
+
+TEMPERATURE_CASES = [(t, k, p) for t in (0.5, 0.8, 1.6) for k in (None, 12) for p in (0.6, 0.9)]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", TEMPERATURE_CASES)
+def test_distribution_equals_the_float64_reference(temperature, top_k, top_p):
+    logits = _random_logits(11)
+    want, margin = reference_probs(logits, temperature, top_k, top_p)
+    assert margin > 1e-5, "a prefix sum within float32 error of top_p: choose other logits"
+    torch.testing.assert_close(_drawn_from(logits, temperature, top_k, top_p), want, atol=1e-6, rtol=1e-5)
+
+
+def test_temperature_comes_before_the_nucleus():
+    # The same top-p cut on the T = 1 distribution, then tempered, would keep another set: these cases tell the two
+    # orders apart, so the reference test above fails for the wrong order.
+    logits = _random_logits(11)
+    differ = 0
+    for temperature, top_k, top_p in TEMPERATURE_CASES:
+        cut_first = reference_probs(logits, 1.0, top_k, top_p)[0] > 0
+        differ += int((cut_first != (_drawn_from(logits, temperature, top_k, top_p) > 0)).any(dim=-1).sum())
+    assert differ >= 6, differ
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 4, None), (1.0, 4, 0.97), (1.6, None, 0.9),
+                                                     (0.5, 12, 0.6)])
+def test_distribution_equals_transformers_warpers(temperature, top_k, top_p):
+    """The same distribution as transformers' warpers in their order (temperature, top-k, top-p), in float64."""
+    lp = pytest.importorskip("transformers.generation.logits_process")
+    logits = torch.cat([TIED.expand(4, -1), _random_logits(11)[:, :10]]).double()
+    scores = lp.TemperatureLogitsWarper(temperature)(None, logits)
+    if top_k:
+        scores = lp.TopKLogitsWarper(top_k)(None, scores)
+    if top_p is not None:
+        scores = lp.TopPLogitsWarper(top_p)(None, scores)
+    torch.testing.assert_close(_drawn_from(logits.float(), temperature, top_k, top_p), torch.softmax(scores, -1),
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_draws_follow_the_distribution_with_ties():
+    # 8000 draws among TIED's 7 top-k survivors: every survivor appears, at its frequency within 4 standard errors.
+    n = 8000
+    want, _ = reference_probs(TIED, 0.9, 4, None)
+    draws = choose_next(TIED.expand(n, -1), temperature=0.9, top_k=4, generator=torch.Generator().manual_seed(5))
+    freq = torch.bincount(draws.flatten(), minlength=TIED.shape[1]).double() / n
+    se = (want[0] * (1 - want[0]) / n).sqrt()
+    assert set(torch.nonzero(freq).flatten().tolist()) == set(torch.nonzero(want[0]).flatten().tolist())
+    assert ((freq - want[0]).abs() <= 4 * se + 1e-12).all(), (freq, want[0])
+
+
 @pytest.mark.parametrize("kwargs,needle", [
     ({"temperature": 0}, "temperature must be > 0"),
     ({"top_p": 0.0}, "top_p must be in (0, 1]"),
