@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_sampling", "choose_next", "next_token_probs", "top_p_keep"]
+__all__ = ["check_sampling", "choose_next", "draw", "next_token_probs", "top_p_keep"]
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, greedy: bool = False,
@@ -96,3 +96,15 @@ def choose_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     if greedy:
         return logits.argmax(dim=-1, keepdim=True)
     return torch.multinomial(next_token_probs(logits, temperature, top_k, top_p), 1, generator=generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row drawn from ``probs`` (B, V), as ``torch.multinomial(probs, 1, generator=generator)`` draws
+    it (the same exponential race, so the same tokens from the same generator state), without multinomial's checks
+    that read the probabilities on the host: nothing here waits for the device, so a CUDA graph can capture it.
+
+    Returns:
+        (B, 1) int64 token ids.
+    """
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return torch.argmax(probs / race, dim=-1, keepdim=True)

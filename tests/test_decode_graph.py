@@ -1,0 +1,168 @@
+"""Static-shape decoding (``gpt2.decode``): the one-token step a CUDA graph captures, run eagerly on the CPU.
+
+Everything but the capture is checked here: the static step's tokens equal the eager decoder's (greedy and seeded
+sampling, batched, through the context's slide at ``block_size``), its attention over the whole static cache equals
+the reference over the filled keys, positions live on the device and the step reads nothing on the host. The
+capture itself runs only on a CUDA GPU (marked ``gpu``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from test_host_reads import OURS, READS
+
+import gpt2_kernels.registry
+from gpt2 import decode, sampling
+from gpt2.model import GPT, GPTConfig
+from gpt2_kernels import ref
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BACKENDS = [b for b in ("torch", "ext") if gpt2_kernels.registry.unavailable_reason(b, "cpu") is None]
+SAMPLING = ({"top_k": 50}, {"top_p": 0.9}, {"top_k": 20, "top_p": 0.8, "temperature": 0.7}, {})
+
+
+def tiny(backend="torch", device="cpu") -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig.from_preset("tiny"), backend=backend).to(device).eval()
+
+
+def static_generate(model, prompt, n, capture=False, **kw) -> torch.Tensor:
+    return torch.cat([prompt] + list(decode.stream(model, prompt, n, capture=capture, **kw)), dim=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_static_step_decodes_the_eager_tokens_greedy_sampled_and_sliding(backend):
+    m = tiny(backend)
+    prompt = torch.randint(0, 512, (3, 6), generator=torch.Generator().manual_seed(2))
+    for n in (58, 70, 130):  # the whole context of 64; past it, one slide; two slides
+        assert torch.equal(static_generate(m, prompt, n, greedy=True), m.generate(prompt, n, greedy=True)), n
+    for kw in SAMPLING:
+        got = static_generate(m, prompt, 70, generator=torch.Generator().manual_seed(3), **kw)
+        want = m.generate(prompt, 70, generator=torch.Generator().manual_seed(3), **kw)
+        assert torch.equal(got, want), kw
+
+
+def test_what_uninitialised_cache_memory_holds_never_reaches_a_token(monkeypatch):
+    """The static step attends over every position of its cache, filled or not: a NaN left in memory must not leak
+    through the masked weights (0 x NaN is NaN)."""
+    from gpt2 import model as model_module
+
+    init = model_module.KVCache.__init__
+
+    def poisoned(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.k.fill_(float("nan"))
+        self.v.fill_(float("nan"))
+
+    monkeypatch.setattr(model_module.KVCache, "__init__", poisoned)
+    m = tiny()
+    prompt = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(static_generate(m, prompt, 20, greedy=True), m.generate(prompt, 20, greedy=True))
+
+
+def test_draw_is_multinomials_draw():
+    probs = torch.softmax(torch.randn(4, 300, generator=torch.Generator().manual_seed(0)), dim=-1)
+    probs[:, 200:] = 0.0  # dropped tokens are never drawn
+    for seed in range(50):
+        a = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed))
+        b = sampling.draw(probs, torch.Generator().manual_seed(seed))
+        assert torch.equal(a, b), seed
+
+
+def test_masked_attention_over_the_static_cache_is_the_reference_over_the_filled_keys():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 3, 1, 16, generator=g)
+    k, v = torch.randn(2, 3, 20, 16, generator=g), torch.randn(2, 3, 20, 16, generator=g)
+    for pos in (0, 7, 19):
+        valid = torch.arange(20) <= pos
+        want = ref.attention(q, k[:, :, :pos + 1], v[:, :, :pos + 1], causal=True)
+        torch.testing.assert_close(decode._masked_attention(q, k, v, valid), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture()
+def host_reads(monkeypatch) -> Counter:
+    """Count host reads made from the project's files (the reads of tests/test_host_reads.py), by ``file:line``."""
+    counts: Counter = Counter()
+
+    def counted(fn, name):
+        def wrapper(*args, **kwargs):
+            frame = sys._getframe(1)
+            if str(Path(frame.f_code.co_filename).resolve()).startswith(OURS):
+                counts[f"{name} at {Path(frame.f_code.co_filename).name}:{frame.f_lineno}"] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    for name in READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name), name))
+    return counts
+
+
+@pytest.mark.parametrize("kw", [{"greedy": True}, {"top_k": 20, "top_p": 0.8}], ids=["greedy", "sampled"])
+def test_the_step_reads_nothing_on_the_host_and_its_position_lives_on_the_device(host_reads, kw):
+    m = tiny()
+    prompt = torch.randint(0, 512, (2, 5), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        dec = decode.StaticDecoder(m, 2, 32, generator=torch.Generator().manual_seed(5), **kw)
+        dec.prefill(prompt, 0)
+        host_reads.clear()  # the prefill checks its tokens on the host, as the eager path does
+        for _ in range(10):
+            dec.step()
+    assert sum(host_reads.values()) == 0, dict(host_reads)
+    assert dec.pos.device == m.transformer.wte.weight.device and dec.pos.dim() == 0
+    assert dec.filled == 15 and int(dec.pos) == 15
+    # The raw step, with the host's count frozen at the prefill's, as a graph replays it: the same tokens.
+    with torch.inference_mode():
+        raw = decode.StaticDecoder(m, 2, 32, generator=torch.Generator().manual_seed(5), **kw)
+        raw.prefill(prompt, 0)
+        dec.generator = torch.Generator().manual_seed(5)
+        dec.prefill(prompt, 0)
+        for _ in range(10):
+            dec.step()
+            raw._step()
+            assert torch.equal(raw.tok, dec.tok)
+    assert raw.filled == 5 and int(raw.pos) == 15  # the step itself moved the device position
+
+
+def test_a_full_static_cache_and_a_graph_off_cuda_are_refused():
+    m = tiny()
+    prompt = torch.randint(0, 512, (1, 4), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        dec = decode.StaticDecoder(m, 1, 5, greedy=True)
+        dec.prefill(prompt, 0)
+        dec.step()
+        with pytest.raises(ValueError, match="static KV cache is full"):
+            dec.step()
+    with pytest.raises(ValueError, match="CUDA graph captures CUDA work only"):
+        decode.StaticDecoder(m, 1, 8, capture=True)
+    with pytest.raises(ValueError, match="graph=True needs use_cache, a model on a CUDA device"):
+        m.generate(prompt, 3, greedy=True, graph=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph needs a CUDA GPU")
+def test_the_cuda_graph_decodes_the_eager_tokens_in_fp32_and_the_auto_dtype():
+    from gpt2.runtime import auto_dtype
+
+    m = tiny("auto", "cuda")
+    prompt = torch.randint(0, 512, (3, 6), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    dtype, _ = auto_dtype(torch.device("cuda"))
+    for dt in (torch.float32, dtype):
+        with torch.autocast("cuda", dtype=dt, enabled=dt != torch.float32):
+            for n in (58, 130):
+                eager = m.generate(prompt, n, greedy=True, graph=False)
+                assert torch.equal(m.generate(prompt, n, greedy=True), eager), (dt, n)  # the default on a GPU
+        with torch.inference_mode():
+            dec = decode.StaticDecoder(m, 3, 64, greedy=True, capture=True)
+            dec.prefill(prompt, 0)
+            dec.step()
+        assert dec.graph is not None
+    for kw in SAMPLING:  # sampled on the device: reproducible from the generator's seed, inside the vocabulary
+        a, b = (m.generate(prompt, 40, generator=torch.Generator("cuda").manual_seed(3), **kw) for _ in range(2))
+        assert torch.equal(a, b) and int(a.max()) < 512, kw
