@@ -8,6 +8,10 @@ scores only its last end - prev_end targets, the ones no earlier window scored. 
 first is scored exactly once, with as much left context as its window gives (at least T - stride tokens
 after the first window); the last window is the one that reaches the end. --stride T gives disjoint
 windows; a smaller stride costs T / stride times the compute for more context per token.
+A window spans T + 1 tokens, its T inputs and their next tokens: the guide's loop with max_length = T + 1
+(its max_length counts a window's tokens, fed as inputs and labels at once, and the model shifts the labels,
+so a guide window of T tokens scores at most T - 1 targets, and with stride T the first token of every window
+after the first goes unscored).
 
 --data: 'shakespeare' (the default) is the built-in corpus's validation split, the very tokens
 gpt2 train validates on (the last 10% of each play, plays joined by <|endoftext|>), as one stream.

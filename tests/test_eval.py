@@ -13,7 +13,6 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from gpt2.cli import main
 from gpt2.data import DataError, write_shard
@@ -65,22 +64,47 @@ def hf_model(tmp_path_factory):
     return model, folder
 
 
-def hf_windowed_nll(model, ids, stride) -> tuple[float, int]:
-    """The guide's loop on transformers' model: windows of T inputs every ``stride``, targets an earlier window
-    scored set to -100; the loss of a window is a mean, so it is weighted by its count. Returns (nats, count)."""
-    ids = torch.tensor(ids)
+@pytest.fixture(scope="module")
+def guide_model(hf_model):
+    """The test model with one more position (n_positions T + 1) for the loop of transformers' perplexity guide.
+
+    The guide's window is ``max_length`` tokens fed as both inputs and labels; the model shifts the labels inside, so a
+    window scores at most max_length - 1 targets. A window of ours, T inputs and their T next tokens, spans T + 1
+    tokens: the guide's rule at max_length = T + 1. The extra position row feeds only a window's last input, whose
+    logits the shift never uses and which causal attention keeps out of every other position: no scored logit
+    depends on it.
+    """
+    import transformers
+
+    model, _ = hf_model
+    big = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**model.config.to_dict(), "n_positions": T + 1}))
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, p in big.state_dict().items():
+            p[:state[name].shape[0]].copy_(state[name])  # wpe: rows 0..T-1; row T stays as drawn
+    return big.eval()
+
+
+def guide_nll(model, ids, stride, max_length=T + 1) -> tuple[float, int]:
+    """The loop of transformers' guide "Perplexity of fixed-length models" on its model: windows of ``max_length``
+    tokens every ``stride``, labels the window's tokens with those an earlier window scored set to -100, the loss the
+    model computes from them (shifted inside); each window's mean weighted by its number of valid targets after the
+    shift. (The guide's own count, valid labels - batch size, is that number for the first window only: a later
+    window's first label is already -100, so the shift drops no valid one.) Returns (nats, count)."""
+    ids = torch.tensor(ids)[None]  # (1, n)
     nats, count, prev_end = 0.0, 0, 0
-    for begin in range(0, len(ids) - 1, stride):
-        end = min(begin + T, len(ids) - 1)
-        labels = ids[begin + 1:end + 1].clone()  # the target of input position j is token begin + j + 1
-        labels[:prev_end - begin] = -100
+    for begin in range(0, ids.shape[1], stride):
+        end = min(begin + max_length, ids.shape[1])
+        inputs = ids[:, begin:end]
+        labels = inputs.clone()
+        labels[:, :-(end - prev_end)] = -100  # the targets up to prev_end were scored by an earlier window
         with torch.no_grad():
-            logits = model(ids[begin:end][None]).logits[0]
-        n = int((labels != -100).sum())
-        nats += F.cross_entropy(logits, labels, ignore_index=-100).item() * n
+            loss = model(inputs, labels=labels).loss
+        n = int((labels[:, 1:] != -100).sum())
+        nats += loss.item() * n
         count += n
         prev_end = end
-        if end == len(ids) - 1:
+        if end == ids.shape[1]:
             break
     return nats, count
 
@@ -142,8 +166,8 @@ def test_windows_score_every_token_but_the_first_once(n, ctx, stride):
 # ----------------------------------------------------------------------------- the loss
 
 @pytest.mark.parametrize("stride", [T, 12])
-def test_text_loss_matches_transformers(hf_model, tmp_path, capsys, stride):
-    model, folder = hf_model
+def test_text_loss_matches_transformers(hf_model, guide_model, tmp_path, capsys, stride):
+    _, folder = hf_model
     src = tmp_path / "story.txt"
     src.write_text(TEXT)
     ids = encode(TEXT)
@@ -153,17 +177,17 @@ def test_text_loss_matches_transformers(hf_model, tmp_path, capsys, stride):
                               "--batch-size", "3", "--json", str(out)], capsys)
     assert rc == 0
     res = json.loads(out.read_text())
-    nats, count = hf_windowed_nll(model, ids, stride)
+    nats, count = guide_nll(guide_model, ids, stride)
     assert res["tokens"] == count == len(ids) - 1
-    assert close(res["loss"], nats / count), (res["loss"], nats / count)
+    assert close(res["loss"], nats / count, rel=1e-5), (res["loss"], nats / count)
     assert close(res["perplexity"], math.exp(nats / count))
     assert close(res["bits_per_byte"], nats / math.log(2) / len(TEXT.encode("utf-8")))
     assert f"{res['loss']:.4f}" in stdout
 
 
 @pytest.mark.parametrize("stride", [T, 10])
-def test_shard_loss_matches_transformers_each_file_alone(hf_model, tmp_path, capsys, stride):
-    model, folder = hf_model
+def test_shard_loss_matches_transformers_each_file_alone(hf_model, guide_model, tmp_path, capsys, stride):
+    _, folder = hf_model
     rng = np.random.default_rng(0)
     shards = {"a_val_000000.bin": rng.integers(0, 50257, 90), "b_train_000001.bin": rng.integers(0, 50257, 41)}
     for name, toks in shards.items():
@@ -173,11 +197,28 @@ def test_shard_loss_matches_transformers_each_file_alone(hf_model, tmp_path, cap
                          "--backend", "torch", "--json", str(out)], capsys)
     assert rc == 0
     res = json.loads(out.read_text())
-    ref = [hf_windowed_nll(model, toks.tolist(), stride) for toks in shards.values()]
+    ref = [guide_nll(guide_model, toks.tolist(), stride) for toks in shards.values()]
     nats, count = sum(r[0] for r in ref), sum(r[1] for r in ref)
     assert res["tokens"] == count == 89 + 40
-    assert close(res["loss"], nats / count), (res["loss"], nats / count)
+    assert close(res["loss"], nats / count, rel=1e-5), (res["loss"], nats / count)
     assert res["bits_per_byte"] is None
+
+
+@pytest.mark.parametrize("stride", [T, T // 2, 12, 5])
+def test_strided_loss_is_the_guides_rule_to_1e5(hf_model, guide_model, stride):
+    """600 random tokens, strides from disjoint windows to 5: the loss and token count of ``lm_loss`` in float32
+    are the guide's to 1e-5 relative. (With the guide's loop at max_length = T instead, each window holds one target
+    less and every window after the first is weighted by one token less: 2.7e-3 apart at stride T, 1.6e-3 at T / 2,
+    on these tokens.)"""
+    from gpt2.evaluate import Stream, lm_loss
+    from gpt2.model import GPT
+
+    ids = np.random.default_rng(3).integers(0, 50257, 600)
+    ours = GPT.from_pretrained(str(hf_model[1]), backend="torch")
+    res = lm_loss(ours, [Stream("random", ids, None)], stride, batch_size=5)
+    nats, count = guide_nll(guide_model, ids.tolist(), stride)
+    assert res["tokens"] == count == 599
+    assert close(res["loss"], nats / count, rel=1e-5), (res["loss"], nats / count, abs(res["loss"] / nats * count - 1))
 
 
 def test_checkpoint_gives_the_pretrained_loss(hf_model, tmp_path, capsys):
