@@ -14,8 +14,12 @@ where the matmuls set the pace on every backend. These two rows isolate what a b
   the extension's row works on its own buffer, which after the first call holds the previous
   gradient instead of logits: the same work, and every value stays finite.
 
+The ``native`` rows are PyTorch's fused built-ins for the same pieces: ``F.gelu(h + b, approximate="tanh")`` under
+autograd, and the ``native`` backend's row kernel (``log_softmax`` and ``nll_loss``, the gradient from the
+log-probabilities, written over the logits as the extension's is).
+
 Shapes: the ``mlp`` and ``linear_cross_entropy`` shapes of the grid (bench/shapes.py). Only the
-``torch`` reference and the ``ext`` extension run here: the Triton backend fuses these pieces into
+``torch`` reference, the ``ext`` extension and ``native`` run here: the Triton backend fuses these pieces into
 its matmul kernels, so it has no separate piece to time. Memory-bound: read GB/s against the copy
 ceiling.
 """
@@ -31,7 +35,7 @@ from bench import cases
 from bench.common import DTYPE_ALIASES, DTYPES, bench_device, device_name, record_rates, synchronize
 from bench.shapes import GRIDS, grid_name
 
-IMPLS = ("torch", "ext")
+IMPLS = ("torch", "ext", "native")
 PIECES = {"bias_gelu": "mlp", "cross_entropy": "linear_cross_entropy"}  # piece -> op whose shapes it takes
 
 
@@ -86,6 +90,9 @@ def _bias_gelu(shape, dtype, device, impl, gen):
     if impl == "torch":
         def call():
             return torch.autograd.grad(ref.gelu_tanh(h + b), (h, b), dact)
+    elif impl == "native":
+        def call():
+            return torch.autograd.grad(torch.nn.functional.gelu(h + b, approximate="tanh"), (h, b), dact)
     else:
         ops = _extension(device)
 
@@ -108,11 +115,15 @@ def _cross_entropy(shape, dtype, device, impl, gen):
         def call():
             return torch.autograd.grad(ref.cross_entropy(logits, t, -1), logits)
     else:
-        ops = _extension(device)
+        from gpt2_kernels import native
+
+        rows = native._cross_entropy_rows_ if impl == "native" else _extension(device).cross_entropy_fwd_bwd_
         inv = (1.0 / (t != -1).sum().clamp(min=1).float()).reshape(1)
 
         def call():
-            return ops.cross_entropy_fwd_bwd_(logits, t, inv, -1).sum() * inv[0]
+            if impl == "native":
+                return rows(logits, t, vocab, -1, inv).sum() * inv[0]
+            return rows(logits, t, inv, -1).sum() * inv[0]
     nbytes = 2 * n * vocab * logits.element_size()
     return call, nbytes
 

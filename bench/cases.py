@@ -13,7 +13,7 @@ from bench.common import ALL_IMPL_NAMES, DTYPE_ALIASES, DTYPES, IMPL_NAMES, MODE
 from bench.shapes import select_shapes
 
 # The registry backends a whole model runs on, then transformers' model with the same weights (bench.common).
-MODEL_BACKENDS = ("torch", "triton", "ext") + MODEL_PEERS
+MODEL_BACKENDS = ("torch", "triton", "ext", "native") + MODEL_PEERS
 
 
 def parse_list(value: str | None) -> list[str] | None:

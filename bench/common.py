@@ -33,7 +33,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
 
 # The registry's backends, the reference under torch.compile, and the peers each op is measured against.
-REGISTRY_IMPLS = ("torch", "torch-compile", "triton", "ext")
+REGISTRY_IMPLS = ("torch", "torch-compile", "triton", "ext", "native")
 IMPL_NAMES = {
     "attention": REGISTRY_IMPLS + ("sdpa-math", "sdpa-efficient", "sdpa-flash", "sdpa-cudnn", "flash-attn"),
     "layer_norm": REGISTRY_IMPLS + ("F.layer_norm", "liger"),

@@ -1,4 +1,4 @@
-"""The ``gpt2`` command: ``info``, ``prepare``, ``train``, ``sample``, ``eval`` and ``plan``.
+"""The ``gpt2`` command: ``info``, ``prepare``, ``train``, ``sample``, ``eval``, ``plan`` and ``tune``.
 
 Errors a user can cause (a bad flag value, a missing file, a backend that cannot run) end the
 command with one line on stderr and a non-zero exit status, not a traceback (set ``GPT2_DEBUG=1``
@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "(exit 1 when nothing does)")
     plan.add_args(p)
     p.set_defaults(func=plan.run)
+
+    from gpt2 import tune
+
+    p = sub.add_parser("tune", help="time every op on every backend at a preset's shapes and show what "
+                       "--backend auto picks (stored for later runs)")
+    tune.add_args(p)
+    p.set_defaults(func=tune.run)
     return parser
 
 

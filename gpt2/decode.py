@@ -187,9 +187,9 @@ def stream(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1
         with torch.inference_mode():
             if i > 0:
                 if dec.filled + 1 > bs:
-                    # Slide as the eager path does: restart the cache on the last half-context.
+                    # Slide as the eager path does: recompute the last block_size tokens.
                     seq = torch.cat([idx] + new, dim=1)
-                    dec.prefill(seq[:, -(bs // 2 + 1):] if bs > 1 else seq[:, -1:], 0)
+                    dec.prefill(seq[:, -bs:], 0)
                 else:
                     dec.step()
         tok = dec.tok.clone()  # an ordinary tensor (an inference tensor is not usable everywhere), kept by the caller

@@ -644,9 +644,11 @@ class GPT(nn.Module):
             with torch.inference_mode():
                 if cache is not None:
                     if cache.pos + feed.shape[1] > bs:
-                        # Slide: restart the cache on the last half-context, so refills are amortised.
+                        # Past the context the window slides a token per step and every position embedding moves
+                        # with it: nothing cached still holds. Recompute the last block_size tokens, as without the
+                        # cache (a restart on a shorter window would give other tokens than use_cache=False).
                         cache.pos = 0
-                        feed = seq[:, -(bs // 2 + 1):] if bs > 1 else seq[:, -1:]
+                        feed = seq[:, -bs:]
                     x = self._decode_hidden(feed, cache, dw) if dw is not None else self._hidden(feed, cache)[0]
                 else:
                     x, _ = self._hidden(seq[:, -bs:], None)
@@ -685,7 +687,8 @@ class GPT(nn.Module):
             graph: replay the cached one-token step as a CUDA graph (``gpt2.decode``; the tokens equal the eager
                 path's). None: on a CUDA device when ``use_cache`` and no training dropout; eager elsewhere.
         Returns:
-            (B, T + max_new_tokens) token ids. Beyond ``block_size`` the context slides.
+            (B, T + max_new_tokens) token ids. Beyond ``block_size`` the context slides: each token is chosen from
+            the last ``block_size`` tokens, cached or not (past it a cached step recomputes them).
         """
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator,
                                         greedy, graph))

@@ -260,6 +260,8 @@ class Trainer:
         # the host already (load_data).
         self.raw_model.check_inputs = False
         self.raw_model.set_backend(opts.backend)  # resolved now: an unavailable backend fails before training
+        # Ops left to auto are timed now on this run's step (every rank takes rank 0's choice), before compile traces.
+        self.raw_model.choose_backends(opts.batch_size, self.T, rt.dtype, mode="train")
         if ckpt is not None:
             self.load_weights(ckpt)
         elif self.source is not None:
@@ -631,4 +633,4 @@ class Trainer:
             return None
         model = GPT(self.config).to(self.rt.device)
         model.load_state_dict(state)
-        return model.set_backend(self.opts.backend)
+        return model.set_backend(str(self.raw_model.ops))  # the trained model's backends, op by op: nothing to time

@@ -12,9 +12,12 @@ Every backend implements the same five functions with the same signatures as ``g
 
 A backend *spec* is a string: a default backend optionally followed by per-op overrides, e.g.
 ``"triton"``, ``"triton,attention=torch"``, ``"auto"`` or ``"auto,mlp=ext"``. The backends: ``torch``
-(``gpt2_kernels.ref``), ``triton`` (the Triton kernels) and ``ext`` (the C++ extension: CPU kernels, and CUDA kernels
-when built with a CUDA toolkit; ``cuda`` is accepted as its old name). ``auto`` picks the
-best backend available for the device, per op, and says once what it picked.
+(``gpt2_kernels.ref``, the oracle), ``triton`` (the Triton kernels), ``ext`` (the C++ extension: CPU kernels, and CUDA
+kernels when built with a CUDA toolkit; ``cuda`` is accepted as its old name) and ``native`` (PyTorch's fastest
+built-ins, ``gpt2_kernels.native``). ``auto`` picks per op, and says once what it picked: given the shapes a model
+runs (a ``gpt2_kernels.auto.Case``), by timing every usable backend on them on this device (``gpt2_kernels.auto``);
+without shapes, under torch.compile's tracing, or with ``GPT2_KERNELS_AUTO=fixed``, by the fixed order
+``_AUTO_ORDER``. An explicit backend, default or per op, is never replaced.
 
 Imports are lazy: nothing here imports Triton or the C++ extension until a backend that needs
 it is asked for, so ``build_ops("torch")`` works on a machine without either.
@@ -31,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 OPS = ("layer_norm", "add_layer_norm", "attention", "mlp", "linear_cross_entropy")
-BACKENDS = ("torch", "triton", "ext")
+BACKENDS = ("torch", "triton", "ext", "native")
 # Older names still accepted in a spec. The extension serves CPU tensors too, so "cuda" was not true on a CPU.
 ALIASES = {"cuda": "ext"}
 
@@ -57,10 +60,16 @@ _TABLE: dict[tuple[str, str], str] = {
     ("attention", "ext"): ".ext:attention",
     ("mlp", "ext"): ".ext:mlp",
     ("linear_cross_entropy", "ext"): ".ext:linear_cross_entropy",
+    ("layer_norm", "native"): ".native:layer_norm",
+    ("add_layer_norm", "native"): ".native:add_layer_norm",
+    ("attention", "native"): ".native:attention",
+    ("mlp", "native"): ".native:mlp",
+    ("linear_cross_entropy", "native"): ".native:linear_cross_entropy",
 }
 
-# Preference order of ``auto`` per device type. On the CPU, Triton only runs under its (slow)
-# interpreter, so ``auto`` never picks it there.
+# The fixed order of ``auto`` per device type (GPT2_KERNELS_AUTO=fixed, or no shapes to time yet): the order before
+# ``auto`` measured, kept as it was so that fixed runs stay reproducible. On the CPU, Triton only runs under its
+# (slow) interpreter, so ``auto`` never picks it there.
 _AUTO_ORDER = {"cuda": ("triton", "ext", "torch"), "cpu": ("ext", "torch")}
 
 
@@ -93,7 +102,7 @@ def unavailable_reason(backend: str, device="cpu") -> str | None:
     if backend not in BACKENDS:
         raise SpecError(f"unknown backend {backend!r}; backends are {', '.join(BACKENDS)}")
     dev = _device_type(device)
-    if backend == "torch":
+    if backend in ("torch", "native"):
         return None
     if backend == "triton":
         if importlib.util.find_spec("triton") is None:
@@ -172,37 +181,68 @@ def _load(op: str, backend: str) -> Callable:
     return getattr(importlib.import_module(module, __package__), fn)
 
 
-def resolve(spec: str = "auto", device="cpu") -> dict[str, str]:
+def fixed_auto(device="cpu") -> str:
+    """The backend the fixed order gives ``auto`` on ``device``: the first of ``_AUTO_ORDER`` that can run there."""
+    dev = _device_type(device)
+    for cand in _AUTO_ORDER.get(dev, ("torch",)):
+        if unavailable_reason(cand, dev) is None:
+            return cand
+    return "torch"
+
+
+def measures(spec: str) -> bool:
+    """Whether ``resolve(spec, device, case)`` would time backends: some op is left to ``auto`` and
+    ``GPT2_KERNELS_AUTO`` is not ``fixed``."""
+    from . import auto
+
+    default, overrides = parse_spec(spec)
+    return "auto" in {overrides.get(op, default) for op in OPS} and auto.mode() == "measure"
+
+
+def resolve(spec: str = "auto", device="cpu", case=None, quiet: bool = False) -> dict[str, str]:
     """Map each op to the concrete backend ``spec`` chooses on ``device``, checking availability.
 
+    Args:
+        spec: a backend spec (module docstring).
+        device: where the ops will run.
+        case: the shapes the ops will run on (``gpt2_kernels.auto.Case``); with one, the ops left to ``auto`` are
+            chosen by measurement (``gpt2_kernels.auto.choose``), unless ``GPT2_KERNELS_AUTO=fixed`` or
+            torch.compile is tracing. Without, by the fixed order.
+        quiet: do not announce a fixed-order choice (a provisional one, to be measured once the shapes are known).
     Raises:
         SpecError: the spec is malformed or names something unknown.
         BackendError: an explicitly requested backend cannot run here; the message says why and
             what can.
     """
+    import torch
+
+    from . import auto
+
     default, overrides = parse_spec(spec)
     dev = _device_type(device)
     chosen: dict[str, str] = {}
-    auto_picks = []
     for op in OPS:
         want = overrides.get(op, default)
         if want == "auto":
-            for cand in _AUTO_ORDER.get(dev, ("torch",)):
-                if unavailable_reason(cand, dev) is None:
-                    chosen[op] = cand
-                    break
-            auto_picks.append(f"{op}={chosen[op]}")
-        else:
-            why = unavailable_reason(want, dev)
-            if why is not None:
-                usable = [b for b in BACKENDS if unavailable_reason(b, dev) is None]
-                raise BackendError(
-                    f"backend {want!r} for op {op!r} cannot run on {dev}: {why}. Available here: {', '.join(usable)}"
-                )
-            chosen[op] = want
-    if auto_picks:
-        _announce(f"gpt2_kernels: backend 'auto' on {dev} chose " + ", ".join(auto_picks))
-    return chosen
+            continue
+        why = unavailable_reason(want, dev)
+        if why is not None:
+            usable = [b for b in BACKENDS if unavailable_reason(b, dev) is None]
+            raise BackendError(
+                f"backend {want!r} for op {op!r} cannot run on {dev}: {why}. Available here: {', '.join(usable)}"
+            )
+        chosen[op] = want
+    left = [op for op in OPS if op not in chosen]
+    if left and case is not None and auto.mode() == "measure" and not torch.compiler.is_compiling():
+        chosen.update(auto.choose(left, case, device))
+    elif left:
+        pick = fixed_auto(dev)
+        chosen.update({op: pick for op in left})
+        if not quiet:
+            why = "GPT2_KERNELS_AUTO=fixed" if auto.mode() == "fixed" else "fixed order, no shapes timed"
+            _announce(f"gpt2_kernels: backend 'auto' on {dev} chose " + ", ".join(f"{op}={pick}" for op in left)
+                      + f" ({why})")
+    return {op: chosen[op] for op in OPS}
 
 
 @dataclass(frozen=True)
@@ -220,7 +260,7 @@ class Ops:
         return ",".join(f"{op}={b}" for op, b in self.backends.items())
 
 
-def build_ops(spec: str = "auto", device="cpu") -> Ops:
+def build_ops(spec: str = "auto", device="cpu", case=None, quiet: bool = False) -> Ops:
     """Return the op functions ``spec`` selects on ``device`` (see ``resolve``)."""
-    chosen = resolve(spec, device)
+    chosen = resolve(spec, device, case, quiet)
     return Ops(**{op: _load(op, b) for op, b in chosen.items()}, backends=chosen)

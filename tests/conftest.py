@@ -9,7 +9,10 @@ under the interpreter on a CPU that is torch, triton and cuda, the last when the
 (fp32 references without TF32), ``one_thread`` and ``session_launches``.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -18,6 +21,12 @@ import gpt2_kernels.registry
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# ``auto`` takes the registry's fixed order in the tests (reproducible: tests compare backends), and whatever a test
+# stores goes to a folder of this session, never the user's cache (tests/test_auto.py switches timing on, each test
+# in its own folder). Subprocesses (torchrun, gpt2 ...) inherit both.
+os.environ["GPT2_KERNELS_AUTO"] = "fixed"
+os.environ["GPT2_KERNELS_CACHE_DIR"] = tempfile.mkdtemp(prefix="gpt2_kernels_test_cache_")
+atexit.register(shutil.rmtree, os.environ["GPT2_KERNELS_CACHE_DIR"], ignore_errors=True)
 
 # The device the op tests run on: the GPU when there is one, else the CPU (Triton under its interpreter).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

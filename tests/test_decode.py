@@ -74,11 +74,60 @@ def test_generate_cached_equals_recompute_batch_sliding_and_sampling(backend):
     cached = m.generate(prompt, 58, greedy=True)  # the whole context of 64
     assert torch.equal(cached, m.generate(prompt, 58, greedy=True, use_cache=False))
     assert torch.equal(cached[1:2], m.generate(prompt[1:2], 58, greedy=True))  # a row alone decodes as in a batch
-    slid = m.generate(prompt, 70, greedy=True)  # past the context the cache restarts on its last half
+    slid = m.generate(prompt, 70, greedy=True)  # past the context each step recomputes the last block_size tokens
     assert slid.shape == (3, 76) and torch.equal(slid[:, :64], cached)
     for kw in ({"top_k": 50}, {"top_p": 0.9}, {"top_k": 20, "top_p": 0.8, "temperature": 0.7}):
         a = m.generate(prompt, 20, generator=torch.Generator().manual_seed(3), **kw)
         b = m.generate(prompt, 20, generator=torch.Generator().manual_seed(3), use_cache=False, **kw)
+        assert torch.equal(a, b), kw
+
+
+def _generate_recording_logits(model: GPT, prompt: torch.Tensor, n: int, monkeypatch, **kw):
+    """(tokens (B, T + n), the logits (B, n, V) each token was chosen from) of ``model.generate``."""
+    import gpt2.sampling
+
+    seen, choose = [], gpt2.sampling.choose_next
+
+    def recording(logits, *args, **kwargs):
+        seen.append(logits)
+        return choose(logits, *args, **kwargs)
+
+    monkeypatch.setattr(gpt2.sampling, "choose_next", recording)
+    out = model.generate(prompt, n, **kw)
+    monkeypatch.setattr(gpt2.sampling, "choose_next", choose)
+    return out, torch.stack(seen, dim=1)
+
+
+def _forward_logits(model: GPT, seq: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """The logits (B, n, V) the model's own forward gives each new token of ``seq`` from the block_size tokens before
+    it (the crop to the last block_size tokens, written here once, without the cache)."""
+    bs = model.config.block_size
+    with torch.no_grad():
+        return torch.stack([model(seq[:, max(0, t - bs):t])[0][:, -1] for t in range(prompt_len, seq.shape[1])], 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("prompt_len", [5, 63, 64])
+def test_cached_decoding_equals_recomputing_through_block_size_and_beyond(backend, prompt_len, monkeypatch):
+    """Greedy decoding with the cache, without it, and the forward on the last block_size tokens: the same tokens and
+    close logits at every step, through the step that fills the context (block_size 64) and 30 steps past it."""
+    m = tiny(backend)
+    with torch.no_grad():  # larger weights than init: clear margins between the likeliest tokens
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    prompt = torch.randint(0, 512, (2, prompt_len), generator=torch.Generator().manual_seed(6))
+    n = 64 + 30 - prompt_len
+    cached, cached_logits = _generate_recording_logits(m, prompt, n, monkeypatch, greedy=True)
+    full, full_logits = _generate_recording_logits(m, prompt, n, monkeypatch, greedy=True, use_cache=False)
+    want = _forward_logits(m, cached, prompt_len)
+    assert torch.equal(cached[:, prompt_len:], want.argmax(-1)), "cached tokens differ from the forward's argmax"
+    assert torch.equal(cached, full)
+    torch.testing.assert_close(cached_logits, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(full_logits, want, atol=1e-4, rtol=1e-4)
+    for kw in ({"top_k": 20, "temperature": 0.8}, {"top_p": 0.9}):  # sampled: the same draws from the same logits
+        a = m.generate(prompt, n, generator=torch.Generator().manual_seed(7), **kw)
+        b = m.generate(prompt, n, generator=torch.Generator().manual_seed(7), use_cache=False, **kw)
         assert torch.equal(a, b), kw
 
 

@@ -244,7 +244,7 @@ def _column_major(t):
     return t
 
 
-BACKENDS = ["torch", "triton", "ext"]
+BACKENDS = ["torch", "triton", "ext", "native"]
 ADD_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
               pytest.param(torch.bfloat16, id="bf16", marks=needs_gpu)]
 ADD_SHAPES = [(1, 768), (17, 768), (17, 1), (1, 1), (3, 17, 97)]  # 1 row, 17 rows, C = 1, GPT-2's 768

@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from gpt2_kernels import chunked_loss, ext, ref
+from gpt2_kernels import chunked_loss, ext, native, ref
 from gpt2_kernels import linear_cross_entropy as lce
 from gpt2_kernels.chunked_loss import ChunkPlan, chunk_plan, chunk_rows, padded_vocab
 from gpt2_kernels.linear_cross_entropy import (
@@ -42,9 +42,11 @@ _EXT_GPU = DEVICE == "cuda" and _EXT_WHY is None and ext.has_cuda_kernels()
 BACKENDS = {
     "triton": (linear_cross_entropy, cross_entropy_rows_, DEVICE),
     "ext": (ext.linear_cross_entropy, ext._cross_entropy_rows_, "cuda" if _EXT_GPU else "cpu"),
+    "native": (native.linear_cross_entropy, native._cross_entropy_rows_, DEVICE),
 }
 backend_names = pytest.mark.parametrize("backend", [
     "triton", pytest.param("ext", marks=pytest.mark.skipif(_EXT_WHY is not None, reason=f"extension: {_EXT_WHY}")),
+    "native",
 ])
 
 

@@ -50,7 +50,7 @@ def _trajectory(model, idx, tgt, steps=5):
     return losses
 
 
-@pytest.mark.parametrize("backend", ["triton", "ext"])
+@pytest.mark.parametrize("backend", ["triton", "ext", "native"])
 def test_backend_matches_torch(base, backend):
     why = unavailable_reason(backend, _device())
     if why is not None:

@@ -120,7 +120,7 @@ def test_explicit_unavailable_backend_says_why_and_what_is_available():
     # Triton on a CPU tensor needs the interpreter; with it switched off the request must fail loudly.
     code = (
         "import os; os.environ['TRITON_INTERPRET']='0'\n"
-        "import gpt2_kernels\n"
+        "import gpt2_kernels.registry\n"
         "try:\n    gpt2_kernels.registry.build_ops('triton', 'cpu')\nexcept gpt2_kernels.registry.BackendError as e:\n    print('ERR', e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
