@@ -358,6 +358,13 @@ def _call(fn, *args):
     return fn(*args)
 
 
+def _real(t: torch.Tensor) -> bool:
+    """Not a fake or meta tensor (``gpt2 plan`` traces the model on FakeTensors: nothing there may be timed)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type != "meta" and not is_fake(t)
+
+
 def _checkpoint(fn, *args):
     """``fn(*args)`` whose activations are recomputed in the backward instead of stored.
 
@@ -407,6 +414,7 @@ class GPT(nn.Module):
         self.backend_spec = backend
         self.ops = None
         self._ops_device = None
+        self._auto_pending = gpt2_kernels.registry.measures(backend)  # ops left to auto, not timed yet
         self.set_recompute(recompute)
 
     @staticmethod
@@ -421,11 +429,44 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ backends
 
     def set_backend(self, spec: str) -> GPT:
-        """Swap the kernel backend (parameters untouched). Returns self."""
-        device = self.transformer.wte.weight.device
-        self.ops = gpt2_kernels.registry.build_ops(spec, device)
-        self.backend_spec, self._ops_device = spec, device.type
+        """Swap the kernel backend (parameters untouched). Returns self.
+
+        Explicit backends are checked now. Ops left to ``auto`` run the registry's fixed order until they are timed:
+        on the shapes of the first eager forward, or of ``choose_backends`` (which a model to be compiled must call
+        first: nothing is timed, nor said, while torch.compile traces).
+        """
+        self._build_ops(self.transformer.wte.weight.device, spec)
         return self
+
+    def _build_ops(self, device: torch.device, spec: str, case=None) -> None:
+        self._auto_pending = case is None and gpt2_kernels.registry.measures(spec)
+        self.ops = gpt2_kernels.registry.build_ops(spec, device, case, quiet=self._auto_pending)
+        self.backend_spec, self._ops_device = spec, device.type
+
+    def choose_backends(self, batch_size: int, seq_len: int, dtype: torch.dtype | None = None, mode: str = "train",
+                        context: int | None = None) -> dict[str, str]:
+        """Time the ops the backend spec leaves to ``auto`` on these shapes (``gpt2_kernels.auto``), take the fastest
+        of each, and use them from now on; under torch.distributed, rank 0's choice. Explicit backends stay.
+
+        Args:
+            batch_size, seq_len: B and T of each forward (T new tokens per step when decoding).
+            dtype: what the matmul-like ops compute in: autocast's dtype (default: autocast's when it is on now,
+                else the weights').
+            mode: ``train`` (forward + backward timed), ``eval`` or ``decode`` (forward).
+            context: when decoding, the keys attention sees (default ``block_size``).
+        Returns:
+            ``{op: backend}``.
+        """
+        from gpt2_kernels.auto import Case
+
+        device = self.transformer.wte.weight.device
+        wdtype = self.transformer.wte.weight.dtype
+        dtype = dtype or (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else wdtype)
+        cfg = self.config
+        case = Case(batch_size, seq_len, cfg.n_embd, cfg.n_head, cfg.vocab_size, dtype, wdtype, mode,
+                    context or cfg.block_size if mode == "decode" else None, cfg.dropout)
+        self._build_ops(device, self.backend_spec, case)
+        return dict(self.ops.backends)
 
     def set_recompute(self, mode: str) -> GPT:
         """Choose which activations each block recomputes in the backward instead of storing: ``"none"``,
@@ -441,11 +482,15 @@ class GPT(nn.Module):
         self.recompute = mode
         return self
 
-    def _ops_for(self, device: torch.device):
-        # The spec is resolved per device type (``auto`` differs on CPU and GPU): re-resolve after .to().
+    def _ops_for(self, device: torch.device, idx: torch.Tensor | None = None, kv_cache: KVCache | None = None):
+        # The spec is resolved per device type (``auto`` differs on CPU and GPU): re-resolve after .to(). Ops left
+        # to a measured ``auto`` are timed once, on the first eager call's shapes (never while compiling).
         if self.ops is None or device.type != self._ops_device:
-            self.ops = gpt2_kernels.registry.build_ops(self.backend_spec, device)
-            self._ops_device = device.type
+            self._build_ops(device, self.backend_spec)
+        if self._auto_pending and idx is not None and not torch.compiler.is_compiling() and _real(idx):
+            mode = "decode" if kv_cache is not None else "train" if self.training and torch.is_grad_enabled() else "eval"
+            self.choose_backends(idx.shape[0], 1 if kv_cache is not None else idx.shape[1], mode=mode,
+                                 context=None if kv_cache is None else kv_cache.capacity)
         return self.ops
 
     # ------------------------------------------------------------------ forward
@@ -512,7 +557,7 @@ class GPT(nn.Module):
         """The final layer-normed hidden states (B, T, C) of idx, and the ops that computed them."""
         start = kv_cache.pos if kv_cache is not None else 0
         self._check_idx(idx, start)
-        ops = self._ops_for(idx.device)
+        ops = self._ops_for(idx.device, idx, kv_cache)
         T = idx.shape[1]
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
@@ -589,7 +634,7 @@ class GPT(nn.Module):
         """
         start = cache.pos
         self._check_idx(idx, start)
-        ops = self._ops_for(idx.device)
+        ops = self._ops_for(idx.device, idx, cache)
         B, T = idx.shape
         C, nh = self.config.n_embd, self.config.n_head
         x = self.transformer.wte(idx) + self.transformer.wpe.weight[start:start + T]  # (B, T, C)
