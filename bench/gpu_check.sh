@@ -1,24 +1,31 @@
 #!/usr/bin/env bash
-# One-call GPU check: build the extension, run the GPU tests, the static kernel report and the whole
-# benchmark suite, then the Markdown tables and plots; everything lands in OUTDIR, and a short
-# summary table is printed last.
+# One-call GPU check: the headline run first (bench/gpu_headline.sh), then build the extension, run the GPU tests,
+# the static kernel report and the whole benchmark suite, then the Markdown tables and plots; everything lands in
+# OUTDIR, and a short summary table is printed last.
 #
 #   bench/gpu_check.sh OUTDIR
+#
+# The headline (OUTDIR/headline/headline.md and .json) takes GPU_CHECK_HEADLINE_BUDGET seconds (default 330) out of
+# the budget; the later steps share what is left, each step's reserve scaled to it. The headline and the GPU tests
+# in one call of at most 8 minutes:
+#   GPU_CHECK_BUDGET=470 GPU_CHECK_SKIP="build hazards_triton hazards_backends kernel_report tests_rest bench" \
+#       bench/gpu_check.sh OUTDIR
+# The whole check without the headline, as before: GPU_CHECK_SKIP=headline.
 #
 # Needs nothing from the network (pip runs with --no-index; Hugging Face is set offline). Aims to
 # finish within GPU_CHECK_BUDGET seconds (default 560, for a 10-minute slot): each step gets a
 # slice of what is left and is killed past it; a failed or killed step is logged and the next runs.
-# Files in OUTDIR: env.log, build.log, hazards_triton.log, hazards_backends.log (+ hazards/*.json: the
-# hazards script, bench/hazards.py), tests_gpu.log, kernel_report.log, report.json, bench.log, bench.json,
-# bench_report.md (+ PNGs), tests_rest.log, summary.md, and gpu_check.tar.gz holding them all (for callers
-# that can copy back only a few files).
+# Files in OUTDIR: headline.log + headline/ (headline.md, headline.json, headline.log), env.log, build.log,
+# hazards_triton.log, hazards_backends.log (+ hazards/*.json: the hazards script, bench/hazards.py), tests_gpu.log,
+# kernel_report.log, report.json, bench.log, bench.json, bench_report.md (+ PNGs), tests_rest.log, summary.md, and
+# gpu_check.tar.gz holding them all (for callers that can copy back only a few files).
 #
-# Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds), GPU_CHECK_SKIP (space-separated
-# step names to skip, e.g. "build tests_rest"), GPU_CHECK_BENCH_ARGS (extra pytest options for the
-# benchmarks, e.g. "--full" or "--bench-backends torch,triton"), GPU_CHECK_REPORT_ARGS (extra options
-# for python -m gpt2_kernels.report, e.g. "--arch sm_90"), GPU_CHECK_TEST_ARGS (extra pytest options for both
-# test steps, e.g. "-n 8" with pytest-xdist), TORCH_CUDA_ARCH_LIST (default: this GPU's architecture alone,
-# for a short build).
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds), GPU_CHECK_HEADLINE_BUDGET (seconds of the
+# headline, out of GPU_CHECK_BUDGET), GPU_CHECK_SKIP (space-separated step names to skip, e.g. "build tests_rest"),
+# GPU_CHECK_BENCH_ARGS (extra pytest options for the benchmarks, e.g. "--full" or "--bench-backends torch,triton"),
+# GPU_CHECK_REPORT_ARGS (extra options for python -m gpt2_kernels.report, e.g. "--arch sm_90"), GPU_CHECK_TEST_ARGS
+# (extra pytest options for both test steps, e.g. "-n 8" with pytest-xdist), TORCH_CUDA_ARCH_LIST (default: this
+# GPU's architecture alone, for a short build).
 set -u
 
 if [ $# -ne 1 ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
@@ -80,9 +87,9 @@ run_step() {
     return 0
 }
 
-slice() {  # slice MAX RESERVE: min(MAX, time left - RESERVE)
+slice() {  # slice MAX RESERVE: min(MAX, time left - RESERVE), RESERVE scaled to the budget left after the headline
     local l; l=$(left)
-    l=$(( l - $2 ))
+    l=$(( l - $2 * REST_BUDGET / 560 ))
     [ "$l" -gt "$1" ] && l=$1
     echo $l
 }
@@ -99,6 +106,16 @@ torch.version.cuda, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_n
     nvcc --version 2>&1 | tail -n 1
 } > "$OUTDIR/env.log" 2>&1
 cat "$OUTDIR/env.log"
+
+# The headline run, first: the numbers a GPU session is lent for, before any other step can use up the slot.
+HEADLINE_BUDGET=${GPU_CHECK_HEADLINE_BUDGET:-330}
+[ "$HEADLINE_BUDGET" -gt $(( BUDGET - 60 )) ] && HEADLINE_BUDGET=$(( BUDGET - 60 ))
+REST_BUDGET=$BUDGET
+HEADLINE_LIMIT=$(( HEADLINE_BUDGET >= 60 ? HEADLINE_BUDGET + 40 : 0 ))
+run_step headline "$HEADLINE_LIMIT" env HEADLINE_BUDGET="$HEADLINE_BUDGET" PYTHON="$PY" \
+    bash "$REPO/bench/gpu_headline.sh" "$OUTDIR/headline"
+REST_BUDGET=$(left)
+[ "$REST_BUDGET" -lt 1 ] && REST_BUDGET=1
 
 # 1. Build the C++/CUDA extension (editable install; in place if pip cannot). Failure is logged, not fatal.
 build() {
@@ -156,6 +173,10 @@ fi
     if [ -s "$OUTDIR/bench_report.md" ]; then
         echo
         grep -A 12 -E "^## (train_step|generate)" "$OUTDIR/bench_report.md" | grep -E "^(##|\|)" | head -n 30
+    fi
+    if [ -s "$OUTDIR/headline/headline.md" ]; then
+        echo
+        cat "$OUTDIR/headline/headline.md"
     fi
 } > "$OUTDIR/summary.md"
 # The archive is written outside OUTDIR, then moved in: written inside, its own growth changes the

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 import torch
@@ -340,3 +341,95 @@ def test_report_train_step_rows_compare_with_transformers(tmp_path):
     assert "| 3.00x | 1.50x | 0.2 | 100.0% |" in row, row
     assert "| 0.75x |" in next(line for line in md.splitlines() if line.startswith("| nanogpt-like "))
     assert "matmul fp32: 0.1 TFLOP/s (median of 9" in md and "matmul bf16: 0.2 TFLOP/s (median of 9" in md
+
+
+# ------------------------------------------------------------------------------------- the headline run (issue 21)
+
+TINY_HEADLINE = ["--device", "cpu", "--preset", "tiny", "--batch", "2", "--seq", "32", "--steps", "2",
+                 "--op-shape", "124M-B1-T16", "--ops", "layer_norm", "--reps", "2", "--decode-preset", "tiny",
+                 "--prompt", "6", "--new-tokens", "5"]
+
+
+def test_headline_writes_its_json_and_tables_and_a_failing_row_records_its_error(tmp_path, monkeypatch):
+    """A tiny preset through every section: the rows that run have their numbers (MFU against the measured matmul
+    rate), the rows that cannot run on a CPU record why (Triton, the CUDA graph) and the rest runs on."""
+    from bench import common, headline
+
+    monkeypatch.setattr(common, "_times", lambda fn, device, reps: [4.0, 1.0, 2.0, 8.0, 3.0, 9.0, 5.0, 7.0, 6.0])
+    rows = "train:auto,train:triton,train:nanogpt-like,ops:triton,ops:native,decode:eager,decode:static,decode:graph"
+    assert headline.main(["--out", str(tmp_path), *TINY_HEADLINE, "--rows", rows, "--budget", "300"]) == 0
+    result = json.loads((tmp_path / "headline.json").read_text())
+    by = {(r["section"], r.get("op"), r["name"]): r for r in result["rows"]}
+    mm = result["matmul"]["tflops"]
+    assert mm == pytest.approx(2 * 2048**3 / 5.0 / 1e12)  # the median of the nine fake times
+    for name in ("auto", "nanogpt-like"):
+        r = by[("train", None, name)]
+        assert r["tokens_per_s"] == pytest.approx(2 * 32 / (r["ms_per_step"] / 1e3))
+        assert r["mfu_vs_measured"] == pytest.approx(r["tflops"] / mm) and r["peak_mem_mib"] > 0
+    assert "triton runs on the CPU only" in by[("train", None, "triton")]["error"]
+    assert "triton runs on the CPU only" in by[("ops", "layer_norm", "triton")]["error"]
+    native = by[("ops", "layer_norm", "native")]
+    assert "skipped" in native or native["host_ms"] > 0 and native["bound"] in ("host", "device")
+    assert "graph=True needs use_cache, a model on a CUDA device" in by[("decode", None, "graph")]["error"]
+    assert by[("decode", None, "static")]["same_tokens_as_eager"] is True
+    assert by[("decode", None, "eager")]["tokens_per_s"] > 0
+    assert set(result["goals"]) == set(headline.GOALS)
+    assert result["goals"]["decode_graph_tokens_per_s"]["value"] is None  # the graph row did not run
+    md = (tmp_path / "headline.md").read_text()
+    for header in ("| row | ms/step | tokens/s | MFU (measured matmul) | peak MiB | vs nanogpt-like compiled | note |",
+                   "| op | impl | host ms | device ms | bound | vs torch-compile | note |",
+                   "| row | tokens/s | ms/call | vs transformers | same tokens as eager | note |",
+                   "| goal | measured | target | met |"):
+        assert header in md, md
+    auto = next(line for line in md.splitlines() if line.startswith("| auto |"))
+    assert f"{100 * by[('train', None, 'auto')]['mfu_vs_measured']:.1f}%" in auto, auto
+
+
+def test_headline_rows_stop_at_their_sections_cap(monkeypatch):
+    """A row still running at its section's end is stopped by the alarm and says so; once the time is up the rows
+    after it are skipped with that reason; an unknown row name is a usage error."""
+    from bench import headline
+
+    cpu = torch.device("cpu")
+    slow = headline._run_row("train", "slow", time.monotonic() + 2.5, cpu, lambda: time.sleep(6) or {"ms": 1.0})
+    assert slow["error"].startswith("RowTimeout: stopped after") and slow["seconds"] < 5, slow
+    late = headline._run_row("train", "late", time.monotonic() + 1.0, cpu, lambda: {"ms": 1.0})
+    assert late["skipped"] == "the section's time cap was reached" and "ms" not in late
+    with pytest.raises(SystemExit, match="unknown row 'train:warp'"):
+        headline._wanted(["train:warp"])
+    assert headline._wanted(["decode", "train:auto"]) == {"train": ("auto",), "ops": (), "decode": headline.DECODE_ROWS}
+
+
+def test_gpu_headline_script_runs_the_headline_and_prints_its_table(tmp_path):
+    script = os.path.join(HERE, "gpu_headline.sh")
+    assert subprocess.run(["bash", "-n", script], check=False).returncode == 0
+    res = subprocess.run(["bash", script], check=False, capture_output=True, text=True)
+    assert res.returncode == 2 and "usage" in res.stderr
+    out = tmp_path / "hl"
+    env = dict(os.environ, PYTHON=sys.executable, HEADLINE_BUDGET="120")
+    res = subprocess.run(["bash", script, str(out), *TINY_HEADLINE, "--rows", "train:auto,decode:eager",
+                          "--matmul", "skip"], check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:] + (out / "headline.log").read_text()[-2000:]
+    assert "## Train step tiny 2 x 32" in res.stdout and "| eager |" in res.stdout
+    result = json.loads((out / "headline.json").read_text())
+    assert result["budget_s"] == 120 and [r["name"] for r in result["rows"]] == ["auto", "eager"]
+    assert all("error" not in r for r in result["rows"]), result["rows"]
+
+
+def test_gpu_check_runs_the_headline_first(tmp_path):
+    """The headline is gpu_check's first step, with its own budget out of the whole; a stand-in python records it."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\necho \"fake python $*\" >> {tmp_path / 'calls.log'}\n")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(fake), GPU_CHECK_BUDGET="400", GPU_CHECK_HEADLINE_BUDGET="200",
+               GPU_CHECK_SKIP="hazards_triton hazards_backends kernel_report tests_gpu bench tests_rest")
+    res = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh"), str(out)], check=False, capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = (out / "summary.md").read_text()
+    assert "| headline | ok |" in summary and summary.index("| headline |") < summary.index("| build |"), summary
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    first = next(i for i, c in enumerate(calls) if "-m bench.headline" in c)
+    assert f"--out {out / 'headline'} --budget 200" in calls[first]
+    assert first < next(i for i, c in enumerate(calls) if "-m pip install" in c)

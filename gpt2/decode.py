@@ -24,6 +24,7 @@ On a CPU the step runs eagerly (``capture=False``): that is how the tests check 
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -171,6 +172,30 @@ class StaticDecoder:
         return graph
 
 
+# One captured decoder per model, reused while nothing it was built from changes: a capture (two eager steps, the
+# capture, the graph's instantiation) costs milliseconds, as much as several tokens of the 124M model. Weak: it
+# goes with the model.
+_CAPTURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _decoder(model, batch: int, capacity: int, options: tuple, generator, capture: bool) -> StaticDecoder:
+    """A ``StaticDecoder`` for these arguments: a new one, or when ``capture`` the model's last one if it was built
+    for the same shapes, sampling options, generator, autocast state, backend ops and parameter versions."""
+    if not capture:
+        return StaticDecoder(model, batch, capacity, *options, generator=generator, capture=False)
+    device = model.transformer.wte.weight.device
+    autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+    params = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    key = (batch, capacity, options, id(generator), autocast, model.backend_spec, id(model._ops_for(device)), params)
+    held = _CAPTURED.get(model)
+    if held is not None and held[0] == key and held[1].generator is generator:
+        return held[1]
+    _CAPTURED.pop(model, None)  # free the old graph and cache first
+    dec = StaticDecoder(model, batch, capacity, *options, generator=generator, capture=True)
+    _CAPTURED[model] = (key, dec)
+    return dec
+
+
 def stream(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, generator: torch.Generator | None = None, greedy: bool = False,
            capture: bool = False):
@@ -179,8 +204,8 @@ def stream(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1
     The context slides at ``block_size`` as ``GPT.generate_stream``'s does. The caller checks the arguments."""
     bs = model.config.block_size
     with torch.inference_mode():
-        dec = StaticDecoder(model, idx.shape[0], min(bs, idx.shape[1] + max_new_tokens), temperature, top_k, top_p,
-                            greedy, generator, capture)
+        dec = _decoder(model, idx.shape[0], min(bs, idx.shape[1] + max_new_tokens),
+                       (temperature, top_k, top_p, greedy), generator, capture)
         dec.prefill(idx, 0)
     new = []
     for i in range(max_new_tokens):

@@ -163,6 +163,14 @@ def test_the_cuda_graph_decodes_the_eager_tokens_in_fp32_and_the_auto_dtype():
             dec.prefill(prompt, 0)
             dec.step()
         assert dec.graph is not None
+    m.generate(prompt, 20, greedy=True)
+    held = decode._CAPTURED[m][1]
+    m.generate(prompt, 20, greedy=True)
+    assert decode._CAPTURED[m][1] is held  # the same shapes and options replay the same graph
+    with torch.no_grad():
+        m.transformer.wte.weight.mul_(-1.0)
+    assert torch.equal(m.generate(prompt, 20, greedy=True), m.generate(prompt, 20, greedy=True, graph=False))
+    assert decode._CAPTURED[m][1] is not held  # a changed parameter captures anew
     for kw in SAMPLING:  # sampled on the device: reproducible from the generator's seed, inside the vocabulary
         a, b = (m.generate(prompt, 40, generator=torch.Generator("cuda").manual_seed(3), **kw) for _ in range(2))
         assert torch.equal(a, b) and int(a.max()) < 512, kw
