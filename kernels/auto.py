@@ -14,7 +14,7 @@ Rules:
   (only its interpreter runs there). A candidate that raises while timed is skipped, its reason in the line.
 - The timing budget is bounded: ``GPT2_KERNELS_AUTO_BUDGET`` seconds (default 3) shared by every (op, backend)
   pair; each pair runs once to learn its cost (that first call also pays one-time costs such as a JIT compile), then
-  as many timed calls as its share of the budget allows, at least 1 and at most 5. So a pair costs at least two
+  as many timed calls as its share of the budget allows, at least 1 and at most 9. So a pair costs at least two
   calls, and an op slower than the budget's share (the loss head of a big vocabulary on a CPU) exceeds it; the line
   says how long the timing took.
 - ``GPT2_KERNELS_AUTO=fixed`` decides by the registry's fixed order instead, without timing (reproducible tests and
@@ -40,7 +40,7 @@ __all__ = ["MODES", "Case", "Choice", "candidates", "choose", "decide", "mode", 
 MODES = ("train", "eval", "decode")
 _CACHE = "auto.json"
 _DEFAULT_BUDGET_S = 3.0
-_MAX_REPS = 5
+_MAX_REPS = 9
 
 
 def mode() -> str:
