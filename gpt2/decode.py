@@ -27,8 +27,31 @@ import math
 import weakref
 
 import torch
+import torch.nn.functional as F
 
 from gpt2 import sampling
+
+
+class _Weights:
+    """The weight matrices a step multiplies by, in the dtype decoding computes in: autocast's, cast once, where the
+    eager path's autocast casts them at every step (and keeps them in its cache while its region lasts). The static
+    step runs with autocast off, on these: a CUDA graph must not hold an autocast cache entry, which the caller's
+    region frees when it ends, and the masked attention keeps the reference's fp32 math. In the weights' own dtype
+    they are the parameters themselves (no copy).
+
+    Attributes:
+        layers: per block, (c_attn.weight, c_attn.bias, attn.c_proj.weight, attn.c_proj.bias, mlp.c_fc.weight,
+            mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias); a bias is None without biases.
+        head: the output layer (V, C) without the padded rows.
+    """
+
+    def __init__(self, model, dtype: torch.dtype):
+        def cast(t):
+            return None if t is None else t.detach().to(dtype)
+
+        self.layers = [tuple(cast(t) for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)
+                             for t in (lin.weight, lin.bias)) for b in model.transformer.h]
+        self.head = cast(model.lm_head.weight[: model.config.vocab_size])
 
 
 def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -71,6 +94,7 @@ class StaticDecoder:
         self.generator = generator
         self.dw = model.decode_weights()
         self.cache = model.new_kv_cache(batch, capacity)
+        self.weights = None if self.dw is not None else _Weights(model, self.cache.k.dtype)
         # Masked positions get weight 0, but 0 times an uninitialised value can be NaN: the buffers start zeroed.
         self.cache.k.zero_()
         self.cache.v.zero_()
@@ -120,7 +144,12 @@ class StaticDecoder:
     def _step(self) -> None:
         """The static-shape step: reads ``tok`` and ``pos``, writes the cache at ``pos``, the next token to ``tok``,
         and ``pos + 1`` to ``pos``. No Python value depends on a device value; nothing is read on the host."""
-        model, dw, cache = self.model, self.dw, self.cache
+        with torch.autocast(self.tok.device.type, enabled=False):  # the dtypes are explicit (see _Weights)
+            self._blocks()
+        self.pos.add_(1)
+
+    def _blocks(self) -> None:
+        model, cache = self.model, self.cache
         ops = model._ops_for(self.tok.device)
         B = self.tok.shape[0]
         C, nh = model.config.n_embd, model.config.n_head
@@ -131,18 +160,33 @@ class StaticDecoder:
         h = blocks[0].ln_1(x, ops)
         next_norms = [b.ln_1 for b in blocks[1:]] + [model.transformer.ln_f]
         for i, (block, next_ln) in enumerate(zip(blocks, next_norms)):
-            c_attn, c_proj = (dw.layers[i][0], dw.layers[i][1]) if dw is not None else (block.attn.c_attn,
-                                                                                         block.attn.c_proj)
-            q, k, v = c_attn(h).split(C, dim=2)  # each (B, 1, C)
+            q, k, v = self._product(i, 0, h).split(C, dim=2)  # each (B, 1, C)
             q, k, v = (t.view(B, 1, nh, C // nh).transpose(1, 2) for t in (q, k, v))  # (B, nh, 1, hs)
             cache.k[i].index_copy_(2, at, k.to(cache.k.dtype))
             cache.v[i].index_copy_(2, at, v.to(cache.v.dtype))
             y = _masked_attention(q, cache.k[i], cache.v[i], valid).transpose(1, 2).reshape(B, 1, C)
-            h, x = block.ln_2.add(x, c_proj(y), ops)  # x = x + attn(ln_1(x)); h = ln_2(x)
-            m = dw.mlp(i, h, ops) if dw is not None else block.mlp(h, ops)
-            h, x = next_ln.add(x, m, ops)  # x = x + mlp(ln_2(x)); h = next_ln(x)
-        self.tok.copy_(self.choose(model._last_logits(h[:, -1, :], dw)))
-        self.pos.add_(1)
+            h, x = block.ln_2.add(x, self._product(i, 1, y), ops)  # x = x + attn(ln_1(x)); h = ln_2(x)
+            h, x = next_ln.add(x, self._mlp(i, h, ops), ops)  # x = x + mlp(ln_2(x)); h = next_ln(x)
+        self.tok.copy_(self.choose(self._logits(h[:, -1, :])))
+
+    def _product(self, layer: int, which: int, x: torch.Tensor) -> torch.Tensor:
+        """Block ``layer``'s c_attn (``which`` 0) or attn.c_proj (1) of x, on the decode weights or ``_Weights``."""
+        if self.dw is not None:
+            return self.dw.layers[layer][which](x)
+        w, b = self.weights.layers[layer][2 * which:2 * which + 2]
+        return F.linear(x.to(w.dtype), w, b)
+
+    def _mlp(self, layer: int, h: torch.Tensor, ops) -> torch.Tensor:
+        if self.dw is not None:
+            return self.dw.mlp(layer, h, ops)
+        w_fc, b_fc, w_proj, b_proj = self.weights.layers[layer][4:]
+        return ops.mlp(h.to(w_fc.dtype), w_fc, b_fc, w_proj, b_proj)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits (B, V) of the last position's hidden states h (B, C)."""
+        if self.dw is not None:
+            return self.model._last_logits(h, self.dw)
+        return F.linear(h.to(self.weights.head.dtype), self.weights.head).float()
 
     def _check_buffers(self) -> None:
         if (self.cache.k.data_ptr(), self.cache.v.data_ptr()) != self.ptrs:

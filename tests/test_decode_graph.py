@@ -48,6 +48,26 @@ def test_static_step_decodes_the_eager_tokens_greedy_sampled_and_sliding(backend
         assert torch.equal(got, want), kw
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_the_gpus_step_on_the_models_own_weights_decodes_the_eager_tokens(dtype):
+    """Off the CPU there are no decode weights: the step multiplies by the parameters cast once to the compute dtype
+    (``decode._Weights``) with autocast off, where the eager path runs the model's modules under autocast."""
+    m = tiny()
+    with torch.no_grad():  # non-zero biases and norms: every parameter takes part
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    m.decode_weights = lambda: None  # what decode_weights answers on a GPU
+    prompt = torch.randint(0, 512, (3, 6), generator=torch.Generator().manual_seed(8))
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        for n in (58, 70):
+            assert torch.equal(static_generate(m, prompt, n, greedy=True), m.generate(prompt, n, greedy=True)), n
+        if dtype == torch.float32:  # in bf16 the eager attention's own rounding moves a draw now and then
+            got = static_generate(m, prompt, 30, generator=torch.Generator().manual_seed(9), top_k=40)
+            assert torch.equal(got, m.generate(prompt, 30, generator=torch.Generator().manual_seed(9), top_k=40))
+    w = decode._Weights(m, torch.float32)
+    assert w.layers[0][0] is not None and w.layers[0][0].data_ptr() == m.transformer.h[0].attn.c_attn.weight.data_ptr()
+
+
 def test_what_uninitialised_cache_memory_holds_never_reaches_a_token(monkeypatch):
     """The static step attends over every position of its cache, filled or not: a NaN left in memory must not leak
     through the masked weights (0 x NaN is NaN)."""
