@@ -44,14 +44,19 @@ import torch
 from bench import common
 from bench.shapes import parse_shape
 
-TRAIN_ROWS = ("auto", "triton", "triton-compile", "nanogpt-like", "nanogpt-like-compile", "transformers")
+# In the order they run: the goals' rows first, the slowest to compile last, so a section cut short keeps them.
+TRAIN_ROWS = ("auto", "nanogpt-like-compile", "triton", "nanogpt-like", "transformers", "triton-compile")
 OP_IMPLS = ("triton", "native", "torch-compile")
 DECODE_ROWS = ("eager", "static", "graph", "transformers")
 SECTIONS = {"train": TRAIN_ROWS, "ops": OP_IMPLS, "decode": DECODE_ROWS}
 # Each section's share of the budget; what is left over covers the start (imports, the matmul rate) and the files.
 SHARES = {"train": 0.45, "ops": 0.28, "decode": 0.17}
+ROW_SHARE = 0.6  # no row runs past this share of its section's time
 GOALS = {"train_auto_vs_nanogpt_compile": 1.15, "train_auto_tokens_per_s": 470e3, "decode_graph_tokens_per_s": 1000,
          "decode_graph_vs_transformers": 3.0}
+
+
+_BUDGET = {"s": 330.0}  # the run's --budget, for the rows' caps
 
 
 class RowTimeout(Exception):
@@ -74,6 +79,10 @@ def _alarm(seconds: float):
 
 
 def _free(device: torch.device) -> None:
+    """Let the next row start from an empty device: dynamo's caches hold the compiled rows' models."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -180,9 +189,9 @@ def op_rows(args, device: torch.device, dtype: torch.dtype, deadline: float, wan
     shape = parse_shape(args.op_shape)
     dname = {v: k for k, v in common.DTYPES.items()}[dtype]
     rows = []
-    for op in args.ops:
-        module = importlib.import_module(f"bench.bench_{op}")
-        for impl in wanted:
+    for impl in wanted:  # every op of one implementation, then the next: a section cut short loses whole columns
+        for op in args.ops:
+            module = importlib.import_module(f"bench.bench_{op}")
             if impl == "native" and not _has_backend("native"):
                 rows.append({"section": "ops", "op": op, "name": impl, "skipped": "the registry has no native "
                              "backend here (issue 'auto never slower' has not landed)"})
@@ -297,7 +306,7 @@ def decode_rows(args, device: torch.device, dtype: torch.dtype, deadline: float,
 def _run_row(section: str, name: str, deadline: float, device: torch.device, fn, **labels) -> dict:
     """``fn()``'s numbers as a row, or its error; skipped when the section's time is up."""
     row = {"section": section, "name": name, **labels}
-    left = deadline - time.monotonic()
+    left = min(deadline - time.monotonic(), ROW_SHARE * SHARES[section] * _BUDGET["s"])
     if left < 2:
         row["skipped"] = "the section's time cap was reached"
         return row
@@ -323,6 +332,7 @@ def run(args) -> dict:
         dtype = common.DTYPES[common.DTYPE_ALIASES.get(args.dtype, args.dtype)]
     start = time.monotonic()
     wanted = _wanted(args.rows)
+    _BUDGET["s"] = args.budget
     result = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
               "device": common.device_name(device), "dtype": str(dtype).replace("torch.", ""),
               "torch": torch.__version__, "budget_s": args.budget,
@@ -412,7 +422,7 @@ def markdown(result: dict) -> str:
                        f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | {_fmt(r.get('peak_mem_mib'), '.0f')} | "
                        f"{f'{tps / nano:.2f}x' if tps and nano else '-'} | {_note(r)} |")
         out.append("")
-    ops = [r for r in rows if r["section"] == "ops"]
+    ops = sorted((r for r in rows if r["section"] == "ops"), key=lambda r: cfg["ops"].index(r["op"]))  # by op
     if ops:
         out += [f"## Ops forward + backward at {cfg['op_shape']}", "",
                 "| op | impl | host ms | device ms | bound | vs torch-compile | note |", "|---|---|---|---|---|---|---|"]
