@@ -11,7 +11,8 @@ instance forward, restoring the original code exactly; patching again re-patches
 Falls back to transformers' own code for that call (exact, never a different answer): attention whose mask is not
 plain causal (padding zeros in ``attention_mask``, a 4-D or packed-sequence mask, a static cache's unfilled tail),
 ``output_attentions=True``, attention dropout while training (the op's dropout draws other random numbers),
-cross-attention and ``EncoderDecoderCache``, attention implementations other than sdpa and eager, unknown keyword
+cross-attention and ``EncoderDecoderCache``, attention implementations other than sdpa and eager, a mask tensor
+while ``torch.compile`` traces (its values cannot be read there: ``generate`` with a compiled forward), unknown keyword
 arguments; for the loss: a custom ``loss_function``, ``logits_to_keep`` != 0 or positional arguments. Residual adds stay
 in HF's block code (so no ``add_layer_norm``), which keeps its gradient checkpointing. Raises ``TypeError`` for another
 model type and ``ValueError`` for a GPT-2 variant the ops cannot compute (another activation, attention scaling).
@@ -117,6 +118,10 @@ def _plain_causal(state: _Patch, mask, Tq: int, Tk: int, implementation: str) ->
         # mask at all then. One query seeing every key is both.
         return Tq == 1 or (implementation == "sdpa" and Tq == Tk)
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or tuple(mask.shape[-2:]) != (Tq, Tk):
+        return False
+    if torch.compiler.is_compiling():
+        # Reading the mask's values would be a data-dependent guard (no fullgraph compile of generate): a mask
+        # tensor under torch.compile goes to transformers' own attention, exactly as unpatched.
         return False
     seen = state.mask_verdict  # every block gets the same mask object: check it once per model call
     if seen is not None:

@@ -120,6 +120,60 @@ def test_generate_greedy(backend):
     assert torch.equal(got, want), f"patched {got.tolist()} != unpatched {want.tolist()}"
 
 
+def _compiled_decoding_backends():
+    """torch and ext: the backends transformers users decode with here (Triton's interpreter under Dynamo costs
+    minutes on a CPU, and its traced path is the same registered custom op as ext's)."""
+    return [pytest.param(b, marks=pytest.mark.skipif(gpt2_kernels.registry.unavailable_reason(b, DEVICE) is not None,
+                                                     reason=f"backend {b!r} cannot run here"))
+            for b in ("torch", "ext")]
+
+
+@pytest.mark.parametrize("backend", _compiled_decoding_backends())
+def test_generate_with_a_fullgraph_compiled_forward(backend):
+    """transformers users' fast decoding: ``model.forward = torch.compile(model.forward, fullgraph=True)``, then
+    ``generate`` with a static cache, and a second ``generate`` that must not recompile. The patched model traces
+    (the mask check reads no device value while compiling) and gives the unpatched tokens."""
+    x, _ = _batch(5)
+    kw = {"max_new_tokens": 4, "do_sample": False, "cache_implementation": "static"}
+    runs = []
+    for patch in (False, True):
+        torch._dynamo.reset()
+        model = _model()
+        if patch:
+            hf.patch_gpt2(model, backend)
+        model.forward = torch.compile(model.forward, fullgraph=True, backend="eager")
+        first = model.generate(x, **kw)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            assert torch.equal(model.generate(x, **kw), first)
+        runs.append(first)
+    torch._dynamo.reset()
+    assert torch.equal(runs[1], runs[0]), f"patched {runs[1].tolist()} != unpatched {runs[0].tolist()}"
+
+
+@pytest.mark.parametrize("backend", _compiled_decoding_backends())
+def test_static_cache_generate_under_transformers_own_compile(backend):
+    """``generate`` with a static cache and a ``CompileConfig``: transformers compiles the model's call itself (its
+    criteria forced true here, since it skips compiling on a CPU), fullgraph, with no recompile across calls."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    x, _ = _batch(5)
+    kw = {"max_new_tokens": 4, "do_sample": False, "cache_implementation": "static",
+          "compile_config": CompileConfig(fullgraph=True, backend="eager")}
+    runs = []
+    for patch in (False, True):
+        torch._dynamo.reset()
+        model = _model()
+        if patch:
+            hf.patch_gpt2(model, backend)
+        model._valid_auto_compile_criteria = lambda *args, **kwargs: True
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            runs.append(model.generate(x, **kw))
+            assert torch.equal(model.generate(x, **kw), runs[-1])
+        assert hasattr(model, "_compiled_call"), "transformers did not compile the model's call"
+    torch._dynamo.reset()
+    assert torch.equal(runs[1], runs[0]), f"patched {runs[1].tolist()} != unpatched {runs[0].tolist()}"
+
+
 # ------------------------------------------------------------------------------------------- the fused path runs
 
 
