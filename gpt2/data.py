@@ -203,6 +203,11 @@ def load_dataset(source: str = "shakespeare") -> Dataset:
                         "or .bin shards)")
     if path.is_file():
         if path.suffix == ".bin":
+            if "val" in path.name:
+                raise DataError(f"{path} is a validation shard ('val' in its name) and no train shard is given: pass "
+                                f"the folder that holds it beside its train shards (any name without 'val', e.g. "
+                                f"{'train'.join(path.name.rsplit('val', 1))}), or a shard not named for validation (its "
+                                "last 10% then validates)")
             tr, va = _split_tail(read_shard(path))
             if tr.size == 0:
                 raise DataError(f"shard {path} holds no tokens")
@@ -247,12 +252,13 @@ class Batcher:
         block_size: sequence length T.
         seed: generator seed.
         rank, world_size: this process's slice of the global batch.
+        name: what ``arrays`` are, for the error when none is long enough (e.g. "the val split of 'data/'").
         vocab_size: when given, each batch's token ids are checked against it on the host, before the copy to
             the device (for corpora too large to check up front; a check on the device would wait for it).
     """
 
     def __init__(self, arrays: list, batch_size: int, block_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, vocab_size: int | None = None):
+                 world_size: int = 1, vocab_size: int | None = None, name: str = "the corpus"):
         if batch_size < 1 or block_size < 1:
             raise DataError(f"batch_size and block_size must be >= 1, got {batch_size} and {block_size}")
         if not 0 <= rank < world_size:
@@ -260,8 +266,8 @@ class Batcher:
         self.arrays = [a for a in arrays if a.size > block_size]
         if not self.arrays:
             longest = max((a.size for a in arrays), default=0)
-            raise DataError(f"the corpus is too small for block_size {block_size}: its longest piece has {longest} "
-                            f"tokens, need at least {block_size + 1}")
+            raise DataError(f"{name} is too small for block_size {block_size}: its longest piece has {longest} "
+                            f"tokens, need at least {block_size + 1}; use a smaller --block-size or more data")
         self.batch_size, self.block_size, self.vocab_size = batch_size, block_size, vocab_size
         self.rank, self.world_size = rank, world_size
         windows = np.array([a.size - block_size for a in self.arrays], dtype=np.int64)

@@ -167,9 +167,9 @@ def load_data(opts: TrainOptions, config: GPTConfig, T: int, rt: runtime.Runtime
                         f"{opts.data!r}; use a smaller --batch-size or --block-size")
     per_batch = None if small else config.vocab_size
     train = Batcher(ds.split("train"), opts.batch_size, T, seed=opts.seed, rank=rt.rank, world_size=rt.world,
-                    vocab_size=per_batch)
+                    vocab_size=per_batch, name=f"the train split of {opts.data!r}")
     val = Batcher(ds.split("val"), opts.batch_size, T, seed=opts.seed + 1, rank=rt.rank, world_size=rt.world,
-                  vocab_size=per_batch)
+                  vocab_size=per_batch, name=f"the validation split of {opts.data!r}")
     return ds, train, val
 
 

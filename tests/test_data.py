@@ -142,3 +142,32 @@ def test_batcher_checks_ids_on_the_host_when_asked():
     with pytest.raises(DataError, match="token id 60, outside the model's vocabulary of 50"):
         for _ in range(50):
             bad.next()
+
+
+def test_a_lone_validation_shard_says_what_is_missing(tmp_path):
+    """``gpt2 train --data eval_val_000000.bin``: the shard is validation data by its name and there is no train
+    shard; the error says so and how to name one, instead of a block-size complaint about its 10% tail."""
+    from gpt2.cli import main
+
+    shard = tmp_path / "eval_val_000000.bin"
+    write_shard(shard, np.arange(600) % 500)
+    with pytest.raises(DataError, match=r"validation shard .* no train shard .* e\.g\. eval_train_000000\.bin"):
+        load_dataset(str(shard))
+    args = ["train", "--preset", "tiny", "--data", str(shard), "--block-size", "64", "--max-iters", "2", "--device",
+            "cpu", "--backend", "torch", "--out-dir", str(tmp_path / "out")]
+    assert main(args) == 2
+
+
+def test_a_split_too_small_names_the_split(tmp_path, capsys):
+    """A 600-token shard at block_size 64: its 60-token validation tail is the part too small, and the message
+    names that split and what to change."""
+    from gpt2.cli import main
+
+    shard = tmp_path / "small.bin"
+    write_shard(shard, np.arange(600) % 500)
+    args = ["train", "--preset", "tiny", "--data", str(shard), "--block-size", "64", "--max-iters", "2", "--device",
+            "cpu", "--backend", "torch", "--batch-size", "2", "--out-dir", str(tmp_path / "out")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "the validation split of" in err and "has 60 tokens, need at least 65" in err, err
+    assert "smaller --block-size" in err, err
