@@ -197,17 +197,20 @@ class StaticDecoder:
         first use, which a capture cannot hold); their writes are undone: ``tok``, ``pos`` and the generator's
         state are restored, and the cache entry they wrote at ``pos`` is written again by the first replay."""
         saved = (self.tok.clone(), self.pos.clone())
-        gen_state = self.generator.get_state() if self.generator is not None else None
-        side = torch.cuda.Stream(device=self.tok.device)
-        side.wait_stream(torch.cuda.current_stream(self.tok.device))
+        device = self.tok.device
+        rng = self.generator
+        if rng is None:  # the default generator of the device
+            rng = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+        gen_state = rng.get_state()  # host-side (seed and offset): no device read
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(2):
                 self._step()
                 self.tok.copy_(saved[0])
                 self.pos.copy_(saved[1])
-        torch.cuda.current_stream(self.tok.device).wait_stream(side)
-        if gen_state is not None:
-            self.generator.set_state(gen_state)
+        torch.cuda.current_stream(device).wait_stream(side)
+        rng.set_state(gen_state)
         graph = torch.cuda.CUDAGraph()
         if self.generator is not None:
             graph.register_generator_state(self.generator)  # each replay draws new numbers from it

@@ -8,9 +8,11 @@ capture itself runs only on a CUDA GPU (marked ``gpu``).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -163,6 +165,56 @@ def test_a_full_static_cache_and_a_graph_off_cuda_are_refused():
         decode.StaticDecoder(m, 1, 8, capture=True)
     with pytest.raises(ValueError, match="graph=True needs use_cache, a model on a CUDA device"):
         m.generate(prompt, 3, greedy=True, graph=True)
+
+
+@pytest.mark.parametrize("kw", [{"greedy": True}, {"top_k": 30, "top_p": 0.9}], ids=["greedy", "sampled"])
+def test_the_capture_undoes_its_warm_up_with_a_stand_in_graph(monkeypatch, kw):
+    """``StaticDecoder._capture`` on the CPU, torch.cuda's graph and streams stood in for: a capture records the step
+    and a replay runs it. The two warm-up steps before the capture must leave no trace (token, position, the
+    generator's state, the cache entry they wrote): the replayed tokens equal the eager step's."""
+    capturing = {}
+
+    class Graph:
+        def register_generator_state(self, gen):
+            self.generator = gen
+
+        def replay(self):
+            self.step()
+
+    @contextlib.contextmanager
+    def graph(g):
+        capturing["graph"] = g
+        yield
+        capturing.pop("graph")
+
+    stream = SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    m = tiny()
+    prompt = torch.randint(0, 512, (2, 5), generator=torch.Generator().manual_seed(10))
+    with torch.inference_mode():
+        eager = decode.StaticDecoder(m, 2, 40, generator=torch.Generator().manual_seed(11), **kw)
+        graphed = decode.StaticDecoder(m, 2, 40, generator=torch.Generator().manual_seed(11), **kw)
+        run = graphed._step
+
+        def step():  # recorded while capturing, run otherwise
+            if "graph" in capturing:
+                capturing["graph"].step = run
+            else:
+                run()
+
+        graphed._step, graphed.capture = step, True
+        for dec in (eager, graphed):
+            dec.prefill(prompt, 0)
+        for _ in range(12):
+            eager.step()
+            graphed.step()
+            assert torch.equal(graphed.tok, eager.tok)
+    assert graphed.graph.generator is graphed.generator and int(graphed.pos) == graphed.filled == 17
+    assert torch.equal(graphed.cache.k, eager.cache.k)
 
 
 @pytest.mark.gpu
