@@ -53,8 +53,9 @@ def _info(args) -> int:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         reasons = {b: unavailable_reason(b, dev) for b in BACKENDS}
-        chosen = gpt2_kernels.registry.resolve("auto", dev)
-        print(f"\nops x backends on {dev} (yes = usable here)")
+        chosen = gpt2_kernels.registry.resolve("auto", dev, quiet=True)
+        print(f"\nops x backends on {dev} (yes = usable here; auto = the fixed order: a run times each op on its "
+              "shapes unless GPT2_KERNELS_AUTO=fixed, see gpt2 tune)")
         print(f"  {'op':<22}" + "".join(f"{b:<8}" for b in BACKENDS) + "auto")
         for op in OPS:
             cells = "".join(f"{'yes' if reasons[b] is None else 'no':<8}" for b in BACKENDS)

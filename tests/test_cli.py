@@ -18,7 +18,7 @@ def test_info_prints_versions_device_and_table():
     assert "triton  " in out and "device  " in out
     for op in ("layer_norm", "attention", "mlp", "linear_cross_entropy"):
         assert op in out
-    assert "torch   triton  ext     auto" in out
+    assert "torch   triton  ext     native  auto" in out
 
 
 def test_prepare_writes_shards_that_load(tmp_path, capsys):
