@@ -4,7 +4,9 @@ Shapes: on a GPU the ``gpt2`` preset (124M) on 16 x 1024 tokens; on the CPU the 
 tokens (the main job's step) and the ``gpt2`` preset on 4 x 64. Dtypes: fp32 and the one ``--dtype auto`` picks
 (``gpt2.runtime.auto_dtype``: bf16 autocast on a CPU with avx512_bf16 or amx_bf16, the GPU's own choice on a GPU; on a
 GPU only that one by default). A group is one (shape, dtype); its rows differ only by implementation: every registry
-backend (the one ``--backend auto`` resolves to is marked ``auto_backend``), and three peers holding the same weights:
+backend, ``auto`` (``--backend auto`` as a user runs it: each op timed on this step's shapes in the first warm-up step, or
+read from the user's cache; marked ``auto_backend``, its per-op choice in ``chosen``), and three peers holding the
+same weights:
 
 - ``transformers``: transformers' ``GPT2LMHeadModel`` (SDPA attention), trained as its users do (``labels=``);
 - ``transformers-patched``: that model on our kernels (``gpt2_kernels.hf.patch_gpt2``, backend auto);
