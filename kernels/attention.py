@@ -37,7 +37,18 @@ import triton
 import triton.language as tl
 
 from .aot import LaunchConfig
-from .runtime import LIBRARY, arch, capability, check_dtype, interpreting, launch, sm_count
+from .runtime import (
+    LIBRARY,
+    arch,
+    capability,
+    cdiv,
+    check_dtype,
+    interpreting,
+    launch,
+    pick_tiles,
+    size_bucket,
+    sm_count,
+)
 
 __all__ = ["AttentionFunction", "attention", "attention_bwd", "attention_fwd", "dropout_keep_mask", "launch_configs"]
 
@@ -528,6 +539,14 @@ _TILES = {
         75: {(64, False): (16, 32, 4, 1), (128, False): (16, 32, 4, 1), "fp32": _DECODE_FP32},
     },
 }
+# The second entry of the tile lists of GPT-2's case (head size 32 / 64, no dropout) on the tensor-core rows, which a
+# GPU picks by timing against the first (runtime.pick_tiles): each is the table's own entry of a heavier case on the
+# same row (dropout, or head 128), so it compiles there without spills. Every other list is its one entry.
+_SECOND = {
+    "fwd": {90: (128, 64, 8, 3), 80: (128, 64, 8, 3), 86: (64, 32, 4, 2)},
+    "dkdv": {90: (32, 128, 8, 2), 80: (32, 128, 8, 2), 86: (32, 64, 8, 2)},
+    "dq": {90: (128, 32, 8, 2), 80: (64, 32, 4, 2), 86: (64, 32, 4, 2)},
+}
 # Under the CPU interpreter: small, unequal tiles, so short test sequences still cross several blocks (full, diagonal
 # and ragged) in every kernel. num_warps and num_stages mean nothing there.
 _INTERPRETER_TILES = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1), "decode": (16, 16, 4, 1)}
@@ -543,16 +562,26 @@ _CUDA = torch.device("cuda")
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def _tiles(kernel: str, dtype: torch.dtype, head: int, dropout: bool, device: torch.device, cc: int | None):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one kernel; ``cc`` overrides the device's architecture."""
+def _tile_list(kernel: str, dtype: torch.dtype, head: int, dropout: bool, device: torch.device,
+               cc: int | None) -> tuple:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) entries one kernel picks among (``runtime.pick_tiles``): the
+    table's, then ``_SECOND``'s where it has one; ``cc`` overrides the device's architecture."""
     if cc is None:
         if device.type != "cuda":
-            return _INTERPRETER_TILES[kernel]
+            return (_INTERPRETER_TILES[kernel],)
         cc = capability(device)
-    table = _TILES[kernel][arch(cc).tiles]
+    row = arch(cc).tiles
     if dtype == torch.float32:
-        return table["fp32"]
-    return table[(128 if head == 128 else 64, dropout)]
+        return (_TILES[kernel][row]["fp32"],)
+    key = (128 if head == 128 else 64, dropout)
+    first = _TILES[kernel][row][key]
+    second = _SECOND.get(kernel, {}).get(row) if key == (64, False) else None
+    return (first, second) if second is not None and second != first else (first,)
+
+
+def _tiles(kernel: str, dtype: torch.dtype, head: int, dropout: bool, device: torch.device, cc: int | None):
+    """The first entry of ``_tile_list``: what the interpreter runs, and a GPU before (or without) timing."""
+    return _tile_list(kernel, dtype, head, dropout, device, cc)[0]
 
 
 def _decode_plan(B: int, nh: int, Tq: int, Tk: int, sms: int | None, dropout: bool = False,
@@ -576,8 +605,8 @@ def _decode_plan(B: int, nh: int, Tq: int, Tk: int, sms: int | None, dropout: bo
 
 def _split_keys(Tk: int, splits: int, block_n: int) -> tuple[int, int]:
     """(chunk, splits): keys per split, a whole number of key blocks, and the splits that then hold keys."""
-    chunk = triton.cdiv(triton.cdiv(Tk, splits), block_n) * block_n
-    return chunk, triton.cdiv(Tk, chunk)
+    chunk = cdiv(cdiv(Tk, splits), block_n) * block_n
+    return chunk, cdiv(Tk, chunk)
 
 
 def _kernel_args(kernel) -> list[tuple[str, bool]]:
@@ -609,8 +638,8 @@ def launch_configs(cc: int) -> list[LaunchConfig]:
                 kernel=_attn_bwd_preprocess_kernel, signature=_signature(_attn_bwd_preprocess_kernel, types),
                 constexprs={"HEAD": head, "BLOCK_M": _PREPROCESS_BLOCK_M}, num_warps=4, num_stages=1))
             for kernel, fn in (("fwd", _attn_fwd_kernel), ("dkdv", _attn_bwd_dkdv_kernel), ("dq", _attn_bwd_dq_kernel)):
-                for dropout in (False, True):
-                    block_m, block_n, warps, stages = _tiles(kernel, dtype, head, dropout, _CUDA, cc)
+                for dropout, (block_m, block_n, warps, stages) in (
+                        (d, t) for d in (False, True) for t in _tile_list(kernel, dtype, head, d, _CUDA, cc)):
                     configs.append(LaunchConfig(
                         label=f"attention {kernel} {dt} HEAD={head} BLOCK_M={block_m} BLOCK_N={block_n} "
                               f"DROPOUT={int(dropout)} warps={warps} stages={stages}",
@@ -707,15 +736,17 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     KV-cache slices satisfy this and are read in place; anything else (a non-unit feature stride, an odd offset) is
     copied once.
     """
-    elem = t.element_size()
-    ok = t.stride(3) == 1 and t.data_ptr() % 16 == 0
-    ok = ok and all(size == 1 or (stride * elem) % 16 == 0 for size, stride in zip(t.shape[:3], t.stride()[:3]))
+    size, stride = t.shape, t.stride()
+    row = 16 // t.element_size()  # elements in 16 bytes
+    ok = (stride[3] == 1 and t.data_ptr() % 16 == 0 and (size[0] == 1 or stride[0] % row == 0)
+          and (size[1] == 1 or stride[1] % row == 0) and (size[2] == 1 or stride[2] % row == 0))
     return t if ok else t.clone(memory_format=torch.contiguous_format)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     # Batch, head and position strides; 0 for a dimension of size 1 (its stride is never used, and may be odd).
-    return tuple(stride if size > 1 else 0 for size, stride in zip(t.shape[:3], t.stride()[:3]))
+    size, stride = t.shape, t.stride()
+    return (stride[0] if size[0] > 1 else 0, stride[1] if size[1] > 1 else 0, stride[2] if size[2] > 1 else 0)
 
 
 def _shift(Tq: int, Tk: int, causal: bool) -> int:
@@ -742,6 +773,17 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
             each row of scaled scores.
     """
     _check_inputs(q, k, v, causal, dropout_p)
+    return _fwd(q, k, v, causal, dropout_p, seed, cc, splits)[:2]
+
+
+def _bucket(B: int, nh: int, Tq: int, Tk: int, hs: int, causal: bool, dropout: bool) -> tuple:
+    """The shape class a tile choice is timed for (``runtime.pick_tiles``)."""
+    return ("hs", hs, "causal", causal, "dropout", dropout, "Tq", size_bucket(Tq), "Tk", size_bucket(Tk),
+            "bh", size_bucket(B * nh))
+
+
+def _fwd(q, k, v, causal: bool, dropout_p: float, seed: int, cc: int | None = None, splits: int | None = None):
+    """``attention_fwd`` on checked inputs: (o, lse, q, k, v), the last three as the kernels read them (aligned)."""
     B, nh, Tq, hs = q.shape
     Tk = k.shape[2]
     dropout = dropout_p > 0.0
@@ -755,18 +797,26 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     o = torch.empty((B, Tq, nh, hs), dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, nh, Tq, hs)
     lse = torch.empty((B, nh, Tq), dtype=torch.float32, device=q.device)
-    tiles = _tiles("decode" if decode else "fwd", q.dtype, hs, dropout, q.device, cc)
-    block_m, block_n, warps, stages = tiles
-    chunk, planned = _split_keys(Tk, planned, block_n)
-    if planned > 1:
-        _fwd_split(q, k, v, o, lse, _shift(Tq, Tk, causal), chunk, planned, tiles)
-        return o, lse
-    grid = (triton.cdiv(Tq, block_m), B * nh)
-    launch(_attn_fwd_kernel, grid, q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-           nh, Tq, Tk, _shift(Tq, Tk, causal), LOG2E / math.sqrt(hs), int(seed), float(dropout_p),
-           1.0 / (1.0 - float(dropout_p)),
-           HEAD=hs, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout, num_warps=warps, num_stages=stages)
-    return o, lse
+    if decode:  # one entry: decode tiles are never timed (a CUDA graph captures this path)
+        tiles = _tiles("decode", q.dtype, hs, dropout, q.device, cc)
+        chunk, planned = _split_keys(Tk, planned, tiles[1])
+        if planned > 1:
+            _fwd_split(q, k, v, o, lse, _shift(Tq, Tk, causal), chunk, planned, tiles)
+            return o, lse, q, k, v
+    args = (q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), nh, Tq, Tk,
+            _shift(Tq, Tk, causal), LOG2E / math.sqrt(hs), int(seed), float(dropout_p), 1.0 / (1.0 - float(dropout_p)))
+
+    def run(tiles):
+        block_m, block_n, warps, stages = tiles
+        launch(_attn_fwd_kernel, (cdiv(Tq, block_m), B * nh), *args,
+               HEAD=hs, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout, num_warps=warps, num_stages=stages)
+
+    if decode:
+        run(tiles)
+    else:
+        run(pick_tiles("attention fwd", _tile_list("fwd", q.dtype, hs, dropout, q.device, cc), q.device,
+                       _bucket(B, nh, Tq, Tk, hs, causal, dropout), q.dtype, run))
+    return o, lse, q, k, v
 
 
 def _fwd_split(q, k, v, o, lse, shift: int, chunk: int, splits: int, tiles: tuple) -> None:
@@ -777,7 +827,7 @@ def _fwd_split(q, k, v, o, lse, shift: int, chunk: int, splits: int, tiles: tupl
     # One fp32 buffer holds the three partials, each section starting on a 16-byte boundary: n (rows) x hs
     # accumulators, then n running maxima, then n running sums.
     n = B * nh * splits * Tq
-    n16 = triton.cdiv(n, 4) * 4
+    n16 = cdiv(n, 4) * 4
     part = torch.empty(n16 * (hs + 2), dtype=torch.float32, device=q.device)
     pacc, pmax, psum = part[: n * hs], part[n16 * hs: n16 * hs + n], part[n16 * (hs + 1): n16 * (hs + 1) + n]
     launch(_attn_fwd_split_kernel, (splits, B * nh), q, k, v, pacc, pmax, psum,
@@ -801,6 +851,11 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         dq (B, nh, Tq, hs), dk (B, nh, Tk, hs), dv (B, nh, Tk, hs), contiguous, in q.dtype.
     """
     _check_inputs(q, k, v, causal, dropout_p)
+    return _bwd(do, _aligned(q), _aligned(k), _aligned(v), o, lse, causal, dropout_p, seed, cc)
+
+
+def _bwd(do, q, k, v, o, lse, causal: bool, dropout_p: float, seed: int, cc: int | None = None):
+    """``attention_bwd`` on checked, aligned q, k, v (what ``_fwd`` returns); do, o and lse are checked here."""
     B, nh, Tq, hs = q.shape
     Tk = k.shape[2]
     if do.shape != q.shape or o.shape != q.shape:
@@ -808,24 +863,34 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                          f"{tuple(o.shape)}")
     if lse.shape != (B, nh, Tq) or lse.dtype != torch.float32 or not lse.is_contiguous():
         raise ValueError(f"attention: lse must be a contiguous float32 ({B}, {nh}, {Tq}) tensor")
-    q, k, v, o, do = _aligned(q), _aligned(k), _aligned(v), _aligned(o), _aligned(do.to(q.dtype))
+    o, do = _aligned(o), _aligned(do if do.dtype == q.dtype else do.to(q.dtype))
     delta = torch.empty((B, nh, Tq), dtype=torch.float32, device=q.device)
-    launch(_attn_bwd_preprocess_kernel, (triton.cdiv(Tq, _PREPROCESS_BLOCK_M), B * nh), o, do, delta,
+    launch(_attn_bwd_preprocess_kernel, (cdiv(Tq, _PREPROCESS_BLOCK_M), B * nh), o, do, delta,
            *_strides(o), *_strides(do), nh, Tq, HEAD=hs, BLOCK_M=_PREPROCESS_BLOCK_M, num_warps=4, num_stages=1)
     dq = torch.empty((B, nh, Tq, hs), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, nh, Tk, hs), dtype=q.dtype, device=q.device)
     dv = torch.empty((B, nh, Tk, hs), dtype=q.dtype, device=q.device)
     sm_scale = 1.0 / math.sqrt(hs)
-    scalars = (nh, Tq, Tk, _shift(Tq, Tk, causal), LOG2E * sm_scale, sm_scale, int(seed), float(dropout_p),
-               1.0 / (1.0 - float(dropout_p)))
-    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    block_m, block_n, warps, stages = _tiles("dkdv", q.dtype, hs, dropout_p > 0.0, q.device, cc)
-    launch(_attn_bwd_dkdv_kernel, (triton.cdiv(Tk, block_n), B * nh), q, k, v, do, lse, delta, dk, dv, *strides,
-           *scalars, HEAD=hs, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout_p > 0.0, num_warps=warps,
-           num_stages=stages)
-    block_m, block_n, warps, stages = _tiles("dq", q.dtype, hs, dropout_p > 0.0, q.device, cc)
-    launch(_attn_bwd_dq_kernel, (triton.cdiv(Tq, block_m), B * nh), q, k, v, do, lse, delta, dq, *strides, *scalars,
-           HEAD=hs, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout_p > 0.0, num_warps=warps, num_stages=stages)
+    dropout = dropout_p > 0.0
+    inputs = (q, k, v, do, lse, delta)
+    rest = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), nh, Tq, Tk, _shift(Tq, Tk, causal),
+            LOG2E * sm_scale, sm_scale, int(seed), float(dropout_p), 1.0 / (1.0 - float(dropout_p)))
+    bucket = _bucket(B, nh, Tq, Tk, hs, causal, dropout)
+
+    def run_dkdv(tiles):
+        block_m, block_n, warps, stages = tiles
+        launch(_attn_bwd_dkdv_kernel, (cdiv(Tk, block_n), B * nh), *inputs, dk, dv, *rest,
+               HEAD=hs, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout, num_warps=warps, num_stages=stages)
+
+    def run_dq(tiles):
+        block_m, block_n, warps, stages = tiles
+        launch(_attn_bwd_dq_kernel, (cdiv(Tq, block_m), B * nh), *inputs, dq, *rest,
+               HEAD=hs, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout, num_warps=warps, num_stages=stages)
+
+    run_dkdv(pick_tiles("attention dkdv", _tile_list("dkdv", q.dtype, hs, dropout, q.device, cc), q.device, bucket,
+                        q.dtype, run_dkdv))
+    run_dq(pick_tiles("attention dq", _tile_list("dq", q.dtype, hs, dropout, q.device, cc), q.device, bucket,
+                      q.dtype, run_dq))
     return dq, dk, dv
 
 
@@ -848,7 +913,7 @@ def dropout_keep_mask(seed: int, B: int, nh: int, Tq: int, Tk: int, dropout_p: f
         raise ValueError("attention: dropout_keep_mask on the CPU needs the Triton interpreter; "
                          "set TRITON_INTERPRET=1 or use a CUDA device")
     bm, bn = _MASK_BLOCK
-    launch(_dropout_mask_kernel, (triton.cdiv(Tq, bm), triton.cdiv(Tk, bn), B * nh), mask, Tq, Tk, int(seed),
+    launch(_dropout_mask_kernel, (cdiv(Tq, bm), cdiv(Tk, bn), B * nh), mask, Tq, Tk, int(seed),
            float(dropout_p), BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
     return mask.bool()
 
@@ -908,15 +973,16 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal: bool, dropout_p: float, seed: int):
-        o, lse = attention_fwd(q, k, v, causal, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, o, lse)
+        # The inputs were checked by ``attention``; the backward reads q, k, v as the forward did (aligned).
+        o, lse, qa, ka, va = _fwd(q, k, v, causal, dropout_p, seed)
+        ctx.save_for_backward(qa, ka, va, o, lse)
         ctx.causal, ctx.dropout_p, ctx.seed = causal, dropout_p, seed
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.dropout_p, ctx.seed)
+        dq, dk, dv = _bwd(do, q, k, v, o, lse, ctx.causal, ctx.dropout_p, ctx.seed)
         return dq, dk, dv, None, None, None
 
 

@@ -21,13 +21,25 @@ sm_75 .. sm_90 (registers, spills, shared memory). FLOPs and fewest bytes: ``ben
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from .aot import LaunchConfig
-from .runtime import LIBRARY, check_dtype, interpreting, launch, sm_count
+from .runtime import (
+    LIBRARY,
+    cdiv,
+    check_dtype,
+    interpreting,
+    launch,
+    next_power_of_2,
+    pick_tiles,
+    size_bucket,
+    sm_count,
+)
 
 __all__ = [
     "MAX_C",
@@ -42,6 +54,8 @@ __all__ = [
 
 # Largest row the kernels hold in registers (a C beyond this would spill; see launch_configs).
 MAX_C = 8192
+# Row blocks whose tile lists have a second entry to time on a GPU (GPT-2's widths 768 .. 1600).
+_TUNED_BLOCKS = (1024, 2048)
 # Elements of a forward tile (BLOCK_R x BLOCK_C); a backward tile holds half as many.
 _TILE = 4096
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
@@ -164,13 +178,14 @@ def _layer_norm_bwd_kernel(
 
 
 def _tile(C: int, backward: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_R, num_warps) for rows of C features (see the module docstring).
+    """(BLOCK_C, BLOCK_R, num_warps) for rows of C features (see the module docstring): the first entry of
+    ``_tile_list``.
 
     Forward: ~4096-element tiles, 16 elements per thread (8 warps; 16 at BLOCK_C = 8192).
     Backward: ~2048-element tiles, 8 per thread, since it keeps twice the live values (x, dy, two
     accumulators); 16 per thread there costs 128-250 registers and spills at BLOCK_C = 8192.
     """
-    block_c = triton.next_power_of_2(C)
+    block_c = next_power_of_2(C)
     tile = _TILE // 2 if backward else _TILE
     block_r = max(1, tile // block_c)
     if backward:  # 8 elements per thread at every width: 32 warps at 8192 (16 spill in fp32 + ds)
@@ -178,6 +193,24 @@ def _tile(C: int, backward: bool = False) -> tuple[int, int, int]:
     else:
         num_warps = max(8, min(16, block_r * block_c // (32 * 16)))
     return block_c, block_r, num_warps
+
+
+@functools.cache
+def _tile_list(C: int, backward: bool = False) -> tuple:
+    """The tiles a launch of rows of C features picks among by timing on a GPU (``runtime.pick_tiles``); the first
+    is ``_tile``'s and the only one under the interpreter. The second holds half as many elements per thread (half
+    the rows, or twice the warps where one row fills the tile), which can win where a wave of programs is short.
+    The tiles need no tl.dot and little shared memory, so they are the same on every architecture row. Only the
+    blocks of GPT-2's widths (768 .. 1600) have a second entry, which keeps the report's list short.
+    """
+    block_c, block_r, warps = _tile(C, backward)
+    if block_c not in _TUNED_BLOCKS:
+        return ((block_c, block_r, warps),)
+    if block_r > 1:
+        return ((block_c, block_r, warps), (block_c, block_r // 2, warps))
+    if warps < 32:
+        return ((block_c, block_r, warps), (block_c, block_r, warps * 2))
+    return ((block_c, block_r, warps),)
 
 
 def _check_tensor(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> None:
@@ -233,10 +266,19 @@ def _check_inputs(op: str, x: torch.Tensor, weight, bias, residual=None) -> None
 
 
 def _param(p: torch.Tensor | None, C: int, fill: float, like: torch.Tensor) -> torch.Tensor:
-    """The (C,) fp32 contiguous parameter the kernels read; ones / zeros stand in for None."""
+    """The (C,) fp32 contiguous parameter the kernels read: ``p`` itself when it is one already (the model's fp32
+    parameters: no copy), else an fp32 copy; a cached constant of ones / zeros stands in for None."""
     if p is None:
-        return torch.full((C,), fill, dtype=torch.float32, device=like.device)
+        return _filled(C, fill, like.device)
+    if p.dtype == torch.float32 and p.is_contiguous():
+        return p
     return p.detach().to(torch.float32).contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _filled(C: int, fill: float, device: torch.device) -> torch.Tensor:
+    """A (C,) fp32 constant; the kernels only read it, so one tensor serves every call of that shape and device."""
+    return torch.full((C,), fill, dtype=torch.float32, device=device)
 
 
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5,
@@ -254,26 +296,32 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     """
     op = "add_layer_norm" if residual is not None else "layer_norm"
     _check_inputs(op, x, weight, bias, residual)
+    # The kernels take pointers and row counts, so every tensor keeps its (..., C) shape: no views to make.
     shape, C = x.shape, x.shape[-1]
-    x2 = x.contiguous().view(-1, C)  # (N, C)
-    n_rows = x2.shape[0]
-    y = torch.empty_like(x2)
-    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    x2 = x.contiguous()  # (..., C) read as (N, C) rows
+    n_rows = x2.numel() // C
+    y = torch.empty(shape, dtype=x.dtype, device=x.device)
+    mean = torch.empty(shape[:-1], dtype=torch.float32, device=x.device)
+    rstd = torch.empty(shape[:-1], dtype=torch.float32, device=x.device)
     if residual is not None:
-        r2 = residual.contiguous().view(-1, C)  # (N, C)
-        s = torch.empty_like(x2)
+        r2 = residual.contiguous()
+        s = torch.empty(shape, dtype=x.dtype, device=x.device)
     else:
         r2, s = x2, y  # not read / written: HAS_RESIDUAL is off
     if n_rows > 0:
         w = _param(weight, C, 1.0, x)
         b = _param(bias, C, 0.0, x)
-        block_c, block_r, num_warps = _tile(C)
-        grid = (triton.cdiv(n_rows, block_r),)
-        launch(_layer_norm_fwd_kernel, grid, x2, r2, s, y, w, b, mean, rstd, n_rows, C, float(eps),
-               HAS_RESIDUAL=residual is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps, num_stages=1)
-    s_out = s.view(shape) if residual is not None else None
-    return y.view(shape), s_out, mean.view(shape[:-1]), rstd.view(shape[:-1])
+        has_res = residual is not None
+
+        def run(tile):
+            block_c, block_r, num_warps = tile
+            launch(_layer_norm_fwd_kernel, (cdiv(n_rows, block_r),), x2, r2, s, y, w, b, mean, rstd, n_rows, C,
+                   float(eps), HAS_RESIDUAL=has_res, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+                   num_stages=1)
+
+        run(pick_tiles("layer_norm fwd", _tile_list(C), x.device, ("C", C, "rows", size_bucket(n_rows), "res", has_res),
+                       x.dtype, run))
+    return y, (s if residual is not None else None), mean, rstd
 
 
 def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
@@ -292,29 +340,38 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | Non
         (dx, dweight, dbias): dx (..., C) in x.dtype; dweight = sum dy * xhat and dbias = sum dy,
         each (C,) fp32 (computed as if weight were ones when it is None).
     """
+    # (..., C) tensors read as (N, C) rows, as in the forward: no views.
     shape, C = x.shape, x.shape[-1]
-    x2 = x.contiguous().view(-1, C)  # (N, C)
-    dy2 = dy.to(x.dtype).contiguous().view(-1, C)  # (N, C)
-    ds2 = ds.to(x.dtype).contiguous().view(-1, C) if ds is not None else dy2  # (N, C); not read without ds
-    n_rows = x2.shape[0]
-    dx = torch.empty_like(x2)
+    x2 = x.contiguous()
+    dy2 = (dy if dy.dtype == x.dtype else dy.to(x.dtype)).contiguous()
+    ds2 = (ds if ds.dtype == x.dtype else ds.to(x.dtype)).contiguous() if ds is not None else dy2  # unread without ds
+    n_rows = x2.numel() // C
+    dx = torch.empty(shape, dtype=x.dtype, device=x.device)
     if n_rows == 0:
         zeros = torch.zeros(C, dtype=torch.float32, device=x.device)
-        return dx.view(shape), zeros, zeros.clone()
-    block_c, block_r, num_warps = _tile(C, backward=True)
-    if rows_per_program is None:
-        programs = (sm_count(x.device) or 4) * max(1, 16 // num_warps)  # 4: the interpreter runs programs in turn
-        rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), block_r) * block_r
-    if rows_per_program < 1:
+        return dx, zeros, zeros.clone()
+    if rows_per_program is not None and rows_per_program < 1:
         raise ValueError(f"layer_norm: rows_per_program must be >= 1, got {rows_per_program}")
-    n_prog = triton.cdiv(n_rows, rows_per_program)
     w = _param(weight, C, 1.0, x)
-    dw_partial = torch.empty((n_prog, C), dtype=torch.float32, device=x.device)
-    db_partial = torch.empty((n_prog, C), dtype=torch.float32, device=x.device)
-    launch(_layer_norm_bwd_kernel, (n_prog,), x2, w, mean.contiguous(), rstd.contiguous(), dy2, ds2, dx, dw_partial,
-           db_partial, n_rows, C, rows_per_program,
-           HAS_DS=ds is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps, num_stages=1)
-    return dx.view(shape), dw_partial.sum(dim=0), db_partial.sum(dim=0)
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+    sms = sm_count(x.device) or 4  # 4: the interpreter runs programs in turn
+
+    def run(tile):
+        block_c, block_r, num_warps = tile
+        rows = rows_per_program
+        if rows is None:  # ~2 programs per SM, each a whole number of tiles
+            rows = cdiv(cdiv(n_rows, sms * max(1, 16 // num_warps)), block_r) * block_r
+        n_prog = cdiv(n_rows, rows)
+        dw_partial = torch.empty((n_prog, C), dtype=torch.float32, device=x.device)
+        db_partial = torch.empty((n_prog, C), dtype=torch.float32, device=x.device)
+        launch(_layer_norm_bwd_kernel, (n_prog,), x2, w, mean, rstd, dy2, ds2, dx, dw_partial, db_partial, n_rows, C,
+               rows, HAS_DS=ds is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps, num_stages=1)
+        return dw_partial, db_partial
+
+    tile = pick_tiles("layer_norm bwd", _tile_list(C, backward=True), x.device,
+                      ("C", C, "rows", size_bucket(n_rows), "ds", ds is not None), x.dtype, run)
+    dw_partial, db_partial = run(tile)
+    return dx, dw_partial.sum(dim=0), db_partial.sum(dim=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,18 +538,26 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
 _AOT_C = (64, 128, 768, 1024, 1280, 1600, MAX_C)
 
 
+def _listed(backward: bool) -> list:
+    """Every entry of the tile lists of the GPT-2 widths, each once, the first entries first (the report matches a
+    recorded launch to the first listed configuration of its kind)."""
+    lists = [_tile_list(c, backward) for c in _AOT_C]
+    return list(dict.fromkeys([t[0] for t in lists] + [e for t in lists for e in t[1:]]))
+
+
 def launch_configs(cc: int) -> list[LaunchConfig]:
-    """Every launch the launchers may make on compute capability ``cc`` for the GPT-2 widths.
+    """Every launch the launchers may make on compute capability ``cc`` for the GPT-2 widths: every entry of every
+    tile list (``_tile_list``), the single source of the tiles.
 
     Widths that share a block (768 and 1024; 1280 and 1600) share a launch, so the list holds
-    5 blocks x 3 dtypes x {forward, forward + residual, backward, backward + ds}; before sm_80 the
-    launchers refuse bf16, so it is not listed there. The tiles do not depend on ``cc``: no
+    5 blocks x their list entries x 3 dtypes x {forward, forward + residual, backward, backward + ds}; before sm_80
+    the launchers refuse bf16, so it is not listed there. The tiles do not depend on ``cc``: no
     launch spills or needs more than 33 KB of shared memory on sm_75 .. sm_90.
     """
     configs = []
     for dtype in _SUPPORTED if cc >= 80 else (torch.float32, torch.float16):  # no bf16 before sm_80
         t = _TL_NAME[dtype]
-        for block_c, block_r, num_warps in sorted({_tile(c) for c in _AOT_C}):
+        for block_c, block_r, num_warps in _listed(False):
             for has_res in (False, True):
                 configs.append(LaunchConfig(
                     label=f"layer_norm fwd {t} BLOCK_R={block_r} BLOCK_C={block_c}" + (" +residual" if has_res else ""),
@@ -502,7 +567,7 @@ def launch_configs(cc: int) -> list[LaunchConfig]:
                     constexprs={"HAS_RESIDUAL": has_res, "BLOCK_R": block_r, "BLOCK_C": block_c},
                     num_warps=num_warps, num_stages=1,
                 ))
-        for block_c, block_r, num_warps in sorted({_tile(c, backward=True) for c in _AOT_C}):
+        for block_c, block_r, num_warps in _listed(True):
             for has_ds in (False, True):
                 configs.append(LaunchConfig(
                     label=f"layer_norm bwd {t} BLOCK_R={block_r} BLOCK_C={block_c}" + (" +ds" if has_ds else ""),

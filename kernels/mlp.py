@@ -31,6 +31,7 @@ measurements (H100 and CPU, each with its machine and date) and what was predict
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -39,7 +40,18 @@ import triton
 import triton.language as tl
 
 from .aot import LaunchConfig
-from .runtime import LIBRARY, arch, capability, check_dtype, interpreting, launch, sm_count
+from .runtime import (
+    LIBRARY,
+    arch,
+    capability,
+    cdiv,
+    check_dtype,
+    interpreting,
+    launch,
+    pick_tiles,
+    size_bucket,
+    sm_count,
+)
 
 __all__ = ["MLPFunction", "launch_configs", "matmul", "mlp", "mlp_bwd", "mlp_fwd"]
 
@@ -209,6 +221,14 @@ _TILES = {
          "fp32": _FP32},
     75: {"lowp": _SM75, "fp32": _SM75},
 }
+# The second entries of the low-precision lists on the tensor-core rows, which a GPU picks by timing against the
+# table's (runtime.pick_tiles): half the rows (or columns) a program, as many accumulators a thread (4 warps), so as
+# far from spilling as the first; 4 (sm_86: 3) stages of 24 KB fit every row's shared memory.
+_SECOND = {
+    90: {"main": Tiles(128, 128, 64, 8, 8, 4), "epilogue": Tiles(64, 128, 64, 8, 4, 4)},
+    80: {"main": Tiles(128, 128, 64, 8, 8, 4), "epilogue": Tiles(64, 128, 64, 8, 4, 4)},
+    86: {"main": Tiles(64, 128, 64, 8, 4, 3), "epilogue": Tiles(64, 128, 64, 8, 4, 3)},
+}
 # Under the CPU interpreter the block shape only sets how much numpy work each program does.
 _INTERPRETER_TILES = Tiles(32, 32, 32, 4, 4, 1)
 SMALL_M = 64
@@ -220,10 +240,20 @@ def _default_role(epilogue: str) -> str:
     return "main" if epilogue == "none" else "epilogue"
 
 
-def _pick_tiles(device: torch.device, dtype: torch.dtype, role: str) -> Tiles:
+def _row_tiles(row: int, dtype: torch.dtype, role: str) -> tuple:
+    """The tiles of one role that a launch on architecture row ``row`` picks among: the table's, then ``_SECOND``'s
+    (fp16 / bf16 only)."""
+    first = _TILES[row]["fp32" if dtype == torch.float32 else "lowp"][role]
+    second = _SECOND.get(row, {}).get(role) if dtype != torch.float32 else None
+    return (first, second) if second is not None and second != first else (first,)
+
+
+@functools.cache
+def _tile_list(device: torch.device, dtype: torch.dtype, role: str) -> tuple:
+    """``_row_tiles`` for ``device``'s architecture; the interpreter's one tile on the CPU."""
     if device.type != "cuda":
-        return _INTERPRETER_TILES
-    return _TILES[arch(capability(device)).tiles]["fp32" if dtype == torch.float32 else "lowp"][role]
+        return (_INTERPRETER_TILES,)
+    return _row_tiles(arch(capability(device)).tiles, dtype, role)
 
 
 def _auto_split_k(tiles: int, K: int, sms: int) -> int:
@@ -291,12 +321,11 @@ def launch_configs(cc: int) -> list[LaunchConfig]:
     out = []
     for dtype in dtypes:
         t = names[dtype]
-        table = _TILES[row]["fp32" if dtype == torch.float32 else "lowp"]
         for site, unit, epi, has_bias, store_pre, col_sum, c_fp32, roles, rows in _SITES:
-            # distinct tiles, in order; a small-tile site also runs with one row (sampling a single
+            # distinct tiles of every list, in order; a small-tile site also runs with one row (sampling a single
             # token), where the JIT makes the row count a constexpr 1 as well
-            variants = dict.fromkeys((table[r], ones) for r in roles for ones in
-                                     ((unit, (unit + (rows,))) if r == "small" else (unit,)))
+            variants = dict.fromkeys((tiles, ones) for r in roles for tiles in _row_tiles(row, dtype, r)
+                                     for ones in ((unit, (unit + (rows,))) if r == "small" else (unit,)))
             for tiles, ones in variants:
                 c = "*fp32" if c_fp32 else f"*{t}"
                 # unused pointers are passed as another tensor (a for bias and pre, the output for colsum): their
@@ -363,32 +392,61 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *
         raise ValueError("matmul: epilogue 'gelu_grad' needs the pre-activation `pre`")
     if pre is not None and (pre.shape != (M, N) or not pre.is_contiguous() or pre.dtype != a.dtype):
         raise ValueError(f"matmul: pre must be a contiguous ({M}, {N}) {a.dtype} tensor")
-    out_dtype = out_dtype or a.dtype
-    t = tiles or _pick_tiles(a.device, a.dtype, role or _default_role(epilogue))
-    grid_mn = triton.cdiv(M, t.BLOCK_M) * triton.cdiv(N, t.BLOCK_N)
     splittable = epilogue == "none" and bias is None and not col_sum
+    if split_k is not None and (split_k < 1 or (split_k > 1 and not splittable)):
+        raise ValueError(f"matmul: split_k={split_k} needs epilogue 'none' without bias or column sums")
+    return _matmul(a, b, bias, epilogue, pre, col_sum, out_dtype, split_k, role, tiles)
+
+
+def _matmul(a, b, bias=None, epilogue: str = "none", pre=None, col_sum: bool = False, out_dtype=None,
+            split_k: int | None = 1, role: str | None = None, tiles: Tiles | None = None):
+    """``matmul`` on checked arguments (what ``mlp_fwd`` / ``mlp_bwd`` call): picks the tiles (timed on a GPU the
+    first time a shape bucket is met, ``runtime.pick_tiles``) and runs them."""
+    out_dtype = out_dtype or a.dtype
+    M, K = a.shape
+    N = b.shape[1]
+
+    def run(t):
+        return _matmul_tiles(a, b, bias, epilogue, pre, col_sum, out_dtype, split_k, t)
+
+    if tiles is None:
+        role = role or _default_role(epilogue)
+        options = _tile_list(a.device, a.dtype, role)
+        if len(options) == 1:  # the interpreter, fp32, sm_75, the small tiles: nothing to time or key
+            tiles = options[0]
+        else:
+            bucket = (role, epilogue, bias is not None, pre is not None, col_sum, out_dtype, split_k,
+                      a.stride(0) == 1, b.stride(0) == 1, "M", size_bucket(M), "N", size_bucket(N), "K",
+                      size_bucket(K))
+            tiles = pick_tiles("mlp matmul", options, a.device, bucket, a.dtype, run)
+    return run(tiles)
+
+
+def _matmul_tiles(a, b, bias, epilogue: str, pre, col_sum: bool, out_dtype, split_k: int | None, t: Tiles):
+    """One ``_matmul_kernel`` launch at tiles ``t`` (and the split-K sum): writes only its own outputs."""
+    M, K = a.shape
+    N = b.shape[1]
+    grid_mn = cdiv(M, t.BLOCK_M) * cdiv(N, t.BLOCK_N)
     if split_k is None:
         sms = sm_count(a.device)
+        splittable = epilogue == "none" and bias is None and not col_sum
         split_k = _auto_split_k(grid_mn, K, sms) if splittable and sms else 1
-    if split_k < 1 or (split_k > 1 and not splittable):
-        raise ValueError(f"matmul: split_k={split_k} needs epilogue 'none' without bias or column sums")
-    k_split = triton.cdiv(triton.cdiv(max(K, 1), split_k), t.BLOCK_K) * t.BLOCK_K
-    split_k = triton.cdiv(max(K, 1), k_split)  # rounding k_split up may leave fewer slices
+    k_split = cdiv(cdiv(max(K, 1), split_k), t.BLOCK_K) * t.BLOCK_K
+    split_k = cdiv(max(K, 1), k_split)  # rounding k_split up may leave fewer slices
 
     c = torch.empty((M, N), device=a.device, dtype=out_dtype)
     dest = c if split_k == 1 else torch.empty((split_k, M, N), device=a.device, dtype=torch.float32)
-    n_row_blocks = triton.cdiv(M, t.BLOCK_M)
-    colsum = torch.empty((n_row_blocks, N), device=a.device, dtype=torch.float32) if col_sum else None
+    colsum = torch.empty((cdiv(M, t.BLOCK_M), N), device=a.device, dtype=torch.float32) if col_sum else None
     if M > 0 and N > 0:
-        grid = (grid_mn, split_k)
+        a_strides, b_strides, d_strides = a.stride(), b.stride(), dest.stride()
         launch(
-            _matmul_kernel, grid, a, b, dest,
+            _matmul_kernel, (grid_mn, split_k), a, b, dest,
             bias if bias is not None else a,  # unused when HAS_BIAS is False
             pre if pre is not None else a,  # unused unless "gelu" with pre, or "gelu_grad"
             colsum if colsum is not None else dest,  # unused unless COL_SUM
             M, N, K, k_split,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            dest.stride(0) if split_k > 1 else 0, dest.stride(-2), dest.stride(-1),
+            a_strides[0], a_strides[1], b_strides[0], b_strides[1],
+            d_strides[0] if split_k > 1 else 0, d_strides[-2], d_strides[-1],
             EPILOGUE=epilogue, HAS_BIAS=bias is not None, STORE_PRE=epilogue == "gelu" and pre is not None,
             COL_SUM=col_sum,
             BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=t.BLOCK_K, GROUP_M=t.GROUP_M,
@@ -401,6 +459,16 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *
     if col_sum:
         return c, (colsum.sum(dim=0) if M > 0 else torch.zeros(N, device=a.device, dtype=torch.float32))
     return c
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A read-only (n,) zero bias standing in for None: one per (size, dtype, device), not one per call."""
+    return torch.zeros(n, dtype=dtype, device=device)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def mlp_fwd(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor | None, w_proj: torch.Tensor,
@@ -416,12 +484,12 @@ def mlp_fwd(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor | None, w_pr
     (M, C), H = x.shape, w_fc.shape[0]
     pre = torch.empty((M, H), device=x.device, dtype=x.dtype) if save_pre else None
     # A missing bias goes in as zeros (H + C reads): one kernel variant fewer per site.
-    b_fc = b_fc if b_fc is not None else x.new_zeros(H)
-    b_proj = b_proj if b_proj is not None else x.new_zeros(C)
+    b_fc = b_fc if b_fc is not None else _zeros(H, x.dtype, x.device)
+    b_proj = b_proj if b_proj is not None else _zeros(C, x.dtype, x.device)
     # A few rows (decoding, a tiny batch) take the small tiles so the rows still spread over many programs.
     small = M <= SMALL_M
-    act = matmul(x, w_fc.t(), b_fc, epilogue="gelu", pre=pre, role="small" if small else "epilogue")  # (M, H)
-    y = matmul(act, w_proj.t(), b_proj, role="small" if small else "main")  # (M, C)
+    act = _matmul(x, w_fc.t(), b_fc, epilogue="gelu", pre=pre, role="small" if small else "epilogue")  # (M, H)
+    y = _matmul(act, w_proj.t(), b_proj, role="small" if small else "main")  # (M, C)
     return y, pre, act
 
 
@@ -443,20 +511,20 @@ def mlp_bwd(dy: torch.Tensor, x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch
     small = dy.shape[0] <= SMALL_M
     # Weight gradients go through fp32 (the split-K workspace, or written in fp32 and rounded once here).
     if need_dw_proj:
-        dw_proj = matmul(dy.t(), act, out_dtype=torch.float32, split_k=None,
-                         role="small" if small else "main").to(dt)  # (C, H) = (C, M) @ (M, H)
+        dw_proj = _cast(_matmul(dy.t(), act, out_dtype=torch.float32, split_k=None,
+                                role="small" if small else "main"), dt)  # (C, H) = (C, M) @ (M, H)
     if need_db_proj:
-        db_proj = dy.sum(dim=0, dtype=torch.float32).to(dt)  # (C,)
+        db_proj = _cast(dy.sum(dim=0, dtype=torch.float32), dt)  # (C,)
     if need_dx or need_dw_fc or need_db_fc:
         # The column sums are always taken (one kernel variant; (M / BLOCK_M, H) floats), kept if wanted.
-        dpre, colsum = matmul(dy, w_proj, epilogue="gelu_grad", pre=pre, col_sum=True,
+        dpre, colsum = _matmul(dy, w_proj, epilogue="gelu_grad", pre=pre, col_sum=True,
                               role="small" if small else "epilogue")  # (M, H), (H,)
-        db_fc = colsum.to(dt) if need_db_fc else None
+        db_fc = _cast(colsum, dt) if need_db_fc else None
         if need_dw_fc:
-            dw_fc = matmul(dpre.t(), x, out_dtype=torch.float32, split_k=None,
-                           role="small" if small else "main").to(dt)  # (H, C) = (H, M) @ (M, C)
+            dw_fc = _cast(_matmul(dpre.t(), x, out_dtype=torch.float32, split_k=None,
+                                  role="small" if small else "main"), dt)  # (H, C) = (H, M) @ (M, C)
         if need_dx:
-            dx = matmul(dpre, w_fc, role="small" if small else "main")  # (M, C) = (M, H) @ (H, C)
+            dx = _matmul(dpre, w_fc, role="small" if small else "main")  # (M, C) = (M, H) @ (H, C)
     return dx, dw_fc, db_fc, dw_proj, db_proj
 
 
@@ -613,9 +681,10 @@ def mlp(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor | None, w_proj: 
     if not compiling:  # the registered op checks when it runs (the GPU queries here are not for tracing)
         _check(x, w_fc, b_fc, w_proj, b_proj)
     dt = x.dtype
-    w_fc, w_proj = w_fc.to(dt), w_proj.to(dt)
-    b_fc = b_fc.to(dt) if b_fc is not None else None
-    b_proj = b_proj.to(dt) if b_proj is not None else None
+    # the model casts already (nothing twice): a dtype test, not a call, when they match
+    w_fc, w_proj = _cast(w_fc, dt), _cast(w_proj, dt)
+    b_fc = _cast(b_fc, dt) if b_fc is not None else None
+    b_proj = _cast(b_proj, dt) if b_proj is not None else None
     C = x.shape[-1]
     x2 = x.reshape(-1, C)  # (M, C)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, w_fc, b_fc, w_proj, b_proj))

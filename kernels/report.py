@@ -184,7 +184,7 @@ def parse_arch(text: str) -> int:
 def module_name(text: str) -> str:
     """``"attention"`` -> ``"gpt2_kernels.attention"``; a dotted or other name is kept as it is."""
     t = text.strip()
-    return f"kernels.{t}" if f"kernels.{t}" in OP_MODULES else t
+    return f"gpt2_kernels.{t}" if f"gpt2_kernels.{t}" in OP_MODULES else t
 
 
 def _load_configs(module: str, cc: int) -> list:

@@ -25,13 +25,18 @@ import contextlib
 import functools
 import inspect
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from . import tuning
+from .tuning import DiskCache
+
 __all__ = [
-    "ARCHS", "LIBRARY", "Arch", "LaunchRecord", "arch", "capability", "check_dtype", "default_dtype", "has_native_bf16",
-    "interpreting", "launch", "record_launches", "sm_count",
+    "ARCHS", "LIBRARY", "Arch", "LaunchRecord", "arch", "capability", "cdiv", "check_dtype", "default_dtype",
+    "has_native_bf16", "interpreting", "launch", "next_power_of_2", "pick_tiles", "record_launches", "size_bucket",
+    "sm_count",
 ]
 
 
@@ -261,7 +266,10 @@ def _record(kernel, args, kwargs, num_warps, num_stages) -> None:
 
 
 def _device_of(args, kwargs) -> torch.device | None:
-    for v in (*args, *kwargs.values()):
+    for v in args:  # the first argument of every kernel here is a tensor: one isinstance test
+        if isinstance(v, torch.Tensor):
+            return v.device
+    for v in kwargs.values():
         if isinstance(v, torch.Tensor):
             return v.device
     return None
@@ -270,12 +278,80 @@ def _device_of(args, kwargs) -> torch.device | None:
 def launch(kernel, grid, *args, num_warps: int = 4, num_stages: int = 2, **kwargs):
     """Launch ``kernel[grid](*args, **kwargs)`` on the device of its tensor arguments (and that device's current
     stream), recording it when ``record_launches`` is active. The one way this package launches a Triton kernel.
+
+    The device guard is entered only when the tensors' CUDA device is not the current one (entering it costs a few
+    microseconds of host time per launch, which a decode step pays a hundred times).
     """
     device = _device_of(args, kwargs)
     if device is None:
         raise ValueError(f"launch: {getattr(kernel, '__name__', kernel)} has no tensor argument to place it")
     if _RECORDS is not None and hasattr(kernel, "fn"):  # (a test may stand in a plain object for the kernel)
         _record(kernel, args, kwargs, num_warps, num_stages)
-    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with guard:
-        return kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **kwargs)
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            return kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **kwargs)
+    return kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **kwargs)
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for integers: ``triton.cdiv`` without its constexpr unwrapping (a few microseconds a call)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), as ``triton.next_power_of_2``."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tile lists: the first entry under the interpreter, the fastest on the device at hand
+
+
+_TILE_CACHE = DiskCache("tiles.json")
+_CHOSEN: dict = {}  # (device, kernel, bucket, dtype) -> the chosen entry, for this process
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def pick_tiles(kernel: str, tiles: Sequence, device: torch.device, bucket: tuple, dtype: torch.dtype,
+               run: Callable[[object], object]):
+    """The entry of ``tiles`` (one op kernel's list for the device's architecture row) that ``kernel`` launches.
+
+    Under the interpreter, on the CPU, for a list of one, or while a CUDA graph is being captured (no timing may
+    run then) it is ``tiles[0]``, untimed. On a GPU the first call for a case (device, ``kernel``, shape ``bucket``,
+    ``dtype``) times ``run(entry)`` for every entry with ``gpt2_kernels.tuning.measure`` and keeps the fastest, in
+    memory and in ``tiles.json`` (``gpt2_kernels.tuning.DiskCache``, keyed by the device's name, the versions of
+    torch, Triton and this package, and the case), so a later process decides at once. ``run`` launches the kernel
+    with one entry on the call's own tensors; it must only write outputs (every kernel here does), since it runs
+    several times. Entries are matched to the cache by ``str``, so a list whose entries changed is timed again.
+    ``bucket`` is a flat tuple such as ``("C", 768, "rows", 8192)``: cheap to build on every call, spelled out only
+    for the disk.
+    """
+    if len(tiles) == 1 or device.type != "cuda" or interpreting():
+        return tiles[0]
+    memo = (_cuda_index(device), kernel, bucket, dtype)
+    chosen = _CHOSEN.get(memo)
+    if chosen is not None:
+        return chosen
+    if torch.cuda.is_current_stream_capturing():
+        return tiles[0]
+    case = " ".join(map(str, bucket))
+    key = f"{tuning.device_name(device)} | {tuning.versions()} | {kernel} | {case} | {_TL_TYPES.get(dtype, dtype)}"
+    names = [str(t) for t in tiles]
+    stored = _TILE_CACHE.get(key)
+    if isinstance(stored, dict) and stored.get("tiles") in names:
+        chosen = tiles[names.index(stored["tiles"])]
+    else:
+        seconds = [tuning.measure(functools.partial(run, t), device) for t in tiles]
+        best = min(range(len(tiles)), key=seconds.__getitem__)
+        chosen = tiles[best]
+        _TILE_CACHE.put(key, {"tiles": names[best], "us": {n: round(s * 1e6, 2) for n, s in zip(names, seconds)}})
+    _CHOSEN[memo] = chosen
+    return chosen
+
+
+def size_bucket(n: int) -> int:
+    """The power of two >= n that tile choices key on (a run meets few buckets: decoding's lengths grow by one)."""
+    return next_power_of_2(n)

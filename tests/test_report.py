@@ -413,3 +413,57 @@ def test_configs_from_launches_takes_the_listed_tiles_and_flags_unlisted_launche
     odd = {**rec, "constexprs": [["HEAD", 48], ["BLOCK_M", 32], ["BLOCK_N", 16], ["DROPOUT", False], ["nh", 1]]}
     (unlisted,) = report.configs_from_launches([odd], listed, "gpt2_kernels.attention", 75)
     assert unlisted.kernel is None and "no launch_configs entry matches" in unlisted.label
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The tile lists are the single source of the listed tiles: every entry of every list (what a GPU may pick by
+#    timing, gpt2_kernels.runtime.pick_tiles) is a configuration the report compiles, on every architecture.
+
+
+def _listed_tiles(configs, kernel) -> set:
+    return {(c.signature.get("Q", c.signature.get("a_ptr", c.signature.get("X"))), tuple(sorted(c.constexprs.items())),
+             c.num_warps, c.num_stages) for c in configs if c.kernel is kernel}
+
+
+@pytest.mark.parametrize("cc", report.ARCHS)
+def test_every_tile_list_entry_is_listed(cc):
+    import torch
+
+    from gpt2_kernels import attention as A
+    from gpt2_kernels import layer_norm as LN
+    from gpt2_kernels import mlp as M
+
+    names = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if cc >= 80 else [])
+    attention = A.launch_configs(cc)
+    entries = 0
+    for dtype in dtypes:
+        for head in A.HEAD_SIZES:
+            for name, fn in (("fwd", A._attn_fwd_kernel), ("dkdv", A._attn_bwd_dkdv_kernel),
+                             ("dq", A._attn_bwd_dq_kernel)):
+                listed = _listed_tiles(attention, fn)
+                for dropout in (False, True):
+                    for bm, bn, warps, stages in A._tile_list(name, dtype, head, dropout, torch.device("cuda"), cc):
+                        entries += 1
+                        ce = tuple(sorted({"HEAD": head, "BLOCK_M": bm, "BLOCK_N": bn, "DROPOUT": dropout}.items()))
+                        assert (names[dtype], ce, warps, stages) in listed, (cc, name, dtype, head, dropout, bm, bn)
+    row = report.RUNTIME_ARCHS[cc].tiles
+    mlp = [(c.signature["a_ptr"], c.constexprs["BLOCK_M"], c.constexprs["BLOCK_N"], c.constexprs["BLOCK_K"],
+            c.constexprs["GROUP_M"], c.num_warps, c.num_stages) for c in M.launch_configs(cc)]
+    for dtype in dtypes:
+        for role in ("main", "epilogue", "small"):
+            for t in M._row_tiles(row, dtype, role):
+                entries += 1
+                assert (names[dtype], t.BLOCK_M, t.BLOCK_N, t.BLOCK_K, t.GROUP_M, t.num_warps, t.num_stages) in mlp, \
+                    (cc, dtype, role, t)
+    ln = {(c.kernel.__name__, c.constexprs["BLOCK_C"], c.constexprs["BLOCK_R"], c.num_warps)
+          for c in LN.launch_configs(cc)}
+    for C in LN._AOT_C:
+        for backward, kernel in ((False, "_layer_norm_fwd_kernel"), (True, "_layer_norm_bwd_kernel")):
+            for block_c, block_r, warps in LN._tile_list(C, backward):
+                entries += 1
+                assert (kernel, block_c, block_r, warps) in ln, (cc, C, backward, block_c, block_r, warps)
+    if cc >= 80:  # the tensor-core rows have second entries to time
+        assert len(A._tile_list("fwd", torch.float16, 64, False, torch.device("cuda"), cc)) > 1
+        assert len(M._row_tiles(row, torch.float16, "main")) > 1
+    assert entries

@@ -89,9 +89,13 @@ def test_launch_runs_under_the_tensors_device(monkeypatch):
             return lambda *args, **kwargs: ran_on.append(_FakeGuard.current)
 
     monkeypatch.setattr(torch.cuda, "device", _FakeGuard)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(runtime, "_device_of", lambda args, kwargs: torch.device("cuda", 1))
     runtime.launch(Kernel(), (1,), torch.zeros(1))
     assert ran_on == [torch.device("cuda", 1)]
+    monkeypatch.setattr(runtime, "_device_of", lambda args, kwargs: torch.device("cuda", 0))
+    runtime.launch(Kernel(), (1,), torch.zeros(1))
+    assert ran_on[-1] is None  # already the current device: no guard entered (host time a decode step would pay)
     monkeypatch.setattr(runtime, "_device_of", lambda args, kwargs: torch.device("cpu"))
     runtime.launch(Kernel(), (1,), torch.zeros(1))
     assert ran_on[-1] is None  # no CUDA guard for CPU tensors (the interpreter)
