@@ -27,6 +27,9 @@ if not torch.cuda.is_available():  # the ops' checks want the interpreter on a C
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 OPS = ("layer_norm", "add_layer_norm", "attention", "mlp", "linear_cross_entropy")
+# What torch alone costs: an autograd Function that only allocates its output and its input gradients, called with
+# layer_norm's arguments. No op can be cheaper than this row on the same machine.
+FLOOR = "floor"
 MODES = ("fwd", "fwd+bwd")
 
 
@@ -77,16 +80,16 @@ def make_call(op: str, mode: str, shape: Shape = SHAPE, device: torch.device | N
 
     device = device or _device()
     dt = _dtype(device)
-    fn = getattr(build_ops("triton", device), op)
+    fn = _Floor.apply if op == FLOOR else getattr(build_ops("triton", device), op)
     B, T, C, nh = shape.B, shape.T, shape.C, shape.n_head
     gen = torch.Generator(device="cpu").manual_seed(0)
 
     def leaf(*size, dtype=dt, scale=1.0):
         return (torch.randn(*size, generator=gen) * scale).to(device, dtype).requires_grad_()
 
-    if op in ("layer_norm", "add_layer_norm"):
+    if op in ("layer_norm", "add_layer_norm", FLOOR):
         x, w, b = leaf(B, T, C), leaf(C, dtype=torch.float32), leaf(C, dtype=torch.float32)  # fp32 parameters
-        args = (x, w, b, 1e-5) if op == "layer_norm" else (x, leaf(B, T, C), w, b, 1e-5)
+        args = (x, leaf(B, T, C), w, b, 1e-5) if op == "add_layer_norm" else (x, w, b, 1e-5)
     elif op == "attention":
         # the model's layout: (B, T, nh, hs) views transposed to (B, nh, T, hs)
         q, k, v = (leaf(B, T, nh, C // nh).transpose(1, 2).detach().requires_grad_() for _ in range(3))
@@ -113,8 +116,24 @@ def make_call(op: str, mode: str, shape: Shape = SHAPE, device: torch.device | N
     return fwd_bwd
 
 
-def time_call(call, reps: int = 200, rounds: int = 7, clock=time.perf_counter) -> float:
-    """Median over ``rounds`` of the mean microseconds of one ``call()`` over ``reps`` calls, after a warm-up."""
+class _Floor(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        ctx.save_for_backward(x, weight)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight), None
+
+
+def time_call(call, reps: int = 200, rounds: int = 7, clock=time.process_time) -> float:
+    """Median over ``rounds`` of the mean microseconds of one ``call()`` over ``reps`` calls, after a warm-up.
+
+    The clock is this process's CPU time by default: on a shared machine, wall time also counts the time other
+    processes held the core, which is not the host cost of the call (on an idle one the two agree).
+    """
     for _ in range(max(10, reps // 10)):
         call()
     means = []
@@ -136,7 +155,7 @@ def one_thread():
         torch.set_num_threads(saved)
 
 
-def measure_all(ops=OPS, modes=MODES, reps: int = 200) -> dict:
+def measure_all(ops=(FLOOR, *OPS), modes=MODES, reps: int = 200) -> dict:
     """{(op, mode): microseconds per call} with the launch stubbed out, one thread."""
     out = {}
     with one_thread(), no_launch():
@@ -156,7 +175,7 @@ def format_table(results: dict) -> str:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", (FLOOR, *OPS))
 def test_host(benchmark, op, mode):
     with one_thread(), no_launch():
         call = make_call(op, mode)
@@ -170,7 +189,7 @@ def main(argv=None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m bench.bench_host", description=__doc__.split("\n")[0])
-    p.add_argument("--ops", default=",".join(OPS), help="comma-separated ops")
+    p.add_argument("--ops", default=",".join((FLOOR, *OPS)), help=f"comma-separated ops ({FLOOR}: torch alone)")
     p.add_argument("--reps", type=int, default=200, help="calls per timed round")
     args = p.parse_args(argv)
     ops = [o for o in args.ops.split(",") if o]

@@ -18,6 +18,7 @@ import functools
 import math
 import os
 import platform
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -581,6 +582,29 @@ def rotation_count(set_bytes: int, device: torch.device, budget: int) -> int:
     return max(1, min(want, budget // max(set_bytes, 1), 64))
 
 
+def host_and_device_seconds(call: Callable[[int], object], n_sets: int, device: torch.device,
+                            reps: int = 5) -> tuple:
+    """(host, device) median seconds of one ``call(i)``: host from the call to its return with the device's queue
+    empty at the start and no synchronize inside (its launches are queued, not waited for); device between CUDA
+    events around it (None on the CPU, where the two are one). A row whose host time reaches its device time is
+    host-bound: the GPU waits for Python."""
+    host, dev = [], []
+    for i in range(reps):
+        synchronize(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        call(i % n_sets)
+        host.append(time.perf_counter() - t0)
+        if device.type == "cuda":
+            end.record()
+            end.synchronize()
+            dev.append(start.elapsed_time(end) / 1e3)
+    synchronize(device)
+    return statistics.median(host), (statistics.median(dev) if dev else None)
+
+
 def run_op_benchmark(benchmark, case: OpCase, make_inputs: Callable, fn: Callable, ceilings: Ceilings,
                      settings: BenchSettings, device: torch.device, peer: bool) -> None:
     """Time ``fn`` (one implementation of ``case.op``) in ``case.mode`` and record rates and ceilings.
@@ -650,6 +674,7 @@ def run_op_benchmark(benchmark, case: OpCase, make_inputs: Callable, fn: Callabl
             call(i % len(sets))
         synchronize(device)
         per_call = max((time.perf_counter() - t0) / probe_calls, 1e-7)
+        host_s, device_s = host_and_device_seconds(call, len(sets), device)
     except OOM:
         pytest.skip(f"{case.impl} {case.op} {case.mode} {case.shape.name} {case.dtype}: out of memory")
 
@@ -675,7 +700,8 @@ def run_op_benchmark(benchmark, case: OpCase, make_inputs: Callable, fn: Callabl
                 flops=cost.flops, bytes=cost.bytes,
                 ceiling_gbps=copy["gbps"], ceiling_gbps_how=copy["how"],
                 ceiling_tflops=mm["tflops"], ceiling_tflops_how=mm["how"],
-                input_sets=len(sets), iterations_per_round=iterations,
+                input_sets=len(sets), iterations_per_round=iterations, host_s=host_s, device_s=device_s,
+                host_bound=device_s is not None and host_s >= device_s,
                 max_abs_err_vs_fp32_ref=max_err, ref_own_err_in_dtype=lowp_err)
     try:
         benchmark.pedantic(target, rounds=rounds, warmup_rounds=1, iterations=iterations)
