@@ -49,15 +49,32 @@ SHAPE = Shape()
 
 @contextlib.contextmanager
 def no_launch():
-    """Every ``kernel[grid](...)`` is a no-op inside the block (the bench only; the library never does this)."""
+    """Every ``kernel[grid](...)`` is a no-op inside the block (the bench only; the library never does this).
+
+    On a GPU the tile tuner would time no-op launches: its choices go to a throwaway cache folder and are forgotten
+    afterwards, so neither this process nor the user's ``tiles.json`` keeps them.
+    """
+    import tempfile
+
     from triton.runtime.jit import KernelInterface
 
-    original = KernelInterface.__getitem__
+    from gpt2_kernels import runtime
+
+    original, saved_dir = KernelInterface.__getitem__, os.environ.get("GPT2_KERNELS_CACHE_DIR")
+    chosen = dict(runtime._CHOSEN)
     KernelInterface.__getitem__ = lambda self, grid: _noop
-    try:
-        yield
-    finally:
-        KernelInterface.__getitem__ = original
+    with tempfile.TemporaryDirectory(prefix="bench-host-") as scratch:
+        os.environ["GPT2_KERNELS_CACHE_DIR"] = scratch
+        try:
+            yield
+        finally:
+            KernelInterface.__getitem__ = original
+            if saved_dir is None:
+                os.environ.pop("GPT2_KERNELS_CACHE_DIR", None)
+            else:
+                os.environ["GPT2_KERNELS_CACHE_DIR"] = saved_dir
+            runtime._CHOSEN.clear()
+            runtime._CHOSEN.update(chosen)
 
 
 def _noop(*args, **kwargs):
