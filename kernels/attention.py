@@ -19,7 +19,9 @@ the keys over programs (flash-decoding: ``_attn_fwd_split_kernel``, then ``_attn
 same lse); called eagerly the combine's launch costs more host time than the split saves, so it does not split.
 
 Tiles (``_TILES``, whose comments give each choice): one (BLOCK_M, BLOCK_N, warps, stages) per kernel, architecture,
-head class and dropout, the largest that fits shared memory without spills; 16-row decode tiles; fp32 on IEEE FMA dots
+head class and dropout, the largest that fits shared memory without spills, first of a short list (``_tile_list``:
+``_SECOND`` adds one for head 32/64 without dropout on the tensor-core rows) among which a GPU picks by timing the
+first time a shape bucket is met (``runtime.pick_tiles``; the interpreter runs the first); 16-row decode tiles; fp32 on IEEE FMA dots
 (no TF32, so fp32 parity holds on a GPU); sm_75 has no tensor-core tl.dot. ``launch_configs`` lists every one and
 ``python -m gpt2_kernels.report`` compiles them for sm_75..sm_90 with no GPU.
 
@@ -795,8 +797,8 @@ def _fwd(q, k, v, causal: bool, dropout_p: float, seed: int, cc: int | None = No
                              f"got Tq={Tq}, dropout_p={dropout_p}) and a positive int")
         planned = splits
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
-    o = torch.empty((B, Tq, nh, hs), dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, nh, Tq, hs)
-    lse = torch.empty((B, nh, Tq), dtype=torch.float32, device=q.device)
+    o = torch.empty(B, Tq, nh, hs, dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, nh, Tq, hs)
+    lse = torch.empty(B, nh, Tq, dtype=torch.float32, device=q.device)
     if decode:  # one entry: decode tiles are never timed (a CUDA graph captures this path)
         tiles = _tiles("decode", q.dtype, hs, dropout, q.device, cc)
         chunk, planned = _split_keys(Tk, planned, tiles[1])
@@ -864,12 +866,12 @@ def _bwd(do, q, k, v, o, lse, causal: bool, dropout_p: float, seed: int, cc: int
     if lse.shape != (B, nh, Tq) or lse.dtype != torch.float32 or not lse.is_contiguous():
         raise ValueError(f"attention: lse must be a contiguous float32 ({B}, {nh}, {Tq}) tensor")
     o, do = _aligned(o), _aligned(do if do.dtype == q.dtype else do.to(q.dtype))
-    delta = torch.empty((B, nh, Tq), dtype=torch.float32, device=q.device)
+    delta = torch.empty(B, nh, Tq, dtype=torch.float32, device=q.device)
     launch(_attn_bwd_preprocess_kernel, (cdiv(Tq, _PREPROCESS_BLOCK_M), B * nh), o, do, delta,
            *_strides(o), *_strides(do), nh, Tq, HEAD=hs, BLOCK_M=_PREPROCESS_BLOCK_M, num_warps=4, num_stages=1)
-    dq = torch.empty((B, nh, Tq, hs), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, nh, Tk, hs), dtype=q.dtype, device=q.device)
-    dv = torch.empty((B, nh, Tk, hs), dtype=q.dtype, device=q.device)
+    dq = torch.empty(B, nh, Tq, hs, dtype=q.dtype, device=q.device)
+    dk = torch.empty(B, nh, Tk, hs, dtype=q.dtype, device=q.device)
+    dv = torch.empty(B, nh, Tk, hs, dtype=q.dtype, device=q.device)
     sm_scale = 1.0 / math.sqrt(hs)
     dropout = dropout_p > 0.0
     inputs = (q, k, v, do, lse, delta)
@@ -908,7 +910,7 @@ def dropout_keep_mask(seed: int, B: int, nh: int, Tq: int, Tk: int, dropout_p: f
     """
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"attention: dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    mask = torch.empty((B, nh, Tq, Tk), dtype=torch.int8, device=device)
+    mask = torch.empty(B, nh, Tq, Tk, dtype=torch.int8, device=device)
     if mask.device.type == "cpu" and not interpreting():
         raise ValueError("attention: dropout_keep_mask on the CPU needs the Triton interpreter; "
                          "set TRITON_INTERPRET=1 or use a CUDA device")

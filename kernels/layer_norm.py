@@ -15,7 +15,8 @@ two programs per SM, no atomics: bitwise reproducible), finished by one ``torch.
 
 Tiles (``_tile``): BLOCK_C = next power of two >= C; about 4096 elements and 16 per thread forward,
 2048 and 8 per thread backward (it keeps twice the live values), num_stages = 1 (no tl.dot to
-pipeline). ``launch_configs`` lists every launch; ``python -m gpt2_kernels.report`` compiles them for
+pipeline); for GPT-2's widths the first of a list of two (``_tile_list``) that a GPU picks among by
+timing (``runtime.pick_tiles``). ``launch_configs`` lists every launch; ``python -m gpt2_kernels.report`` compiles them for
 sm_75 .. sm_90 (registers, spills, shared memory). FLOPs and fewest bytes: ``bench.common.op_cost``.
 """
 
@@ -281,6 +282,11 @@ def _filled(C: int, fill: float, device: torch.device) -> torch.Tensor:
     return torch.full((C,), fill, dtype=torch.float32, device=device)
 
 
+def _stat(lead: tuple, device: torch.device) -> torch.Tensor:
+    """An fp32 tensor of the leading shape (sizes unpacked: a torch.Size argument parses at twice the host time)."""
+    return torch.empty(*lead, dtype=torch.float32, device=device) if lead else torch.empty((), dtype=torch.float32, device=device)
+
+
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5,
                    residual: torch.Tensor | None = None):
     """Launch the forward kernel (no autograd).
@@ -300,12 +306,11 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     shape, C = x.shape, x.shape[-1]
     x2 = x.contiguous()  # (..., C) read as (N, C) rows
     n_rows = x2.numel() // C
-    y = torch.empty(shape, dtype=x.dtype, device=x.device)
-    mean = torch.empty(shape[:-1], dtype=torch.float32, device=x.device)
-    rstd = torch.empty(shape[:-1], dtype=torch.float32, device=x.device)
+    y = torch.empty_like(x2)  # (empty_like: a third of torch.empty's host time)
+    mean, rstd = _stat(shape[:-1], x.device), _stat(shape[:-1], x.device)
     if residual is not None:
         r2 = residual.contiguous()
-        s = torch.empty(shape, dtype=x.dtype, device=x.device)
+        s = torch.empty_like(x2)
     else:
         r2, s = x2, y  # not read / written: HAS_RESIDUAL is off
     if n_rows > 0:
@@ -341,12 +346,12 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | Non
         each (C,) fp32 (computed as if weight were ones when it is None).
     """
     # (..., C) tensors read as (N, C) rows, as in the forward: no views.
-    shape, C = x.shape, x.shape[-1]
+    C = x.shape[-1]
     x2 = x.contiguous()
     dy2 = (dy if dy.dtype == x.dtype else dy.to(x.dtype)).contiguous()
     ds2 = (ds if ds.dtype == x.dtype else ds.to(x.dtype)).contiguous() if ds is not None else dy2  # unread without ds
     n_rows = x2.numel() // C
-    dx = torch.empty(shape, dtype=x.dtype, device=x.device)
+    dx = torch.empty_like(x2)
     if n_rows == 0:
         zeros = torch.zeros(C, dtype=torch.float32, device=x.device)
         return dx, zeros, zeros.clone()
@@ -362,8 +367,8 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | Non
         if rows is None:  # ~2 programs per SM, each a whole number of tiles
             rows = cdiv(cdiv(n_rows, sms * max(1, 16 // num_warps)), block_r) * block_r
         n_prog = cdiv(n_rows, rows)
-        dw_partial = torch.empty((n_prog, C), dtype=torch.float32, device=x.device)
-        db_partial = torch.empty((n_prog, C), dtype=torch.float32, device=x.device)
+        dw_partial = torch.empty(n_prog, C, dtype=torch.float32, device=x.device)
+        db_partial = torch.empty(n_prog, C, dtype=torch.float32, device=x.device)
         launch(_layer_norm_bwd_kernel, (n_prog,), x2, w, mean, rstd, dy2, ds2, dx, dw_partial, db_partial, n_rows, C,
                rows, HAS_DS=ds is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps, num_stages=1)
         return dw_partial, db_partial

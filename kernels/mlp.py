@@ -18,8 +18,9 @@ tile over its rows into a per-row-block partial that torch adds up: no re-read o
 Weight gradients have a small output and a long K (= rows): K is split over a second grid axis into an fp32 workspace
 that torch sums, by the smallest split that fills the last wave of programs >= 85% (``_auto_split_k``).
 
-Tiles (``_TILES``, whose comments give each choice; ``launch_configs`` lists every launchable one, compiled for
-sm_75..sm_90 by ``python -m gpt2_kernels.report``): the plain and bias epilogues take the largest tile whose fp32
+Tiles (``_TILES``, whose comments give each choice, first of a list ``_row_tiles`` that ``_SECOND`` extends on the
+tensor-core rows and a GPU picks among by timing, ``runtime.pick_tiles``; ``launch_configs`` lists every entry,
+compiled for sm_75..sm_90 by ``python -m gpt2_kernels.report``): the plain and bias epilogues take the largest tile whose fp32
 accumulator leaves room for the loop (128 x 256 x 64 on sm_80 / sm_90), the GELU epilogues one that does not spill
 (128 x 128 x 64), sm_86 / sm_89 and sm_75 smaller ones, calls of at most ``SMALL_M`` rows (decoding) 64 x 64 x 64;
 fp32 runs IEEE dots on the CUDA cores (no TF32, so fp32 parity holds on a GPU). Program ids are grouped GROUP_M row
@@ -222,12 +223,14 @@ _TILES = {
     75: {"lowp": _SM75, "fp32": _SM75},
 }
 # The second entries of the low-precision lists on the tensor-core rows, which a GPU picks by timing against the
-# table's (runtime.pick_tiles): half the rows (or columns) a program, as many accumulators a thread (4 warps), so as
-# far from spilling as the first; 4 (sm_86: 3) stages of 24 KB fit every row's shared memory.
+# table's (runtime.pick_tiles). sm_80 / sm_90: "main" takes the GELU tile (128 x 128, 4 stages), "epilogue" half its
+# rows at 4 warps (as many accumulators a thread). sm_86 / sm_89: "main" takes its own "small" tile (64 x 64 x 64:
+# 64 x 128 spilled 4 bytes in the weight-gradient layout there), "epilogue" 64 x 128 at 4 warps. The report compiles
+# each for its rows without spills.
 _SECOND = {
     90: {"main": Tiles(128, 128, 64, 8, 8, 4), "epilogue": Tiles(64, 128, 64, 8, 4, 4)},
     80: {"main": Tiles(128, 128, 64, 8, 8, 4), "epilogue": Tiles(64, 128, 64, 8, 4, 4)},
-    86: {"main": Tiles(64, 128, 64, 8, 4, 3), "epilogue": Tiles(64, 128, 64, 8, 4, 3)},
+    86: {"main": Tiles(64, 64, 64, 8, 4, 3), "epilogue": Tiles(64, 128, 64, 8, 4, 3)},
 }
 # Under the CPU interpreter the block shape only sets how much numpy work each program does.
 _INTERPRETER_TILES = Tiles(32, 32, 32, 4, 4, 1)
@@ -434,9 +437,9 @@ def _matmul_tiles(a, b, bias, epilogue: str, pre, col_sum: bool, out_dtype, spli
     k_split = cdiv(cdiv(max(K, 1), split_k), t.BLOCK_K) * t.BLOCK_K
     split_k = cdiv(max(K, 1), k_split)  # rounding k_split up may leave fewer slices
 
-    c = torch.empty((M, N), device=a.device, dtype=out_dtype)
-    dest = c if split_k == 1 else torch.empty((split_k, M, N), device=a.device, dtype=torch.float32)
-    colsum = torch.empty((cdiv(M, t.BLOCK_M), N), device=a.device, dtype=torch.float32) if col_sum else None
+    c = torch.empty(M, N, device=a.device, dtype=out_dtype)
+    dest = c if split_k == 1 else torch.empty(split_k, M, N, device=a.device, dtype=torch.float32)
+    colsum = torch.empty(cdiv(M, t.BLOCK_M), N, device=a.device, dtype=torch.float32) if col_sum else None
     if M > 0 and N > 0:
         a_strides, b_strides, d_strides = a.stride(), b.stride(), dest.stride()
         launch(
@@ -482,7 +485,7 @@ def mlp_fwd(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor | None, w_pr
         (y (M, C), pre (M, H) or None, act (M, H) = gelu_tanh(pre)).
     """
     (M, C), H = x.shape, w_fc.shape[0]
-    pre = torch.empty((M, H), device=x.device, dtype=x.dtype) if save_pre else None
+    pre = torch.empty(M, H, device=x.device, dtype=x.dtype) if save_pre else None
     # A missing bias goes in as zeros (H + C reads): one kernel variant fewer per site.
     b_fc = b_fc if b_fc is not None else _zeros(H, x.dtype, x.device)
     b_proj = b_proj if b_proj is not None else _zeros(C, x.dtype, x.device)

@@ -12,6 +12,10 @@ Every Triton launch of this package goes through ``launch(kernel, grid, *args, *
 
 ``tests/test_runtime.py`` fails if a kernel module launches anything another way.
 
+Tiles: each launcher passes ``pick_tiles`` its short list for the device's architecture row (first entry first);
+the interpreter and the CPU run the first, a GPU times the list once per shape bucket and remembers the fastest
+(``gpt2_kernels.tuning``: ``tiles.json``). ``tests/test_tiles.py`` drives it with a stub timer.
+
 Every op module also registers its launchers as ``torch.library`` custom ops in the ``LIBRARY`` namespace (fake
 kernels and autograd included), which its public function calls while ``torch.compile`` traces, so a model on the
 Triton backend compiles with ``fullgraph=True``; eagerly it calls the launchers directly: called eagerly, the custom
