@@ -12,7 +12,6 @@ under the interpreter on a CPU that is torch, triton and cuda, the last when the
 import atexit
 import os
 import shutil
-import sys
 import tempfile
 
 import pytest
@@ -31,21 +30,6 @@ atexit.register(shutil.rmtree, os.environ["GPT2_KERNELS_CACHE_DIR"], ignore_erro
 
 # The device the op tests run on: the GPU when there is one, else the CPU (Triton under its interpreter).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def pytest_collection_finish(session):
-    """When the kernel report's tests are collected, start compiling part of it in the background now, on the core
-    the rest of the suite leaves idle (tests/test_report.py, ``start_background_compile``)."""
-    if any(item.nodeid.startswith("tests/test_report.py::test_op_modules_ready") for item in session.items):
-        import test_report
-
-        test_report.start_background_compile()
-
-
-def pytest_sessionfinish(session):
-    test_report = sys.modules.get("test_report")
-    if test_report is not None:
-        test_report.stop_background_compile()
 
 
 @pytest.fixture(scope="session", autouse=True)

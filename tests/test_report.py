@@ -15,12 +15,8 @@ skip when those are absent.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import subprocess
-import sys
-import tempfile
 
 import pytest
 import triton
@@ -227,63 +223,12 @@ REAL_ARCHS = (
 )
 
 
-# The listed configurations of these architectures compile in a background process from the end of collection
-# (tests/conftest.py), on the core the rest of the suite leaves idle (its tests run one torch thread); the fixture
-# below compiles the other architectures and the recorded launches, then reads the background's results.
-BACKGROUND_ARCHS = tuple(a for a in (90, 89, 86) if a in REAL_ARCHS)
-_BACKGROUND: dict = {}
-
-
-def start_background_compile() -> None:
-    """Start ``python -m gpt2_kernels.report`` on BACKGROUND_ARCHS (one worker, JSON results), once per session."""
-    if MISSING or not BACKGROUND_ARCHS or _BACKGROUND:
-        return
-    fd, out = tempfile.mkstemp(prefix="kernels-report-", suffix=".json")
-    os.close(fd)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the compiles need the real Triton
-    cmd = [sys.executable, "-m", "gpt2_kernels.report", "--arch", ",".join(f"sm_{a}" for a in BACKGROUND_ARCHS),
-           "--workers", "1", "--json", out]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _BACKGROUND.update(proc=proc, json=out)
-
-
-def stop_background_compile() -> None:
-    """End a background report nobody waited for (its tests deselected or failed before the fixture)."""
-    proc = _BACKGROUND.get("proc")
-    if proc is not None and proc.poll() is None:
-        proc.kill()
-        proc.communicate()
-    if _BACKGROUND.get("json") and os.path.exists(_BACKGROUND["json"]):
-        os.unlink(_BACKGROUND["json"])
-
-
-def _background_results() -> list:
-    """The background report's results (waiting for it), or [] when none was started."""
-    if not _BACKGROUND:
-        return []
-    proc = _BACKGROUND["proc"]
-    _, err = proc.communicate()
-    with open(_BACKGROUND["json"]) as f:
-        text = f.read()
-    os.unlink(_BACKGROUND["json"])
-    assert text, f"the background report wrote nothing (exit {proc.returncode}): {err[-2000:]}"
-    fields = {f.name for f in dataclasses.fields(report.Result)}
-    return [report.Result(**{k: v for k, v in row.items() if k in fields}) for row in json.loads(text)["results"]]
-
-
 @pytest.fixture(scope="module")
 def compiled(session_launches):
-    """Every op module's listed configurations and the recorded launches (part 3 below) compiled for REAL_ARCHS:
-    the listed ones of BACKGROUND_ARCHS in the background process, the rest here; a recorded launch that compiles to
-    the same kernel as a listed configuration of the foreground architectures is compiled once."""
+    """Every op module's listed configurations and the recorded launches (part 3 below) compiled for REAL_ARCHS,
+    in one process pool; what both compile to the same kernel is compiled once."""
     launches = recorded_launches(session_launches)
-    background = bool(_BACKGROUND)
-    foreground = tuple(a for a in REAL_ARCHS if not (background and a in BACKGROUND_ARCHS))
-    results = report.run_report(report.OP_MODULES, foreground, launches=launches) if foreground else []
-    if background:
-        results += report.run_report(report.OP_MODULES, BACKGROUND_ARCHS, launches=launches, listed=False)
-        results += _background_results()
-    return launches, results
+    return launches, report.run_report(report.OP_MODULES, REAL_ARCHS, launches=launches)
 
 
 @pytest.fixture(scope="module")
