@@ -128,26 +128,39 @@ def _compiled_decoding_backends():
             for b in ("torch", "ext")]
 
 
-@pytest.mark.parametrize("backend", _compiled_decoding_backends())
-def test_generate_with_a_fullgraph_compiled_forward(backend):
-    """transformers users' fast decoding: ``model.forward = torch.compile(model.forward, fullgraph=True)``, then
-    ``generate`` with a static cache, and a second ``generate`` that must not recompile. The patched model traces
-    (the mask check reads no device value while compiling) and gives the unpatched tokens."""
+def _compiled_generate_matches_unpatched(backend, compile_model, kw, first_without_recompiles=False):
+    """``generate`` twice (the second under ``error_on_recompile``, the first too if asked) on the unpatched and the
+    patched model, each set up by ``compile_model``; the two calls agree and the patched tokens equal the unpatched
+    ones. Returns the two models."""
     x, _ = _batch(5)
-    kw = {"max_new_tokens": 4, "do_sample": False, "cache_implementation": "static"}
     runs = []
     for patch in (False, True):
         torch._dynamo.reset()
         model = _model()
         if patch:
             hf.patch_gpt2(model, backend)
-        model.forward = torch.compile(model.forward, fullgraph=True, backend="eager")
-        first = model.generate(x, **kw)
+        compile_model(model)
+        with torch._dynamo.config.patch(error_on_recompile=first_without_recompiles):
+            first = model.generate(x, **kw)  # a compiled forward meets the prompt's shape, then the step's
         with torch._dynamo.config.patch(error_on_recompile=True):
             assert torch.equal(model.generate(x, **kw), first)
-        runs.append(first)
+        runs.append((model, first))
     torch._dynamo.reset()
-    assert torch.equal(runs[1], runs[0]), f"patched {runs[1].tolist()} != unpatched {runs[0].tolist()}"
+    (_, want), (_, got) = runs
+    assert torch.equal(got, want), f"patched {got.tolist()} != unpatched {want.tolist()}"
+    return [m for m, _ in runs]
+
+
+@pytest.mark.parametrize("backend", _compiled_decoding_backends())
+def test_generate_with_a_fullgraph_compiled_forward(backend):
+    """transformers users' fast decoding: ``model.forward = torch.compile(model.forward, fullgraph=True)``, then
+    ``generate`` with a static cache, and a second ``generate`` that must not recompile. The patched model traces
+    (the mask check reads no device value while compiling) and gives the unpatched tokens."""
+    def compile_forward(model):
+        model.forward = torch.compile(model.forward, fullgraph=True, backend="eager")
+
+    kw = {"max_new_tokens": 4, "do_sample": False, "cache_implementation": "static"}
+    _compiled_generate_matches_unpatched(backend, compile_forward, kw)
 
 
 @pytest.mark.parametrize("backend", _compiled_decoding_backends())
@@ -156,22 +169,13 @@ def test_static_cache_generate_under_transformers_own_compile(backend):
     criteria forced true here, since it skips compiling on a CPU), fullgraph, with no recompile across calls."""
     from transformers.generation.configuration_utils import CompileConfig
 
-    x, _ = _batch(5)
+    def let_transformers_compile(model):
+        model._valid_auto_compile_criteria = lambda *args, **kwargs: True
+
     kw = {"max_new_tokens": 4, "do_sample": False, "cache_implementation": "static",
           "compile_config": CompileConfig(fullgraph=True, backend="eager")}
-    runs = []
-    for patch in (False, True):
-        torch._dynamo.reset()
-        model = _model()
-        if patch:
-            hf.patch_gpt2(model, backend)
-        model._valid_auto_compile_criteria = lambda *args, **kwargs: True
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            runs.append(model.generate(x, **kw))
-            assert torch.equal(model.generate(x, **kw), runs[-1])
+    for model in _compiled_generate_matches_unpatched(backend, let_transformers_compile, kw, True):
         assert hasattr(model, "_compiled_call"), "transformers did not compile the model's call"
-    torch._dynamo.reset()
-    assert torch.equal(runs[1], runs[0]), f"patched {runs[1].tolist()} != unpatched {runs[0].tolist()}"
 
 
 # ------------------------------------------------------------------------------------------- the fused path runs
