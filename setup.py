@@ -112,7 +112,7 @@ setup(
         "ninja",  # gpt2_kernels.ext builds the C++ extension on first use when the install did not
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "transformers", "accelerate", "safetensors", "ruff"],
+        "dev": ["pytest", "pytest-xdist", "pytest-benchmark", "transformers", "accelerate", "safetensors", "ruff"],
     },
     entry_points={"console_scripts": ["gpt2=gpt2.cli:main"]},
     ext_modules=ext_modules,

@@ -6,7 +6,7 @@ before the tests import the kernel modules (importing ``kernels`` imports no ker
 Shared fixtures: ``backend`` (each registry backend in turn, skipped with its reason where it cannot run:
 under the interpreter on a CPU that is torch, triton and cuda, the last when the extension is built),
 ``backend_op`` (that backend's function of one op, loaded through the registry), ``highest_fp32_matmul``
-(fp32 references without TF32), ``one_thread`` and ``session_launches``.
+(fp32 references without TF32) and ``one_thread``. The slowest files are collected first (see ``_SLOWEST_FIRST``).
 """
 
 import atexit
@@ -32,14 +32,17 @@ atexit.register(shutil.rmtree, os.environ["GPT2_KERNELS_CACHE_DIR"], ignore_erro
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def session_launches():
-    """Every Triton launch the tests make, recorded as the JIT would specialise it (gpt2_kernels.runtime.launch);
-    tests/test_report.py compiles them ahead of time for every architecture."""
-    from gpt2_kernels import runtime
+# The files that take longest on a 2-core CPU, longest first. The suite runs on two pytest-xdist workers, a file
+# whole on one of them (pyproject's addopts), in collection order: these start first, so that the last file to finish
+# is a short one.
+_SLOWEST_FIRST = ("test_report.py", "test_fsdp.py", "test_nvcc.py", "test_compile.py", "test_model_parity.py",
+                  "test_finetune.py", "test_hf.py", "test_bench_tools.py", "test_ddp.py", "test_recompute.py",
+                  "test_plan.py", "test_auto.py", "test_attention.py")
 
-    with runtime.record_launches() as records:
-        yield records
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
 
 
 @pytest.fixture
