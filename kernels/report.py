@@ -238,7 +238,7 @@ def _config_key(cfg) -> str | None:
 # Compiling one configuration (worker process; the Triton interpreter is off there).
 
 
-_LAUNCHES: list | None = None  # in a worker: recorded launches to compile
+_LAUNCHES: list | dict | None = None  # in a worker: recorded launches to compile (a dict: per architecture)
 _LISTED = True  # in a worker: compile the listed configurations too
 
 
@@ -256,8 +256,9 @@ def _init_worker(cache_dir: str, launches: list | None = None, listed: bool = Tr
 @functools.cache
 def _worker_configs(module: str, cc: int) -> tuple:
     configs = _load_configs(module, cc)
-    recorded = [] if _LAUNCHES is None else configs_from_launches(
-        [r for r in _LAUNCHES if r["module"] == module], configs, module, cc)
+    launches = _LAUNCHES.get(cc, []) if isinstance(_LAUNCHES, dict) else _LAUNCHES
+    recorded = [] if launches is None else configs_from_launches(
+        [r for r in launches if r["module"] == module], configs, module, cc)
     return tuple((configs if _LISTED else []) + recorded)
 
 
@@ -547,7 +548,8 @@ def run_report(
         workers: size of the process pool (default ``os.cpu_count()``).
         progress: called with each ``Result`` as it completes (e.g. to print a dot).
         launches: recorded launches (``launches_to_json``), compiled with the tiles each module's
-            ``launch_configs(cc)`` picks (``configs_from_launches``); their results have ``recorded`` set.
+            ``launch_configs(cc)`` picks (``configs_from_launches``); their results have ``recorded`` set. A dict
+            ``{cc: launches}`` compiles other launches for each architecture (none for an arch it leaves out).
         listed: compile the listed configurations too. A recorded launch that compiles to the same kernel as a
             listed configuration is compiled once and reported under both labels.
 

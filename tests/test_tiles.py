@@ -85,6 +85,40 @@ def test_a_cached_entry_no_longer_listed_is_timed_again(gpu, monkeypatch):
     assert gpu["timed"][len(TILES):] == list(shorter)
 
 
+def test_an_entry_triton_refuses_on_the_gpu_is_left_out_with_a_warning(gpu):
+    """A later entry that needs more shared memory than the GPU has (what Triton raises before launching) is timed as
+    infinitely slow, named in a warning, and stored as refused; the next fastest wins."""
+    from triton.runtime.errors import OutOfResources
+
+    run = gpu["run"]
+
+    def refuse_the_fastest(tiles):
+        if tiles == (128, 8):
+            raise OutOfResources(232448, 101376, "shared memory")
+        return run(tiles)
+
+    gpu["run"] = refuse_the_fastest
+    with pytest.warns(RuntimeWarning, match=r"test kernel tiles \(128, 8\) cannot run on Stand-in GPU.*OutOfResources"):
+        assert _pick(gpu) == (32, 2)
+    (value,) = json.loads(gpu["path"].read_text()).values()
+    assert value["tiles"] == str((32, 2)) and value["us"][str((128, 8))] is None
+
+
+def test_the_first_entry_refused_is_an_error(gpu):
+    """The first entry is what every untimed launch (a CPU, a CUDA graph capture) takes: Triton refusing it raises."""
+    from triton.runtime.errors import OutOfResources
+
+    def refuse_the_first(tiles):
+        if tiles == TILES[0]:
+            raise OutOfResources(232448, 101376, "shared memory")
+        return 1e-6
+
+    gpu["run"] = refuse_the_first
+    with pytest.raises(OutOfResources):
+        _pick(gpu)
+    assert not gpu["path"].exists()
+
+
 @pytest.mark.parametrize("where", ["cpu", "interpreter", "capture", "one entry"])
 def test_only_the_first_entry_runs_untimed(gpu, monkeypatch, where):
     device, tiles = CUDA, TILES
