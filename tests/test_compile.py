@@ -40,15 +40,8 @@ def _tiny_model(backend: str) -> tuple[GPT, torch.Tensor, torch.Tensor]:
     return model, idx, targets
 
 
-def test_no_graph_breaks(backend):
-    model, idx, targets = _tiny_model(backend)
-    explain = torch._dynamo.explain(model)(idx, targets)
-    reasons = "\n".join(str(r.reason)[:400] for r in explain.break_reasons)
-    assert explain.graph_break_count == 0, f"{backend}: {explain.graph_break_count} graph break(s):\n{reasons}"
-    assert explain.graph_count == 1
-
-
 def test_compiled_loss_and_gradients_match_eager(backend):
+    """One graph (fullgraph=True: a graph break is an error naming its reason), the eager loss and gradients."""
     model, idx, targets = _tiny_model(backend)
     _, loss = model(idx, targets)
     loss.backward()

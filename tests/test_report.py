@@ -91,7 +91,7 @@ def launch_configs(cc: int) -> list:
 @pytest.fixture(scope="module")
 def toy():
     """{(label, arch): Result} of the toy module on TOY_ARCHS."""
-    results = report.run_report([__name__], TOY_ARCHS)
+    results = report.run_report([__name__], TOY_ARCHS, workers=1)  # a dozen compiles: one process to import
     return {(r.label, r.arch): r for r in results}
 
 
@@ -152,13 +152,13 @@ def test_bf16_config_on_sm75_is_refused(toy):
 
 @needs_tools
 def test_missing_module_and_missing_launch_configs_are_errors(tmp_path):
-    results = report.run_report(["gpt2_kernels.no_such_op", "gpt2_kernels.testing"], [80])
+    results = report.run_report(["gpt2_kernels.no_such_op", "gpt2_kernels.testing"], [80], workers=1)
     by_module = {r.module: r for r in results}
     assert set(by_module) == {"gpt2_kernels.no_such_op", "gpt2_kernels.testing"}
     assert "cannot import" in by_module["gpt2_kernels.no_such_op"].error
     assert "no launch_configs" in by_module["gpt2_kernels.testing"].error
     out = tmp_path / "report.json"
-    assert report.main(["--module", "gpt2_kernels.no_such_op", "--arch", "sm_80", "--json", str(out)]) == 1
+    assert report.main(["--module", "gpt2_kernels.no_such_op", "--arch", "sm_80", "--json", str(out), "--workers", "1"]) == 1
     data = json.loads(out.read_text())
     assert data["archs"] == [80] and not data["results"][0]["ok"]
 
