@@ -41,15 +41,6 @@ _MODULE_ORDER = ("bench_train_step", "bench_generate", "bench_attention", "bench
                  "bench_layer_norm", "bench_fused")
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which would start the workers
-def pytest_cmdline_main(config):
-    """Benchmarks time one at a time, in one process: the test suite's ``-n 2`` (pyproject's addopts) is turned off
-    under --benchmark-only, where pytest-benchmark would otherwise refuse to run beside pytest-xdist."""
-    if config.getoption("benchmark_only", False) and getattr(config.option, "numprocesses", None):
-        config.option.numprocesses = 0
-        config.option.dist = "no"
-
-
 def pytest_addoption(parser):
     group = parser.getgroup("gpt2-kernels benchmarks")
     group.addoption("--bench-backends", default=None, help="comma-separated implementations (default: all)")

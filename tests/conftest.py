@@ -32,12 +32,24 @@ atexit.register(shutil.rmtree, os.environ["GPT2_KERNELS_CACHE_DIR"], ignore_erro
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-# The files that take longest on a 2-core CPU, longest first. The suite runs on two pytest-xdist workers, a file
-# whole on one of them (pyproject's addopts), in collection order: these start first, so that the last file to finish
-# is a short one.
+# The files that take longest on a 2-core CPU, longest first. Without a GPU the suite runs on two pytest-xdist
+# workers, a file whole on one of them (pytest_cmdline_main below), in collection order: these start first, so that
+# the last file to finish is a short one.
 _SLOWEST_FIRST = ("test_report.py", "test_fsdp.py", "test_nvcc.py", "test_compile.py", "test_model_parity.py",
                   "test_finetune.py", "test_hf.py", "test_bench_tools.py", "test_ddp.py", "test_recompute.py",
                   "test_plan.py", "test_auto.py", "test_attention.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which starts the workers
+def pytest_cmdline_main(config):
+    """Two pytest-xdist workers, each file whole on one (its module fixtures run once), when pytest-xdist is installed
+    and the device is the CPU; ``-n`` given, ``-p no:xdist``, ``--pdb``, ``--collect-only`` or a GPU (the tests
+    share one device): one process, or what was asked."""
+    if (config.pluginmanager.hasplugin("xdist") and config.option.numprocesses is None and DEVICE == "cpu"
+            and not os.environ.get("PYTEST_XDIST_WORKER") and not config.getoption("usepdb")
+            and not config.getoption("collectonly")):
+        config.option.numprocesses = 2
+        config.option.dist = "loadfile"
 
 
 def pytest_collection_modifyitems(config, items):
